@@ -1,0 +1,258 @@
+"""Pipeline TOML -> frozen dataclasses.
+
+Every section is a dataclass whose fields are the allowed keys. Unknown keys, wrong types and
+missing files are an OdkdError that names the file and the dotted key. Relative paths are
+resolved against the working directory, the way mmpose and the HRNet code treat theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from odkd.errors import OdkdError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "pipelines" / "demo.toml"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale_factor: float = 0.35
+    rotation_factor: float = 45.0
+    rotation_prob: float = 0.6
+    flip_prob: float = 0.5
+    half_body_prob: float = 0.3
+    half_body_min_joints: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/demo"
+    train_ann: str = "annotations/person_keypoints_train.json"
+    val_ann: str = "annotations/person_keypoints_val.json"
+    train_images: str = "images/train"
+    val_images: str = "images/val"
+    # (width, height), the order of HRNet's IMAGE_SIZE and mmpose's input_size
+    input_size: tuple[int, int] = (192, 256)
+    heatmap_size: tuple[int, int] = (48, 64)
+    sigma: float = 2.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def ann_file(self, split: str) -> Path:
+        return Path(self.root) / (self.train_ann if split == "train" else self.val_ann)
+
+    def image_dir(self, split: str) -> Path:
+        return Path(self.root) / (self.train_images if split == "train" else self.val_images)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    train_images: int = 200
+    val_images: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "step"  # "step" | "cosine"
+    lr_steps: tuple[int, ...] = (170, 200)
+    lr_factor: float = 0.1
+    warmup_epochs: float = 0.0
+    eval_every: int = 1
+    workers: int = 2
+    seed: int = 0
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "hrnet_w32"
+    model_args: dict = field(default_factory=dict)
+    init: str = ""
+    seg_head: bool = False
+    seg_weight: float = 1.0
+    seg_loss: str = "bce"  # "bce" | "bce+dice"
+    checkpoint: str = ""
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    primary: TeacherConfig = field(default_factory=TeacherConfig)
+    senior: TeacherConfig = field(
+        default_factory=lambda: TeacherConfig(model="hrnet_w48", seg_head=True)
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    flip_test: bool = True
+    shift_heatmap: bool = True
+    oks_nms_thr: float = 0.9
+    det_score_thr: float = 0.0
+    in_vis_thr: float = 0.2
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    store: str = "cache/demo.zarr"
+    threshold: float = 0.5
+    threshold_mode: str = "absolute"  # "absolute" | "relative"
+    mask_threshold: float = 0.5
+    mask_gate: bool = False
+    mask_gate_dilation: int = 3
+    margin: float = 1.0
+    flip_test: bool = True
+    chunk_instances: int = 64
+    shard_instances: int = 1024
+    batch_size: int = 64
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    runs: str = "runs"
+    source: str = ""  # the file this config was read from; set by load_config
+    raw: dict = field(default_factory=dict)  # the TOML as read, recorded as provenance
+
+
+_CHOICES = {
+    "schedule": ("step", "cosine"),
+    "seg_loss": ("bce", "bce+dice"),
+    "threshold_mode": ("absolute", "relative"),
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    """Check one TOML value against a field's annotation; return it in the field's type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise OdkdError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise OdkdError(f"{where}: expected an array, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise OdkdError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise OdkdError(f"{where}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise OdkdError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OdkdError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OdkdError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise OdkdError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise OdkdError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls, table: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "raw")}
+    kwargs = {}
+    for key, value in table.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise OdkdError(f"unknown key '{dotted}' (allowed: {', '.join(sorted(names))})")
+        value = _coerce(value, hints[key], dotted)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise OdkdError(f"{dotted}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_sizes(cfg: PipelineConfig, path: str) -> None:
+    for key, size in (("input_size", cfg.data.input_size), ("heatmap_size", cfg.data.heatmap_size)):
+        if min(size) <= 0:
+            raise OdkdError(f"{path}: data.{key} must be positive, got {list(size)}")
+    iw, ih = cfg.data.input_size
+    hw, hh = cfg.data.heatmap_size
+    if iw * hh != ih * hw:
+        raise OdkdError(f"{path}: data.heatmap_size {list(cfg.data.heatmap_size)} must have the "
+                        f"aspect of data.input_size {list(cfg.data.input_size)}")
+
+
+def parse_config(text: str, source: str = "<string>") -> PipelineConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise OdkdError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        cfg = _build(PipelineConfig, raw, "")
+    except OdkdError as exc:
+        raise OdkdError(f"{source}: {exc}") from None
+    cfg = dataclasses.replace(cfg, source=source, raw=raw)
+    _check_sizes(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Read a pipeline TOML; with no path, the embedded demo pipeline."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise OdkdError(f"{path}: pipeline config not found")
+    return parse_config(path.read_text(), str(path))
+
+
+def require_file(path: str | Path, key: str) -> Path:
+    """A path named by config key `key` that must exist: one clear error if it does not."""
+    p = Path(path)
+    if not p.exists():
+        raise OdkdError(f"{p}: not found (from {key})")
+    return p
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OdkdError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+__all__ = [
+    "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
+    "ScheduleConfig", "SynthConfig", "TeacherConfig", "TeachersConfig",
+    "load_config", "parse_config", "require_file", "resolve_device",
+]
