@@ -1,0 +1,297 @@
+"""COCO keypoint evaluation: results format, rescoring, OKS-NMS and COCOeval, as official HRNet does."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import numbers
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from odkd.errors import OdkdError
+
+STATS_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR", "AR .5", "AR .75", "AR (M)", "AR (L)")
+
+# Per-keypoint OKS falloffs of the 17 COCO keypoints, in the /10 form COCOeval uses.
+COCO_SIGMAS = np.array(
+    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+) / 10.0
+
+RESULT_KEYS = ("image_id", "category_id", "keypoints", "score")
+_GT_LISTS = ("images", "annotations", "categories")
+# Every field (besides the id) that COCOeval reads from a keypoint ground-truth annotation.
+_GT_ANN_KEYS = ("image_id", "category_id", "iscrowd", "area", "bbox", "keypoints", "num_keypoints")
+
+
+def oks_iou(
+    g: np.ndarray,
+    d: np.ndarray,
+    a_g: float,
+    a_d: np.ndarray,
+    sigmas: np.ndarray | None = None,
+    in_vis_thr: float | None = None,
+) -> np.ndarray:
+    """OKS of one pose `g` (K*3,) against each of `d` (N, K*3); the scale is the mean of the two areas.
+
+    Without `in_vis_thr` the mean runs over all K keypoints (as HRNet's NMS does); with it, only
+    over keypoints whose confidence exceeds it in both poses, and a pair with none scores 0.
+    """
+    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
+    d = np.asarray(d, dtype=np.float64).reshape(-1, g.shape[0], 3)
+    scale = (a_g + np.asarray(a_d, dtype=np.float64)) / 2 + np.spacing(1)
+    sq_dist = (d[..., 0] - g[:, 0]) ** 2 + (d[..., 1] - g[:, 1]) ** 2
+    similarity = np.exp(-sq_dist / ((2 * sigmas) ** 2) / scale[:, None] / 2)
+    if in_vis_thr is None:
+        return similarity.mean(axis=1)
+    confident = (g[:, 2] > in_vis_thr) & (d[..., 2] > in_vis_thr)
+    count = confident.sum(axis=1)
+    return np.where(count > 0, (similarity * confident).sum(axis=1) / np.maximum(count, 1), 0.0)
+
+
+def oks_nms(
+    kpts_db: list[dict], thresh: float, sigmas: np.ndarray | None = None, in_vis_thr: float | None = None
+) -> list[int]:
+    """Greedy OKS-NMS over dicts with 'keypoints' (K, 3), 'score' and 'area'.
+
+    Returns the kept indices, highest score first; a pose is dropped when its OKS with a kept,
+    better-scored pose exceeds `thresh`. Equal scores keep their input order.
+    """
+    if not kpts_db:
+        return []
+    poses = np.stack([np.asarray(k["keypoints"], dtype=np.float64).reshape(-1) for k in kpts_db])
+    scores = np.array([k["score"] for k in kpts_db], dtype=np.float64)
+    areas = np.array([k["area"] for k in kpts_db], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(int(best))
+        overlap = oks_iou(poses[best], poses[rest], areas[best], areas[rest], sigmas, in_vis_thr)
+        order = rest[overlap <= thresh]
+    return keep
+
+
+def rescore_instances(keypoints: np.ndarray, box_scores: np.ndarray, in_vis_thr: float = 0.2) -> np.ndarray:
+    """Instance scores the HRNet way: box score times the mean confidence of keypoints above `in_vis_thr`.
+
+    An instance with no keypoint above the threshold scores 0. `keypoints` is (N, K, 3).
+    """
+    confidence = np.asarray(keypoints, dtype=np.float64)[..., 2]
+    confident = confidence > in_vis_thr
+    count = confident.sum(axis=1)
+    mean_conf = np.where(count > 0, (confidence * confident).sum(axis=1) / np.maximum(count, 1), 0.0)
+    return np.asarray(box_scores, dtype=np.float64) * mean_conf
+
+
+def keypoint_results(
+    image_ids: Sequence[int], keypoints: np.ndarray, scores: np.ndarray, category_id: int = 1
+) -> list[dict]:
+    """COCO keypoint results from per-instance image ids, (N, K, 3) [x, y, conf] in image pixels and scores."""
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not len(image_ids) == len(keypoints) == len(scores):
+        raise ValueError(
+            f"keypoint_results: {len(image_ids)} image ids, {len(keypoints)} poses and {len(scores)} scores differ"
+        )
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_id),
+            "keypoints": pose.reshape(-1).tolist(),
+            "score": float(score),
+        }
+        for image_id, pose, score in zip(image_ids, keypoints, scores)
+    ]
+
+
+def nms_per_image(
+    results: list[dict], areas: np.ndarray, thresh: float = 0.9, in_vis_thr: float | None = 0.2
+) -> list[dict]:
+    """Rescoring then OKS-NMS within each image, as HRNet's `evaluate` does.
+
+    `results` carry the detector's box score in 'score'; `areas` (one per result) are the crop
+    box areas, (scale * 200) w * h in HRNet. With `in_vis_thr` the scores are first rescored
+    by `rescore_instances`; pass None when they already are. Returns new result dicts with the
+    final score, grouped by image in first-seen order, highest score first within an image.
+    """
+    if len(areas) != len(results):
+        raise ValueError(f"nms_per_image: {len(results)} results but {len(areas)} areas")
+    if not results:
+        return []
+    poses = np.array([r["keypoints"] for r in results], dtype=np.float64).reshape(len(results), -1, 3)
+    scores = np.array([r["score"] for r in results], dtype=np.float64)
+    if in_vis_thr is not None:
+        scores = rescore_instances(poses, scores, in_vis_thr)
+    by_image = defaultdict(list)
+    for index, result in enumerate(results):
+        by_image[result["image_id"]].append(index)
+    kept = []
+    for indices in by_image.values():
+        db = [{"keypoints": poses[i], "score": scores[i], "area": areas[i]} for i in indices]
+        kept.extend({**results[indices[j]], "score": float(scores[indices[j]])} for j in oks_nms(db, thresh))
+    return kept
+
+
+def _read_json(path: str | Path, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise OdkdError(f"{path}: cannot read {what} JSON ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OdkdError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _check_gt(data, label: str, num_keypoints: int) -> None:
+    if not isinstance(data, dict):
+        raise OdkdError(f"{label}: ground truth must be a COCO JSON object, got {type(data).__name__}")
+    for key in _GT_LISTS:
+        if not isinstance(data.get(key), list):
+            raise OdkdError(f"{label}: ground truth has no '{key}' list")
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise OdkdError(f"{label}: {key} [{i}] is not an object with an 'id'")
+    for ann in data["annotations"]:
+        missing = [k for k in _GT_ANN_KEYS if k not in ann]
+        if missing:
+            raise OdkdError(f"{label}: annotation {ann['id']} lacks '{missing[0]}'")
+        if len(ann["keypoints"]) != 3 * num_keypoints:
+            raise OdkdError(
+                f"{label}: annotation {ann['id']} has {len(ann['keypoints'])} keypoint values, "
+                f"expected {3 * num_keypoints}"
+            )
+
+
+def load_gt(path: str | Path, num_keypoints: int = len(COCO_SIGMAS)) -> COCO:
+    """A COCO keypoint ground truth from `path`, checked for every field COCOeval reads."""
+    data = _read_json(path, "ground truth")
+    _check_gt(data, str(path), num_keypoints)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_results(results, label: str, num_keypoints: int) -> None:
+    if not isinstance(results, list):
+        raise OdkdError(f"{label}: results must be a JSON list of objects, got {type(results).__name__}")
+    if not results:
+        raise OdkdError(f"{label}: results list is empty")
+    for i, result in enumerate(results):
+        if not isinstance(result, dict):
+            raise OdkdError(f"{label}: result [{i}] is a {type(result).__name__}, not an object")
+        missing = [k for k in RESULT_KEYS if k not in result]
+        if missing:
+            raise OdkdError(f"{label}: result [{i}] lacks '{missing[0]}'")
+        kpts = result["keypoints"]
+        if not isinstance(kpts, (list, np.ndarray)) or len(kpts) != 3 * num_keypoints:
+            size = len(kpts) if isinstance(kpts, (list, np.ndarray)) else type(kpts).__name__
+            raise OdkdError(
+                f"{label}: result [{i}] has keypoints of length {size}, expected {3 * num_keypoints} "
+                f"({num_keypoints} x [x, y, score])"
+            )
+        if not all(_is_number(v) for v in kpts):
+            raise OdkdError(f"{label}: result [{i}] has non-numeric keypoints")
+        if not _is_number(result["score"]):
+            raise OdkdError(f"{label}: result [{i}] has a non-numeric score {result['score']!r}")
+
+
+def load_results(path: str | Path, num_keypoints: int = len(COCO_SIGMAS)) -> list[dict]:
+    """COCO keypoint results from a JSON file, checked for the fields and keypoint length COCOeval needs."""
+    results = _read_json(path, "results")
+    _check_results(results, str(path), num_keypoints)
+    return results
+
+
+def gt_as_results(coco: COCO) -> list[dict]:
+    """Every non-crowd annotation with labelled keypoints as a result of score 1 (AP must come out 1)."""
+    return [
+        {
+            "image_id": ann["image_id"],
+            "category_id": ann["category_id"],
+            "keypoints": [float(v) for v in ann["keypoints"]],
+            "score": 1.0,
+        }
+        for ann in coco.dataset["annotations"]
+        if not ann.get("iscrowd", 0) and ann.get("num_keypoints", 0) > 0
+    ]
+
+
+def coco_keypoint_eval(
+    gt: COCO | str | Path, results: list[dict] | str | Path, verbose: bool = False
+) -> dict[str, float]:
+    """OKS AP/AR of `results` against `gt` via COCOeval(iouType='keypoints'), named as STATS_NAMES.
+
+    pycocotools' own printout is swallowed unless `verbose`.
+    """
+    num_keypoints = len(COCO_SIGMAS)
+    if isinstance(gt, COCO):
+        gt_label = "ground truth"
+        _check_gt(gt.dataset, gt_label, num_keypoints)
+        coco_gt = gt
+    else:
+        gt_label = str(gt)
+        coco_gt = load_gt(gt, num_keypoints)
+    if isinstance(results, (str, Path)):
+        res_label = str(results)
+        dets = load_results(results, num_keypoints)
+    else:
+        res_label = "results"
+        _check_results(results, res_label, num_keypoints)
+        dets = results
+
+    image_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    for i, det in enumerate(dets):
+        if det["image_id"] not in image_ids:
+            raise OdkdError(f"{res_label}: result [{i}] image_id {det['image_id']!r} is not in {gt_label}")
+        if det["category_id"] not in cat_ids:
+            raise OdkdError(f"{res_label}: result [{i}] category_id {det['category_id']!r} is not in {gt_label}")
+
+    # Fresh dicts: loadRes writes area/bbox/id into them and would take its bbox branch if one were present.
+    clean = [
+        {
+            "image_id": d["image_id"],
+            "category_id": d["category_id"],
+            "keypoints": np.asarray(d["keypoints"], dtype=np.float64).tolist(),
+            "score": float(d["score"]),
+        }
+        for d in dets
+    ]
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_dt = coco_gt.loadRes(clean)
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="keypoints")
+        coco_eval.params.useSegm = None
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {name: float(value) for name, value in zip(STATS_NAMES, coco_eval.stats)}
+
+
+def format_stats_table(stats: dict[str, float]) -> str:
+    """The 10 stats as a two-row markdown table, columns aligned, values to 3 decimals."""
+    values = [f"{stats[name]:.3f}" for name in STATS_NAMES]
+    widths = [max(len(name), len(value)) for name, value in zip(STATS_NAMES, values)]
+    header = "| " + " | ".join(name.ljust(w) for name, w in zip(STATS_NAMES, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    row = "| " + " | ".join(value.rjust(w) for value, w in zip(values, widths)) + " |"
+    return "\n".join((header, rule, row))
+
+
+def write_stats_json(stats: dict[str, float], path: str | Path) -> None:
+    """Write the stats as a JSON object {name: value}, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: float(value) for name, value in stats.items()}, indent=2) + "\n")
