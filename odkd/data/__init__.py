@@ -1,0 +1,1 @@
+"""COCO-format person instances, HRNet-style crops and targets, decoding, the synthetic dataset."""

@@ -1,0 +1,162 @@
+"""COCO-format person instances, loaded through pycocotools, with the official HRNet rules.
+
+Crowd annotations and annotations without any labelled keypoint are skipped (the official
+code does so for training and for GT-box evaluation). Boxes are cleaned and clipped to the
+image, then turned into a center and scale at the crop's aspect. A labelled person with a
+zero-area box or area is an error that names the annotation, not a silent drop. The order is deterministic
+(image id, then annotation id) and every instance gets a stable index. The fingerprint hashes
+everything the instance list depends on, so a teacher cache can be keyed on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from odkd.data.keypoints import NUM_JOINTS
+from odkd.data.transforms import box_to_center_scale
+from odkd.errors import OdkdError
+
+
+@dataclass(frozen=True)
+class Instance:
+    index: int
+    image_id: int
+    ann_id: int
+    file_name: str
+    image_width: int
+    image_height: int
+    bbox: tuple[float, float, float, float]  # cleaned x, y, w, h
+    center: np.ndarray  # (2,) float32
+    scale: np.ndarray  # (2,) float32, pixel_std units, padded
+    joints: np.ndarray  # (17, 3) float32: x, y, COCO visibility flag
+    area: float
+
+
+def _load_coco(ann_file: Path) -> COCO:
+    if not ann_file.is_file():
+        raise OdkdError(f"{ann_file}: annotation file not found")
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OdkdError(f"{ann_file}: not valid JSON ({exc})") from None
+    if not isinstance(dataset, dict):
+        raise OdkdError(f"{ann_file}: top level must be a JSON object with 'images' and 'annotations'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise OdkdError(f"{ann_file}: missing or invalid '{key}' list")
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as exc:
+        raise OdkdError(f"{ann_file}: malformed COCO annotation (missing field {exc})") from None
+    return coco
+
+
+def _clean_box(bbox, width: int, height: int):
+    """The official HRNet box cleaning: clip to the image; None when nothing is left."""
+    x, y, w, h = bbox
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
+    y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
+    if x2 < x1 or y2 < y1:
+        return None
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+class PersonInstances:
+    """Every usable person annotation of one COCO-format split, in a stable order."""
+
+    def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise OdkdError(f"{self.image_dir}: image folder not found")
+        self.coco = _load_coco(self.ann_file)
+        self.aspect_ratio = aspect_ratio
+        self.instances = self._collect()
+        self.fingerprint = self._fingerprint()
+
+    def _collect(self) -> list[Instance]:
+        person_ids = {c["id"] for c in self.coco.dataset["categories"] if c.get("name") == "person"}
+        if not person_ids:
+            raise OdkdError(f"{self.ann_file}: no 'person' category")
+        out: list[Instance] = []
+        for image_id in sorted(self.coco.imgs):
+            img = self.coco.imgs[image_id]
+            for key in ("file_name", "width", "height"):
+                if key not in img:
+                    raise OdkdError(f"{self.ann_file}: image {image_id} has no '{key}'")
+            for ann in sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
+                if ann.get("iscrowd", 0) or ann.get("category_id") not in person_ids:
+                    continue
+                where = f"{self.ann_file}: annotation {ann.get('id')}"
+                kpts = ann.get("keypoints")
+                if not isinstance(kpts, list) or len(kpts) != NUM_JOINTS * 3:
+                    raise OdkdError(f"{where}: 'keypoints' must hold {NUM_JOINTS * 3} numbers")
+                joints = np.asarray(kpts, dtype=np.float32).reshape(NUM_JOINTS, 3)
+                if joints[:, 2].max() <= 0:
+                    continue
+                bbox = ann.get("bbox")
+                if not isinstance(bbox, list) or len(bbox) != 4:
+                    raise OdkdError(f"{where}: 'bbox' must be [x, y, w, h]")
+                if bbox[2] <= 0 or bbox[3] <= 0:
+                    raise OdkdError(f"{where}: 'bbox' {bbox} has zero area")
+                box = _clean_box(bbox, img["width"], img["height"])
+                if box is None:
+                    raise OdkdError(f"{where}: 'bbox' {bbox} lies outside its "
+                                    f"{img['width']}x{img['height']} image")
+                if not ann.get("area", 0) > 0:
+                    raise OdkdError(f"{where}: 'area' must be positive (OKS divides by it)")
+                center, scale = box_to_center_scale(box, self.aspect_ratio)
+                out.append(Instance(
+                    index=len(out), image_id=int(image_id), ann_id=int(ann["id"]),
+                    file_name=img["file_name"], image_width=int(img["width"]),
+                    image_height=int(img["height"]), bbox=box, center=center, scale=scale,
+                    joints=joints, area=float(ann["area"]),
+                ))
+        return out
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"odkd-instances-v1 aspect={self.aspect_ratio:.6f} n={len(self.instances)}\n".encode())
+        for inst in self.instances:
+            h.update(f"{inst.image_id} {inst.ann_id} {inst.file_name} "
+                     f"{inst.image_width}x{inst.image_height}\n".encode())
+            h.update(np.asarray(inst.bbox, np.float64).tobytes())
+            h.update(inst.joints.tobytes())
+        return "sha256:" + h.hexdigest()[:32]
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, index: int) -> Instance:
+        return self.instances[index]
+
+    def image_path(self, inst: Instance) -> Path:
+        return self.image_dir / inst.file_name
+
+    def mask(self, inst: Instance) -> np.ndarray:
+        """The instance's person mask (H, W) uint8 from its polygons or RLE (pycocotools)."""
+        ann = self.coco.anns[inst.ann_id]
+        if not ann.get("segmentation"):
+            return np.zeros((inst.image_height, inst.image_width), np.uint8)
+        return self.coco.annToMask(ann)
+
+
+def load_instances(data_cfg, split: str) -> PersonInstances:
+    """The instances of `split` ('train' or 'val') named by a `[data]` config section."""
+    if split not in ("train", "val"):
+        raise OdkdError(f"split must be 'train' or 'val', got {split!r}")
+    aspect = data_cfg.input_size[0] / data_cfg.input_size[1]
+    return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect)

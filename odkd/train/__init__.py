@@ -1,0 +1,1 @@
+"""Training (teachers and students), inference, evaluation and export."""

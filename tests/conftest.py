@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny hand-made COCO-format dataset (independent of the synthetic generator)."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
+
+
+def _person_keypoints(x0: float, y0: float, h: float) -> list[float]:
+    """17 plausible keypoints of an upright person whose box starts at (x0, y0) with height h."""
+    w = 0.4 * h
+    cx = x0 + w / 2
+    rel = [(0, .08), (-.05, .06), (.05, .06), (-.1, .07), (.1, .07), (-.3, .2), (.3, .2), (-.4, .38),
+           (.4, .38), (-.45, .55), (.45, .55), (-.18, .55), (.18, .55), (-.2, .77), (.2, .77), (-.2, .97),
+           (.2, .97)]
+    out = []
+    for dx, dy in rel:
+        out += [round(cx + dx * w, 2), round(y0 + dy * h, 2), 2]
+    return out
+
+
+def make_tiny_coco(root: Path, n_images: int = 3, size=(160, 120)) -> Path:
+    """Images with one or two people each; polygon, compressed-RLE and uncompressed-RLE masks and a crowd region."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    w_img, h_img = size
+    for i in range(1, n_images + 1):
+        img = rng.integers(0, 255, (h_img, w_img, 3), dtype=np.uint8)
+        file_name = f"{i:012d}.jpg"
+        cv2.imwrite(str(root / "images" / file_name), img)
+        images.append({"id": i, "file_name": file_name, "width": w_img, "height": h_img})
+        for j, (x0, y0, h) in enumerate([(20, 10, 90), (90, 20, 80)][: 1 + (i % 2)]):
+            w = 0.4 * h
+            poly = [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+            seg = [poly]
+            kind = (i + j) % 3
+            if kind:
+                m = np.zeros((h_img, w_img), np.uint8)
+                cv2.fillPoly(m, [np.array(poly, np.float32).reshape(-1, 2).round().astype(np.int32)], 1)
+                rle = mask_utils.encode(np.asfortranarray(m))
+                if kind == 1:
+                    seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                else:
+                    flat = m.flatten(order="F")
+                    changes = np.flatnonzero(np.diff(flat)) + 1
+                    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
+                    counts = ([0] if flat[0] else []) + runs.tolist()
+                    seg = {"size": [h_img, w_img], "counts": counts}
+            anns.append({"id": 100 * i + j, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x0, y0, w, h], "area": w * h, "segmentation": seg,
+                         "keypoints": _person_keypoints(x0, y0, h), "num_keypoints": 17})
+        crowd = np.zeros((h_img, w_img), np.uint8)
+        crowd[80:110, 120:150] = 1
+        rle = mask_utils.encode(np.asfortranarray(crowd))
+        anns.append({"id": 100 * i + 50, "image_id": i, "category_id": 1, "iscrowd": 1,
+                     "bbox": [120, 80, 30, 30], "area": 900,
+                     "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                     "keypoints": [0] * 51, "num_keypoints": 0})
+    categories = [{"id": 1, "name": "person", "supercategory": "person",
+                   "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(s) for s in SKELETON]}]
+    ann_file = root / "annotations" / "person_keypoints_val.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return ann_file
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    ann_file = make_tiny_coco(tmp_path / "tiny")
+    return ann_file, tmp_path / "tiny" / "images"
