@@ -54,13 +54,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SynthConfig:
-    train_images: int = 200
-    val_images: int = 50
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class ScheduleConfig:
     epochs: int = 10
     batch_size: int = 32
@@ -125,7 +118,6 @@ class CacheConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -253,6 +245,6 @@ def resolve_device(name: str):
 
 __all__ = [
     "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
-    "ScheduleConfig", "SynthConfig", "TeacherConfig", "TeachersConfig",
+    "ScheduleConfig", "TeacherConfig", "TeachersConfig",
     "load_config", "parse_config", "require_file", "resolve_device",
 ]

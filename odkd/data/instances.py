@@ -36,8 +36,9 @@ class Instance:
     bbox: tuple[float, float, float, float]  # cleaned x, y, w, h
     center: np.ndarray  # (2,) float32
     scale: np.ndarray  # (2,) float32, pixel_std units, padded
-    joints: np.ndarray  # (17, 3) float32: x, y, COCO visibility flag
+    joints: np.ndarray  # (17, 3) float32: x, y, COCO visibility flag (zeros for detections)
     area: float
+    score: float = 1.0  # the detector's box score; 1 for ground-truth boxes
 
 
 def _load_coco(ann_file: Path) -> COCO:
@@ -74,7 +75,21 @@ def _clean_box(bbox, width: int, height: int):
     return (x1, y1, x2 - x1, y2 - y1)
 
 
-class PersonInstances:
+class _InstanceList:
+    instances: list[Instance]
+    image_dir: Path
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, index: int) -> Instance:
+        return self.instances[index]
+
+    def image_path(self, inst: Instance) -> Path:
+        return self.image_dir / inst.file_name
+
+
+class PersonInstances(_InstanceList):
     """Every usable person annotation of one COCO-format split, in a stable order."""
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75):
@@ -137,21 +152,51 @@ class PersonInstances:
             h.update(inst.joints.tobytes())
         return "sha256:" + h.hexdigest()[:32]
 
-    def __len__(self) -> int:
-        return len(self.instances)
-
-    def __getitem__(self, index: int) -> Instance:
-        return self.instances[index]
-
-    def image_path(self, inst: Instance) -> Path:
-        return self.image_dir / inst.file_name
-
     def mask(self, inst: Instance) -> np.ndarray:
         """The instance's person mask (H, W) uint8 from its polygons or RLE (pycocotools)."""
         ann = self.coco.anns[inst.ann_id]
         if not ann.get("segmentation"):
             return np.zeros((inst.image_height, inst.image_width), np.uint8)
         return self.coco.annToMask(ann)
+
+
+class DetectedPersons(_InstanceList):
+    """Person crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
+
+    Follows the official HRNet detection path: only category 1, boxes with score above
+    `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes.
+    """
+
+    def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
+                 score_thr: float = 0.0):
+        self.det_file = Path(det_file)
+        self.image_dir = Path(image_dir)
+        self.coco = coco
+        if not self.det_file.is_file():
+            raise OdkdError(f"{self.det_file}: detections file not found")
+        try:
+            dets = json.loads(self.det_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OdkdError(f"{self.det_file}: not valid JSON ({exc})") from None
+        if not isinstance(dets, list):
+            raise OdkdError(f"{self.det_file}: must be a list of detections")
+        self.instances: list[Instance] = []
+        for i, det in enumerate(dets):
+            if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
+                raise OdkdError(f"{self.det_file}: detection [{i}] needs image_id, bbox and score")
+            if det.get("category_id", 1) != 1 or det["score"] <= score_thr:
+                continue
+            img = coco.imgs.get(det["image_id"])
+            if img is None:
+                raise OdkdError(f"{self.det_file}: detection [{i}] image_id {det['image_id']} is not in the annotations")
+            center, scale = box_to_center_scale(det["bbox"], aspect_ratio)
+            self.instances.append(Instance(
+                index=len(self.instances), image_id=int(det["image_id"]), ann_id=-1, file_name=img["file_name"],
+                image_width=int(img["width"]), image_height=int(img["height"]),
+                bbox=tuple(float(v) for v in det["bbox"]), center=center, scale=scale,
+                joints=np.zeros((NUM_JOINTS, 3), np.float32), area=float(det["bbox"][2] * det["bbox"][3]),
+                score=float(det["score"]),
+            ))
 
 
 def load_instances(data_cfg, split: str) -> PersonInstances:

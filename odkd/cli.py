@@ -1,0 +1,197 @@
+"""The `odkd` command line: parse, load the pipeline config, call one function per command.
+
+User errors (OdkdError) print as one line and exit 2; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from odkd import __version__
+from odkd.config import load_config
+from odkd.errors import OdkdError
+
+CONFIG_HELP = "Pipeline TOML (default: the embedded demo pipeline, pipeline/demo.toml)."
+
+
+def user_errors(fn):
+    """Turn an OdkdError into click's one-line usage failure instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OdkdError as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+
+    return wrapper
+
+
+def config_option(fn):
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                        help=CONFIG_HELP)(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="odkd")
+def main():
+    """odkd: orderly dual-teacher knowledge distillation for lightweight human-pose networks.
+
+    \b
+    A typical run:
+      odkd synth data/demo                       # or point [data] at real COCO
+      odkd train-teacher --role primary          # PT: keypoints
+      odkd train-teacher --role senior           # ST: keypoints + person mask
+      odkd evaluate --checkpoint runs/demo/teacher_senior/best.pth
+    """
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--train-images", default=200, show_default=True, help="Images in the train split.")
+@click.option("--val-images", default=50, show_default=True, help="Images in the val split.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@user_errors
+def synth(out_dir, train_images, val_images, seed):
+    """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
+
+    OUT_DIR/images/{train,val}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val}.json,
+    in exactly COCO 2017's format.
+    """
+    from odkd.data.synth import make_synthetic_dataset
+
+    summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
+                                     progress=True)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--ann", type=click.Path(dir_okay=False), help="COCO-format ground truth (person_keypoints_*.json).")
+@click.option("--results", type=click.Path(dir_okay=False), help="COCO keypoint results JSON to score.")
+@click.option("--gt-as-results", is_flag=True, help="Score the ground truth against itself (must give AP 1.000).")
+@config_option
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model to evaluate on the config's data.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
+@click.option("--boxes", default="gt", show_default=True,
+              help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
+@click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the keypoint results JSON here.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@user_errors
+def evaluate(ann, results, gt_as_results, config_path, checkpoint, split, boxes, flip_test, out, stats_json,
+             device):
+    """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints').
+
+    \b
+    Score a results file:   odkd evaluate --ann GT.json --results RESULTS.json
+    Evaluate a model:       odkd evaluate --config PIPELINE.toml --checkpoint CKPT [--boxes DETS.json]
+    """
+    from odkd.train import metrics
+
+    if checkpoint:
+        if ann or results or gt_as_results:
+            raise click.UsageError("--checkpoint evaluates on the config's data; drop --ann/--results")
+        from odkd.train.evaluate import evaluate_checkpoint
+
+        cfg = load_config(config_path)
+        report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
+                                     results_out=out, device=device)
+        stats = report.stats
+        click.echo(metrics.format_stats_table(stats))
+        if report.mask_iou is not None:
+            click.echo(f"mean mask IoU: {report.mask_iou:.3f}")
+    else:
+        if not ann or not (results or gt_as_results):
+            raise click.UsageError("give --ann GT.json with --results RESULTS.json (or --gt-as-results), "
+                                   "or --checkpoint CKPT")
+        gt = metrics.load_gt(ann)
+        dets = metrics.gt_as_results(gt) if gt_as_results else metrics.load_results(results)
+        stats = metrics.coco_keypoint_eval(gt, dets)
+        click.echo(metrics.format_stats_table(stats))
+    if stats_json:
+        metrics.write_stats_json(stats, stats_json)
+
+
+@main.command()
+@config_option
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the PNGs.")
+@click.option("--augment", is_flag=True, help="Apply the training augmentation of [data.augment].")
+@click.option("-n", "count", default=16, show_default=True, help="How many instances (spread over the split).")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def browse(config_path, split, out_dir, augment, count, seed):
+    """Write instance crops with keypoints, skeleton, mask and targets drawn, to check the data by eye."""
+    from odkd.data.browse import browse_dataset
+
+    cfg = load_config(config_path)
+    paths = browse_dataset(cfg.data, split, out_dir, augment=augment, count=count, seed=seed)
+    click.echo(f"wrote {len(paths)} PNGs to {out_dir}")
+
+
+@main.command()
+@config_option
+@user_errors
+def models(config_path):
+    """List every model with its parameters and GFLOPs at the configured input size."""
+    from odkd.models import list_models
+
+    cfg = load_config(config_path)
+    rows = list_models(cfg.data.input_size)
+    w, h = cfg.data.input_size
+    click.echo(f"{'model':<18} {'params (M)':>11} {'GFLOPs @' + f'{w}x{h}':>16}")
+    for row in rows:
+        click.echo(f"{row['name']:<18} {row['params'] / 1e6:>11.2f} {row['gflops']:>16.3f}")
+
+
+@main.command("train-teacher")
+@config_option
+@click.option("--role", type=click.Choice(["primary", "senior"]), required=True,
+              help="primary: keypoints only; senior: keypoints + person mask ([teachers.ROLE]).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: RUNS/teacher_ROLE).")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth.")
+@click.option("--init", type=click.Path(dir_okay=False), default=None,
+              help="Start from these weights (official HRNet, mmpose or odkd file); overrides [teachers.ROLE].init.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@user_errors
+def train_teacher_cmd(config_path, role, out, resume, init, device):
+    """Train the primary or the senior teacher; writes last.pth, best.pth and log.jsonl."""
+    from odkd.train.teacher import train_teacher
+
+    cfg = load_config(config_path)
+    summary = train_teacher(cfg, role, out=out, resume=resume, init=init, device=device)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="An odkd checkpoint.")
+@click.option("--boxes", type=click.Path(dir_okay=False), help="JSON list of [x, y, w, h] boxes or detections.")
+@click.option("--ann", type=click.Path(dir_okay=False), help="Take the person boxes of IMAGE from this COCO file.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output picture (.png).")
+@config_option
+@click.option("--flip-test/--no-flip-test", default=True, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@user_errors
+def predict(image, checkpoint, boxes, ann, out, config_path, flip_test, device):
+    """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
+    from odkd.config import resolve_device
+    from odkd.models import build_from_checkpoint
+    from odkd.train.predict import boxes_from_annotations, boxes_from_file, predict_to_png
+
+    if bool(boxes) == bool(ann):
+        raise click.UsageError("give exactly one of --boxes BOXES.json or --ann GT.json")
+    cfg = load_config(config_path)
+    dev = resolve_device(device or cfg.device)
+    model, _ = build_from_checkpoint(checkpoint, dev)
+    person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
+    keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test)
+    click.echo(f"{len(keypoints)} people drawn to {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,46 @@
+"""Drawing poses and masks over images, for `odkd browse` and `odkd predict`."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
+from odkd.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+_LEFT, _RIGHT, _CENTER = (0, 200, 255), (255, 128, 0), (0, 255, 0)  # BGR
+
+
+def _side_color(k: int):
+    name = KEYPOINT_NAMES[k]
+    return _LEFT if name.startswith("left") else _RIGHT if name.startswith("right") else _CENTER
+
+
+def draw_pose(image: np.ndarray, keypoints: np.ndarray, mask: np.ndarray | None = None, min_score: float = 0.0,
+              radius: int = 3) -> np.ndarray:
+    """A copy of BGR `image` with one person's (K, 3) keypoints and skeleton, and an optional mask tint.
+
+    The third keypoint column is a visibility flag or a confidence; points at or below `min_score`
+    are not drawn. Left limbs are orange, right limbs blue, so a swapped side shows at a glance.
+    """
+    out = image.copy()
+    if mask is not None:
+        m = mask.astype(bool)
+        out[m] = (0.55 * out[m] + 0.45 * np.array([180, 60, 200])).astype(np.uint8)
+    pts = np.asarray(keypoints, np.float64)
+    ok = pts[:, 2] > min_score
+    for a, b in SKELETON:
+        i, j = a - 1, b - 1
+        if ok[i] and ok[j]:
+            color = _side_color(i) if _side_color(i) == _side_color(j) else _CENTER
+            cv2.line(out, tuple(np.round(pts[i, :2]).astype(int)), tuple(np.round(pts[j, :2]).astype(int)),
+                     color, max(1, radius // 2), cv2.LINE_AA)
+    for k in np.flatnonzero(ok):
+        cv2.circle(out, tuple(np.round(pts[k, :2]).astype(int)), radius, _side_color(k), -1, cv2.LINE_AA)
+    return out
+
+
+def denormalize_image(chw: np.ndarray) -> np.ndarray:
+    """Undo normalize_image: RGB float (3, H, W) -> BGR uint8 (H, W, 3)."""
+    rgb = chw.transpose(1, 2, 0) * IMAGENET_STD_RGB + IMAGENET_MEAN_RGB
+    return np.clip(rgb[..., ::-1] * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,65 @@
+"""`odkd train-teacher`: the primary teacher (keypoints) or the senior teacher (keypoints + person mask)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from odkd.config import resolve_device
+from odkd.data.dataset import TopDownDataset
+from odkd.data.instances import load_instances
+from odkd.errors import OdkdError
+from odkd.models import build_model, load_checkpoint
+from odkd.train.evaluate import evaluate_model
+from odkd.train.losses import joints_mse_loss, mask_loss
+from odkd.train.loop import ModelSpec, fit
+
+ROLES = ("primary", "senior")
+
+
+def teacher_loss(seg_weight: float, seg_loss: str):
+    """Heatmap MSE, plus the weighted mask loss when the model has a seg head."""
+
+    def loss_fn(output, batch):
+        heatmaps, mask_logits = output
+        kpt = joints_mse_loss(heatmaps, batch["heatmaps"], batch["target_weight"])
+        if mask_logits is None:
+            return kpt, {"kpt_loss": kpt.item()}
+        seg = mask_loss(mask_logits, batch["mask"], seg_loss)
+        return kpt + seg_weight * seg, {"kpt_loss": kpt.item(), "seg_loss": seg.item()}
+
+    return loss_fn
+
+
+def default_teacher_dir(cfg, role: str) -> Path:
+    return Path(cfg.runs) / f"teacher_{role}"
+
+
+def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = False, init: str | None = None,
+                  device: str | None = None, max_steps_per_epoch: int | None = None) -> dict:
+    """Train the `role` teacher of the pipeline config; returns the loop's summary."""
+    if role not in ROLES:
+        raise OdkdError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
+    tcfg = getattr(cfg.teachers, role)
+    dev = resolve_device(device or cfg.device)
+    model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
+    init = init if init is not None else tcfg.init
+    if init and not resume:
+        report = load_checkpoint(model, init, allow_new_seg_head=True)
+        new = f"; newly initialized: {', '.join(sorted({k.split('.')[0] for k in report.new_keys}))}" \
+            if report.new_keys else ""
+        click.echo(f"init from {init} ({report.format} checkpoint){new}", err=True)
+
+    train_set = TopDownDataset(load_instances(cfg.data, "train"), cfg.data, train=True, with_mask=tcfg.seg_head,
+                               seed=tcfg.train.seed)
+    val = load_instances(cfg.data, "val")
+
+    def evaluate_fn(m):
+        report = evaluate_model(m, val, cfg.data, cfg.eval, val.coco, device=dev, workers=tcfg.train.workers)
+        return report.stats if report.mask_iou is None else {**report.stats, "mask_iou": report.mask_iou}
+
+    spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head)
+    return fit(model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
+               loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev, evaluate_fn=evaluate_fn,
+               resume=resume, max_steps_per_epoch=max_steps_per_epoch)
