@@ -1,0 +1,79 @@
+"""`odkd cache-teachers`: every instance of a split through PT and ST once, into a store with its provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from odkd import __version__
+from odkd.cache.schema import StoreLayout
+from odkd.cache.teachers import (
+    InstanceRecords, TeacherProducer, cache_geometry, default_torch_threads, resolve_teachers,
+)
+from odkd.cache.writer import build_store, utc_now
+from odkd.config import PipelineConfig, resolve_device
+from odkd.data.instances import load_instances
+from odkd.data.keypoints import NUM_JOINTS
+from odkd.errors import OdkdError
+
+FRAME_NOTE = ("meta/center and meta/scale are the stored crop's (the student's canonical crop widened by "
+              "the margin, same pixel scale); warp the maps from that frame at map_size into the "
+              "augmented frame with odkd.data.transforms.warp_maps")
+
+
+def cache_settings(cfg: PipelineConfig, split: str, dataset_fingerprint: str, map_size, teacher_input_size,
+                   teachers: dict) -> dict:
+    """Everything that decides a store's contents; a store is only resumed under identical settings."""
+    c = cfg.cache
+    return {
+        "dataset_fingerprint": dataset_fingerprint, "split": split,
+        "input_size": list(cfg.data.input_size), "heatmap_size": list(cfg.data.heatmap_size),
+        "sigma": cfg.data.sigma, "margin": c.margin, "map_size": list(map_size),
+        "teacher_input_size": list(teacher_input_size),
+        "threshold": c.threshold, "threshold_mode": c.threshold_mode, "mask_threshold": c.mask_threshold,
+        "mask_gate": c.mask_gate, "mask_gate_dilation": c.mask_gate_dilation,
+        "flip_test": c.flip_test, "shift_heatmap": cfg.eval.shift_heatmap,
+        "teachers": {key: spec.settings() for key, spec in teachers.items()},
+    }
+
+
+def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = None, *, workers: int | None = None,
+                scheduler: str | None = None, batch_size: int | None = None, device: str = "cpu",
+                overwrite: bool = False, progress: bool = True, limit: int | None = None) -> str:
+    """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns its URL.
+
+    `scheduler` is a dask scheduler address (each of its workers loads the teachers once, on
+    `device`), "synchronous" to run in this process, or None for a LocalCluster of `workers`
+    processes. An interrupted build resumes where it stopped when run again.
+    """
+    url = str(out or cfg.cache.store)
+    workers = workers or cfg.cache.workers
+    batch_size = batch_size or cfg.cache.batch_size
+    if workers < 1 or batch_size < 1:
+        raise OdkdError(f"workers ({workers}) and batch size ({batch_size}) must be at least 1")
+    if scheduler in (None, "synchronous"):
+        device = str(resolve_device(device))
+    instances = load_instances(cfg.data, split)
+    count = len(instances) if limit is None else min(limit, len(instances))
+    if count == 0:
+        raise OdkdError(f"{cfg.data.ann_file(split)}: no person instances to cache")
+    map_size, teacher_input = cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, cfg.cache.margin)
+    teachers = resolve_teachers(cfg, teacher_input, map_size)
+    layout = StoreLayout(count, NUM_JOINTS, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances)
+    settings = cache_settings(cfg, split, instances.fingerprint, map_size, teacher_input, teachers)
+    attrs = {
+        "odkd_version": __version__, "created_at": utc_now(), "split": split,
+        "limit": limit, "frame": FRAME_NOTE,
+        "teachers": {key: {"role": s.role, "model": s.model, "checkpoint": s.checkpoint,
+                           "fingerprint": s.fingerprint, "val_ap": s.val_ap} for key, s in teachers.items()},
+        "pipeline": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "raw"},
+        "pipeline_toml": cfg.raw,
+    }
+    producer = TeacherProducer(
+        layout=layout, teachers=teachers,
+        records=InstanceRecords.from_instances(instances, count, cfg.data.heatmap_size, map_size),
+        settings=settings, batch_size=batch_size, device=device,
+        torch_threads=default_torch_threads(workers) if scheduler is None else None,
+    )
+    summary = build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
+                          overwrite=overwrite, progress=progress, desc=f"caching {split}")
+    return summary.url

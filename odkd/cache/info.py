@@ -1,0 +1,90 @@
+"""`odkd cache info`: what a store holds, what it costs, where it came from, how far its build is."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from odkd.cache.reader import MAP_ARRAYS
+from odkd.cache.schema import StoreLayout
+from odkd.cache.store import read_attrs, read_markers, store_fs
+
+SHOWN_FAILURES = 10
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _sizes(v) -> str:
+    return "x".join(str(s) for s in v)
+
+
+def cache_info(url: str, storage_options: dict | None = None) -> str:
+    """The report `odkd cache info STORE` prints."""
+    url = str(url).rstrip("/")
+    attrs = read_attrs(url, storage_options)
+    layout = StoreLayout.from_dict(attrs["layout"])
+    settings = attrs.get("settings", {})
+    fs, root = store_fs(url, storage_options)
+    markers = read_markers(fs, root, layout.num_shards)
+    done = sum(m["stop"] - m["start"] for m in markers.values())
+    failed = sorted((f for m in markers.values() for f in m.get("failed", [])), key=lambda f: f["index"])
+    specs = layout.arrays()
+    stored = {name: sum(m.get("bytes", {}).get(name, 0) for m in markers.values()) for name in specs}
+    w, h = layout.map_size
+
+    lines = [
+        f"store        {url}",
+        f"schema       v{attrs['schema_version']}, written by odkd {attrs.get('odkd_version', '?')} "
+        f"at {attrs.get('created_at', '?')}",
+        f"dataset      split {settings.get('split', '?')}, fingerprint {settings.get('dataset_fingerprint', '?')}",
+        f"instances    {layout.num_instances} ({layout.num_instances - len(failed)} with targets, "
+        f"{len(failed)} failed)",
+        f"build        {len(markers)}/{layout.num_shards} shards, {done}/{layout.num_instances} instances "
+        f"({100.0 * done / layout.num_instances:.1f}%)" + ("" if attrs.get("complete") else ", not finished"),
+        f"layout       maps {w}x{h} packed to {specs['pt/heatmaps'].tail[-1]} bytes a row, chunks of "
+        f"{layout.chunk_instances}, shards of {layout.shard_instances}, zstd + crc32c",
+        "",
+        f"{'array':<14}{'dtype':>9}{'per instance':>16}{'stored':>12}{'B/instance':>12}",
+    ]
+    for name, spec in specs.items():
+        per = stored[name] / done if done else float("nan")
+        lines.append(f"{name:<14}{spec.dtype:>9}{_sizes(spec.tail) or 'scalar':>16}{_size(stored[name]):>12}{per:>12.1f}")
+    total = sum(stored.values())
+    maps = sum(stored[n] for n in MAP_ARRAYS)
+    float32_maps = sum(int(np.prod(specs[n].tail[:-1])) * w * 4 for n in MAP_ARRAYS)
+    if done:
+        lines += [
+            "",
+            f"total        {_size(total)}, {total / done:.1f} B/instance "
+            f"(maps {maps / done:.1f} B/instance)",
+            f"vs float32   maps would take {float32_maps} B/instance: {float32_maps * done / max(maps, 1):.0f}x smaller",
+        ]
+    lines += ["", "teachers"]
+    for key, t in attrs.get("teachers", {}).items():
+        ap = "unknown" if t.get("val_ap") is None else f"{t['val_ap']:.4f}"
+        lines.append(f"  {key}  {t.get('model')} ({t.get('role')}), fingerprint {t.get('fingerprint')}, "
+                     f"val AP {ap}, {t.get('checkpoint')}")
+    if "teacher_input_size" in settings:  # stores from build_cache; synthetic ones have no teachers
+        lines += [
+            "geometry     input {}, heatmap {}, sigma {}, margin {} -> maps {} from teacher input {}".format(
+                _sizes(settings["input_size"]), _sizes(settings["heatmap_size"]), settings["sigma"],
+                settings["margin"], _sizes(settings["map_size"]), _sizes(settings["teacher_input_size"])),
+            "binarize     map >= {} ({}), mask >= {}, mask gate {}, flip test {}".format(
+                settings["threshold"], settings["threshold_mode"], settings["mask_threshold"],
+                f"on (dilation {settings['mask_gate_dilation']})" if settings["mask_gate"] else "off",
+                "on" if settings["flip_test"] else "off"),
+        ]
+    if attrs.get("pipeline", {}).get("source"):
+        lines.append(f"pipeline     {attrs['pipeline']['source']}")
+    if failed:
+        lines += ["", f"failed instances ({len(failed)})"]
+        lines += [f"  #{f['index']} image {f['image_id']} ann {f['ann_id']}: {f['reason']}"
+                  for f in failed[:SHOWN_FAILURES]]
+        if len(failed) > SHOWN_FAILURES:
+            lines.append(f"  ... and {len(failed) - SHOWN_FAILURES} more (store attribute 'failed')")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Where a store lives: its zarr group, its per-shard done-markers, and the check of one shard.
+
+A store is a local path or an fsspec URL. zarr reads and writes the arrays; fsspec reads and
+writes the small JSON done-markers next to them (`done/000012.json`), one per shard, each
+written by the task that owns the shard and only after its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import fsspec
+import numpy as np
+import zarr
+
+from odkd.cache.schema import StoreLayout
+from odkd.errors import OdkdError
+
+MARKER_DIR = "done"
+
+
+def is_url(url: str) -> bool:
+    return "://" in str(url)
+
+
+def store_fs(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, root path) of a store."""
+    url = str(url).rstrip("/")
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    url = str(url).rstrip("/")
+    kwargs = {"storage_options": storage_options} if is_url(url) and storage_options else {}
+    return zarr.open_group(url, mode=mode, **kwargs)
+
+
+def store_exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, root = store_fs(url, storage_options)
+    return fs.exists(f"{root}/zarr.json")
+
+
+def read_attrs(url: str, storage_options: dict | None = None) -> dict:
+    """The store's attributes; an OdkdError naming the URL when it is not an odkd store."""
+    try:
+        group = open_group(url, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        raise OdkdError(f"{url}: no teacher-target store there") from None
+    attrs = group.attrs.asdict()
+    if "schema_version" not in attrs:
+        raise OdkdError(f"{url}: a zarr group, but not an odkd teacher-target store (no schema_version)")
+    return attrs
+
+
+def marker_path(root: str, shard: int) -> str:
+    return f"{root}/{MARKER_DIR}/{shard:06d}.json"
+
+
+def write_marker(fs, root: str, shard: int, marker: dict) -> None:
+    fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
+    fs.pipe_file(marker_path(root, shard), json.dumps(marker, sort_keys=True).encode())
+
+
+def remove_marker(fs, root: str, shard: int) -> None:
+    try:
+        fs.rm(marker_path(root, shard))
+    except FileNotFoundError:
+        pass
+
+
+def read_markers(fs, root: str, num_shards: int) -> dict[int, dict]:
+    """The done-markers present, by shard; a marker cut short by a crash counts as absent."""
+    paths = {marker_path(root, s): s for s in range(num_shards)}
+    found = fs.cat(list(paths), on_error="omit")
+    markers = {}
+    for path, blob in found.items():
+        try:
+            markers[paths[path]] = json.loads(blob)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return markers
+
+
+def array_digest(values: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
+
+
+def shard_paths(root: str, group: zarr.Group, layout: StoreLayout, shard: int) -> dict[str, str]:
+    """The object that holds each array's part of `shard`."""
+    return {name: f"{root}/{name}/" + group[name].metadata.encode_chunk_key((shard,) + (0,) * len(spec.tail))
+            for name, spec in layout.arrays().items()}
+
+
+def shard_sizes(fs, root: str, group: zarr.Group, layout: StoreLayout, shard: int) -> dict[str, int]:
+    """Bytes on storage of each array's part of `shard` (0 where zarr stored nothing: all fill value)."""
+    sizes = {}
+    for name, path in shard_paths(root, group, layout, shard).items():
+        try:
+            sizes[name] = int(fs.size(path))
+        except FileNotFoundError:
+            sizes[name] = 0
+    return sizes
+
+
+def clear_shard(fs, root: str, group: zarr.Group, layout: StoreLayout, shard: int) -> None:
+    """Delete a shard's objects, so a rewrite never reads back a half-written one."""
+    for path in shard_paths(root, group, layout, shard).values():
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
+def check_shard(group: zarr.Group, layout: StoreLayout, shard: int, marker: dict) -> str | None:
+    """Why a marked shard is not sound (None when it is): it must decode, crc32c included, and match
+    the digests its writer recorded."""
+    start, stop = layout.shard_range(shard)
+    if (marker.get("start"), marker.get("stop")) != (start, stop):
+        return f"shard {shard}: marker covers rows {marker.get('start')}..{marker.get('stop')}, expected {start}..{stop}"
+    for name in layout.arrays():
+        try:
+            values = group[name][layout.shard_rows(shard)]
+        except Exception as exc:  # any codec or I/O failure means the shard must be redone
+            return f"shard {shard}: {name} does not decode ({type(exc).__name__}: {exc})"
+        if array_digest(values) != marker.get("digests", {}).get(name):
+            return f"shard {shard}: {name} differs from what its writer recorded"
+    return None

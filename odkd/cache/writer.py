@@ -1,0 +1,215 @@
+"""Writing a store with dask: one task per shard, a done-marker after the data, resume by skipping sound shards.
+
+zarr 3 loses data silently when two writers touch one shard, so a task always owns whole shards:
+it asks a producer for rows [start, stop) of exactly one shard, writes every array's slice of
+that shard, and only then writes the shard's done-marker. An interrupted build leaves finished
+shards with markers and unfinished ones without; a re-run checks the marked ones (decode,
+crc32c, recorded digests) and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from odkd.cache.schema import SCHEMA_VERSION, StoreLayout, compressors, first_difference, settings_digest
+from odkd.cache.store import (
+    array_digest, check_shard, clear_shard, open_group, read_markers, remove_marker, shard_sizes, store_exists,
+    store_fs, write_marker,
+)
+from odkd.errors import OdkdError
+
+
+@dataclass
+class ShardTargets:
+    """What a producer returns for rows [start, stop): every layout array, and the instances it had to skip."""
+
+    arrays: dict[str, np.ndarray]
+    failed: list[dict] = field(default_factory=list)
+
+
+Producer = Callable[[int, int], ShardTargets]
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    url: str
+    written: int  # shards written by this run
+    skipped: int  # shards already complete and sound
+    redone: list[str]  # why marked shards were found unsound and rewritten
+    failed: list[dict]  # instances skipped, over the whole store
+    complete: bool
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(tree: dict) -> dict:
+    return json.loads(json.dumps(tree))
+
+
+def _create(url: str, layout: StoreLayout, attrs: dict, storage_options: dict | None) -> None:
+    group = open_group(url, "w", storage_options)
+    for name, spec in layout.arrays().items():
+        group.create_array(
+            name, shape=(layout.stored_rows, *spec.tail), dtype=spec.dtype,
+            chunks=(layout.chunk_instances, *spec.tail), shards=(layout.shard_instances, *spec.tail),
+            compressors=compressors(), fill_value=0,
+        )
+    # attributes last: a store without schema_version is one whose creation never finished
+    group.update_attributes(attrs)
+
+
+def prepare_store(url: str, layout: StoreLayout, settings: dict, attrs: dict, *, overwrite: bool,
+                  storage_options: dict | None = None) -> bool:
+    """Create the store, or accept an existing one built with the same settings. True when resuming."""
+    fs, root = store_fs(url, storage_options)
+    wanted = {"schema_version": SCHEMA_VERSION, "layout": layout.to_dict(), "settings": settings}
+    if store_exists(url, storage_options):
+        existing = open_group(url, "r", storage_options).attrs.asdict()
+        have = {key: existing.get(key) for key in wanted}
+        diff = first_difference(have, wanted)
+        if diff is None:
+            return True
+        if not overwrite:
+            raise OdkdError(f"{url}: a store built with other settings is there ({diff}); "
+                            f"pass --overwrite to replace it")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    _create(url, layout, {**attrs, **wanted, "settings_digest": settings_digest(settings),
+                          "complete": False, "failed": []}, storage_options)
+    return False
+
+
+def _check_targets(out: ShardTargets, layout: StoreLayout, start: int, stop: int) -> None:
+    specs = layout.arrays()
+    if set(out.arrays) != set(specs):
+        raise ValueError(f"producer returned arrays {sorted(out.arrays)}, the layout has {sorted(specs)}")
+    for name, spec in specs.items():
+        values = out.arrays[name]
+        if values.shape != (stop - start, *spec.tail) or values.dtype != np.dtype(spec.dtype):
+            raise ValueError(f"producer returned {name} {values.dtype}{values.shape} for rows "
+                             f"{start}..{stop}, expected {spec.dtype}{(stop - start, *spec.tail)}")
+
+
+def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, digest: str,
+                storage_options: dict | None = None) -> dict:
+    """Produce and write one whole shard, then its done-marker; returns the marker. Runs on a worker."""
+    start, stop = layout.shard_range(shard)
+    out = produce(start, stop)
+    _check_targets(out, layout, start, stop)
+    fs, root = store_fs(url, storage_options)
+    rows = layout.shard_rows(shard)
+    padded = {name: np.concatenate([values, np.zeros((rows.stop - rows.start - len(values), *values.shape[1:]),
+                                                     values.dtype)])
+              for name, values in out.arrays.items()}
+    try:
+        group = open_group(url, "r+", storage_options)
+        clear_shard(fs, root, group, layout, shard)
+        for name, values in padded.items():
+            group[name][rows] = values
+        marker = {
+            "shard": shard, "start": start, "stop": stop, "settings_digest": digest,
+            "digests": {name: array_digest(values) for name, values in padded.items()},
+            "bytes": shard_sizes(fs, root, group, layout, shard),
+            "failed": out.failed, "written_at": utc_now(),
+        }
+        write_marker(fs, root, shard, marker)
+    except OSError as exc:
+        raise OdkdError(f"{url}: writing shard {shard} failed ({exc}); the finished shards are kept, "
+                        f"run again to resume") from None
+    return marker
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None, workers: int):
+    """A client on `scheduler`, or on a LocalCluster of `workers` processes of one thread each."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise OdkdError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _run_shards(todo: list[int], url: str, layout: StoreLayout, produce: Producer, digest: str,
+                storage_options: dict | None, scheduler: str | None, workers: int,
+                on_done: Callable[[dict], None]) -> None:
+    if scheduler == "synchronous":
+        for shard in todo:
+            on_done(write_shard(url, layout, shard, produce, digest, storage_options))
+        return
+    from distributed import as_completed
+
+    with dask_client(scheduler, workers) as client:
+        # shipped once per worker, not once per task: it can carry a whole split's instance list
+        [remote_produce] = client.scatter([produce], broadcast=True, hash=False)
+        futures = [client.submit(write_shard, url, layout, shard, remote_produce, digest, storage_options,
+                                 pure=False, key=f"odkd-shard-{shard}-{digest}")
+                   for shard in todo]
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        finally:
+            client.cancel(futures)
+
+
+def build_store(url: str, layout: StoreLayout, settings: dict, produce: Producer, *, attrs: dict | None = None,
+                scheduler: str | None = None, workers: int = 1, overwrite: bool = False,
+                storage_options: dict | None = None, progress: bool = True,
+                desc: str = "teacher targets") -> BuildSummary:
+    """Fill the store at `url` with `produce`, shard by shard, resuming what an earlier run left.
+
+    `settings` is everything that decides the contents; a store made with other settings is
+    refused unless `overwrite`. `scheduler` is a dask address, "synchronous" (in this process,
+    for memory:// stores and debugging) or None for a LocalCluster of `workers` processes.
+    """
+    url = str(url).rstrip("/")
+    if url.startswith("memory://") and scheduler != "synchronous":
+        raise OdkdError(f"{url}: a memory:// store lives in one process; build it with scheduler='synchronous'")
+    settings = _jsonable(settings)
+    digest = settings_digest(settings)
+    prepare_store(url, layout, settings, _jsonable(attrs or {}), overwrite=overwrite,
+                  storage_options=storage_options)
+
+    fs, root = store_fs(url, storage_options)
+    group = open_group(url, "r", storage_options)
+    markers = read_markers(fs, root, layout.num_shards)
+    redone = []
+    for shard, marker in sorted(markers.items()):
+        problem = (f"shard {shard}: written with other settings" if marker.get("settings_digest") != digest
+                   else check_shard(group, layout, shard, marker))
+        if problem:
+            redone.append(problem)
+            remove_marker(fs, root, shard)
+            del markers[shard]
+    todo = [shard for shard in range(layout.num_shards) if shard not in markers]
+    done_rows = sum(m["stop"] - m["start"] for m in markers.values())
+
+    with tqdm(total=layout.num_instances, initial=done_rows, unit="inst", desc=desc, disable=not progress,
+              dynamic_ncols=True) as bar:
+        _run_shards(todo, url, layout, produce, digest, storage_options, scheduler, workers,
+                    lambda marker: bar.update(marker["stop"] - marker["start"]))
+
+    markers = read_markers(fs, root, layout.num_shards)
+    failed = sorted((f for m in markers.values() for f in m.get("failed", [])), key=lambda f: f["index"])
+    complete = len(markers) == layout.num_shards
+    open_group(url, "r+", storage_options).update_attributes(
+        {"complete": complete, "failed": failed, "finished_at": utc_now()})
+    return BuildSummary(url=url, written=len(todo), skipped=layout.num_shards - len(todo), redone=redone,
+                        failed=failed, complete=complete)
