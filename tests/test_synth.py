@@ -1,0 +1,211 @@
+"""The synthetic dataset is valid COCO person_keypoints, deterministic, and its labels match its pixels."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from odkd.data import synth
+from odkd.errors import OdkdError
+
+SPLITS = ("train", "val")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """16 train + 4 val images; seed 0 gives crowds in both RLE formats at this size."""
+    root = tmp_path_factory.mktemp("synth")
+    summary = synth.make_synthetic_dataset(root, train_images=16, val_images=4, seed=0)
+    cocos = {split: COCO(str(root / "annotations" / f"person_keypoints_{split}.json")) for split in SPLITS}
+    return root, summary, cocos
+
+
+def _persons(cocos):
+    return [(coco, a) for coco in cocos.values() for a in coco.dataset["annotations"] if not a["iscrowd"]]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_layout_images_and_categories_are_coco(dataset):
+    root, summary, cocos = dataset
+    ids = []
+    for split, coco in cocos.items():
+        data = coco.dataset
+        assert set(data) == {"info", "licenses", "images", "annotations", "categories"}
+        assert data["categories"] == [synth.PERSON_CATEGORY]
+        assert data["categories"][0]["keypoints"][5] == "left_shoulder"
+        assert [16, 14] in data["categories"][0]["skeleton"] and len(data["categories"][0]["skeleton"]) == 19
+        assert summary[split]["images"] == len(data["images"]) == (16 if split == "train" else 4)
+        assert summary[split]["annotations"] == len(data["annotations"])
+        for info in data["images"]:
+            assert info["file_name"] == f"{info['id']:012d}.jpg"
+            pixels = cv2.imread(str(root / "images" / split / info["file_name"]))
+            assert pixels.shape == (info["height"], info["width"], 3)
+            ids.append(info["id"])
+        for ann in data["annotations"]:
+            assert ann["category_id"] == 1 and ann["image_id"] in coco.imgs
+            assert len(ann["keypoints"]) == 51
+    assert ids == list(range(1, 21))  # unique across splits, as in COCO; val follows train
+    ann_ids = [a["id"] for c in cocos.values() for a in c.dataset["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+    sizes = {(i["width"], i["height"]) for c in cocos.values() for i in c.dataset["images"]}
+    assert len(sizes) > 5
+    assert all(0.79 * 320 <= w <= 1.21 * 320 and 0.79 * 256 <= h <= 1.21 * 256 for w, h in sizes)
+
+
+def test_boxes_keypoints_and_flags_are_consistent(dataset):
+    _, _, cocos = dataset
+    for coco, ann in _persons(cocos):
+        img = coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0
+        assert x + w <= img["width"] and y + h <= img["height"]
+        kps = np.array(ann["keypoints"]).reshape(17, 3)
+        assert set(kps[:, 2]) <= {0, 1, 2}
+        assert ann["num_keypoints"] == int((kps[:, 2] > 0).sum())
+        assert (kps[kps[:, 2] == 0] == 0).all()  # unlabelled points are exactly (0, 0, 0)
+        labelled = kps[kps[:, 2] > 0]
+        assert ((labelled[:, 0] >= 0) & (labelled[:, 0] < img["width"])).all()
+        assert ((labelled[:, 1] >= 0) & (labelled[:, 1] < img["height"])).all()
+
+
+def test_polygons_decode_to_their_area(dataset):
+    _, _, cocos = dataset
+    persons = _persons(cocos)
+    assert persons
+    for coco, ann in persons:
+        assert isinstance(ann["segmentation"], list) and all(len(p) >= 6 for p in ann["segmentation"])
+        mask = coco.annToMask(ann)
+        assert abs(int(mask.sum()) - ann["area"]) <= 0.01 * ann["area"] + 1
+        ys, xs = np.nonzero(mask)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+
+
+def test_crowds_are_rle_in_both_formats(dataset):
+    _, summary, cocos = dataset
+    crowds = [(coco, a) for coco in cocos.values() for a in coco.dataset["annotations"] if a["iscrowd"]]
+    assert len(crowds) == sum(s["crowd_annotations"] for s in summary.values())
+    kinds = {type(a["segmentation"]["counts"]) for _, a in crowds}
+    assert kinds == {str, list}
+    for coco, ann in crowds:
+        img = coco.imgs[ann["image_id"]]
+        assert ann["segmentation"]["size"] == [img["height"], img["width"]]
+        assert ann["num_keypoints"] == 0 and ann["keypoints"] == [0] * 51
+        mask = coco.annToMask(ann)
+        assert int(mask.sum()) == ann["area"] > 0
+
+
+def test_visible_keypoints_lie_on_their_own_mask(dataset):
+    _, _, cocos = dataset
+    distances = []
+    for coco, ann in _persons(cocos):
+        outside = cv2.distanceTransform(1 - coco.annToMask(ann), cv2.DIST_L2, 3)
+        kps = np.array(ann["keypoints"]).reshape(17, 3)
+        distances += [outside[y, x] for x, y, v in kps if v == 2]
+    distances = np.array(distances)
+    assert len(distances) > 100
+    assert (distances == 0).mean() > 0.98
+    assert distances.max() <= 3
+
+
+def test_scenes_have_crowding_occlusion_and_hard_people(dataset):
+    _, _, cocos = dataset
+    persons = _persons(cocos)
+    per_image = np.bincount([a["image_id"] for _, a in persons])
+    assert per_image.max() >= 3
+    flags = np.array([a["keypoints"][2::3] for _, a in persons])
+    assert (flags == 1).sum() > 20 and (flags == 2).sum() > 100
+    assert min(a["num_keypoints"] for _, a in persons) <= 3
+    areas = np.array([a["area"] for _, a in persons])
+    assert areas.max() > 20 * areas.min()
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    synth.make_synthetic_dataset(a, train_images=3, val_images=2, seed=7)
+    synth.make_synthetic_dataset(b, train_images=3, val_images=2, seed=7)
+    synth.make_synthetic_dataset(c, train_images=3, val_images=2, seed=8)
+    digest_a = _tree_digest(a)
+    assert len(digest_a) == 7
+    assert digest_a == _tree_digest(b)
+    digest_c = _tree_digest(c)
+    assert digest_c.keys() == digest_a.keys()
+    assert all(digest_c[name] != digest_a[name] for name in digest_a)
+
+
+def _single_person(yaw: float) -> dict:
+    """A large upright person with arms held out, seen from one side, on an empty canvas."""
+    rng = np.random.default_rng(0)
+    width, height = 240, 320
+    image = np.zeros((height, width, 3), np.uint8)
+    owner = np.full((height, width), -1, np.int16)
+    part_map = np.zeros((height, width), np.uint8)
+    pose = synth.Pose(
+        trunk=np.zeros(5),
+        arms=np.array([[10.0, 60.0, 0.0, 10.0]] * 2),
+        legs=np.array([[0.0, 8.0, 0.0, 5.0]] * 2),
+    )
+    view = synth.View(yaw=yaw, elevation=0.0, roll=0.0, scale=280.0, cx=120.0, cy=165.0)
+    person = synth.render_person(rng, image, owner, part_map, 0, synth.sample_body(rng), pose, view)
+    ann = synth.person_annotation(owner, part_map, person)
+    return {name: tuple(ann["keypoints"][3 * k : 3 * k + 3]) for k, name in enumerate(synth.KEYPOINT_NAMES)}
+
+
+def test_front_back_and_profile_views_respect_left_and_right():
+    front, back, facing_right = _single_person(0.0), _single_person(180.0), _single_person(90.0)
+    # facing the camera the person's left is on the image's right; from behind it is on the left
+    for side in ("shoulder", "wrist", "hip", "ankle"):
+        assert front[f"left_{side}"][0] > front[f"right_{side}"][0]
+        assert back[f"left_{side}"][0] < back[f"right_{side}"][0]
+    assert all(front[name][2] == 2 for name in synth.KEYPOINT_NAMES)
+    assert back["nose"] == back["left_eye"] == back["right_eye"] == (0, 0, 0)
+    assert back["left_ear"][2] > 0 and back["right_ear"][2] > 0
+    # in profile the far (left) side is behind the body; the far ear is not labelled at all
+    assert facing_right["right_shoulder"][2] == 2 and facing_right["left_shoulder"][2] == 1
+    assert facing_right["right_hip"][2] == 2 and facing_right["left_hip"][2] == 1
+    assert facing_right["left_ear"] == (0, 0, 0) and facing_right["nose"][2] == 2
+    assert facing_right["nose"][0] > facing_right["right_ear"][0]
+
+
+def test_mask_polygons_and_uncompressed_rle_round_trip():
+    rng = np.random.default_rng(1)
+    mask = np.zeros((60, 80), np.uint8)
+    cv2.ellipse(mask, (30, 30), (20, 9), 30, 0, 360, 1, -1)
+    mask[5:8, 50:78] = 1
+    mask[0, 0] = 1  # a single pixel: too small for a polygon
+    polygons = synth.mask_polygons(mask)
+    decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, 60, 80)))
+    expected = mask.copy()
+    expected[0, 0] = 0
+    assert np.array_equal(decoded, expected)
+    for starts_with_one in (False, True):
+        blob = (rng.random((23, 17)) < 0.4).astype(np.uint8)
+        blob[0, 0] = starts_with_one
+        counts = synth.uncompressed_rle_counts(blob)
+        assert sum(counts) == blob.size and (counts[0] == 0) == starts_with_one
+        rle = mask_utils.frPyObjects({"counts": counts, "size": [23, 17]}, 23, 17)
+        assert np.array_equal(mask_utils.decode(rle), blob)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"train_images": -1}, "synth.train_images"),
+        ({"seed": 1.5}, "synth.seed"),
+        ({"image_size": (10, 256)}, "image_size"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, field):
+    with pytest.raises(OdkdError, match=field) as err:
+        synth.make_synthetic_dataset(tmp_path / "out", **kwargs)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
