@@ -1,0 +1,238 @@
+"""Reading and writing model checkpoints: official HRNet .pth, mmpose and odkd files.
+
+Every file is read with ``torch.load(weights_only=True)``: nothing is ever unpickled beyond tensors,
+containers and plain numbers. The three formats:
+
+official  a flat state_dict (``conv1.weight`` ...), possibly with DataParallel's ``module.`` prefix or
+          wrapped as ``{"state_dict": ...}`` (the official code's checkpoint.pth)
+mmpose    ``{"state_dict": {"backbone.conv1.weight", ..., "head.final_layer.weight"}, "meta": ...}``;
+          mmpose's HRNet names its layers as the official code does (mmcv names BN layers ``bn1``...),
+          so dropping ``backbone.`` and ``head.`` (0.x: ``keypoint_head.``) gives the official keys
+odkd      ``{"format": "odkd", "model": state_dict, "meta": {"model", "model_args", "num_joints",
+          "seg_head", "fingerprint", ...}, ...training state}``, enough to rebuild the model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from odkd import __version__
+from odkd.errors import OdkdError
+from odkd.models.registry import build_model
+
+ODKD_FORMAT = "odkd"
+_ODKD_RESERVED = ("format", "model", "meta")
+_MMPOSE_PREFIXES = ("backbone.", "head.", "keypoint_head.")
+_NEW_HEAD_PREFIX = "seg_head."
+
+# mmengine stores the dataset metainfo (numpy arrays and scalars) in a checkpoint's meta. These
+# globals rebuild plain numeric arrays only. numpy 2 moved them from numpy.core to numpy._core;
+# files name whichever wrote them, so both names are allowed.
+_np_reconstruct = np.zeros(1).__reduce__()[0]
+_np_scalar = np.float64(0).__reduce__()[0]
+_NUMPY_SAFE_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"),
+    *(
+        (fn, f"{package}.multiarray.{fn.__name__}")
+        for fn in (_np_reconstruct, _np_scalar)
+        for package in ("numpy.core", "numpy._core")
+    ),
+]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint as read: its format, the state_dict under odkd/official key names, and the rest."""
+
+    path: str
+    format: str  # "official" | "mmpose" | "odkd"
+    state_dict: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)  # odkd meta; empty for the other formats
+    extra: dict = field(default_factory=dict)  # everything else at the top level of an odkd file
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What load_checkpoint did: the file's format and the model keys it left freshly initialised."""
+
+    path: str
+    format: str
+    new_keys: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def _torch_load(path: Path):
+    if not path.is_file():
+        raise OdkdError(f"{path}: checkpoint file not found")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(". Please")[0]
+        if "global" in reason.lower() or "can only build" in reason.lower():
+            raise OdkdError(f"{path}: not a weights-only checkpoint, refusing to unpickle it ({reason})") from None
+        raise OdkdError(f"{path}: cannot read checkpoint: not a torch.save file or corrupt ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OdkdError(f"{path}: cannot read checkpoint: {first_line}") from None
+
+
+def _strip_prefix(state_dict: dict, prefix: str) -> dict:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _from_mmpose(state_dict: dict) -> dict:
+    return {key.split(".", 1)[1]: value for key, value in state_dict.items()}
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
+    """Read any supported checkpoint and bring its keys to the odkd/official names."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise OdkdError(f"{path}: not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
+    meta: dict = {}
+    extra: dict = {}
+    if obj.get("format") == ODKD_FORMAT:
+        fmt, state_dict = ODKD_FORMAT, obj.get("model")
+        meta = obj.get("meta", {})
+        extra = {k: v for k, v in obj.items() if k not in _ODKD_RESERVED}
+    else:
+        state_dict = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+        state_dict = _strip_prefix(state_dict, "module.")
+        # a plain state_dict may have its own "backbone." (our students do); mmpose puts everything
+        # under backbone/head
+        mmpose = any(k.startswith("backbone.") for k in state_dict) and all(
+            k.startswith(_MMPOSE_PREFIXES) for k in state_dict
+        )
+        fmt = "mmpose" if mmpose else "official"
+        if mmpose:
+            state_dict = _from_mmpose(state_dict)
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise OdkdError(f"{path}: no state_dict found ({fmt} checkpoint without model weights)")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise OdkdError(f"{path}: not a state_dict: key {key!r} holds a {type(value).__name__}, not a tensor")
+    return CheckpointFile(str(path), fmt, state_dict, meta, extra)
+
+
+def _list_keys(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def apply_checkpoint(model: nn.Module, ckpt: CheckpointFile, *, allow_new_seg_head: bool = True) -> LoadReport:
+    """Copy a read checkpoint into model after checking that every key and shape fits."""
+    expected = model.state_dict()
+    given = ckpt.state_dict
+    new_keys = []
+    if allow_new_seg_head:
+        new_keys = [k for k in expected if k.startswith(_NEW_HEAD_PREFIX) and k not in given]
+    # BatchNorm's counter is absent from files written before torch 0.4.1 and never read in eval.
+    missing = [
+        k for k in expected if k not in given and k not in new_keys and not k.endswith(".num_batches_tracked")
+    ]
+    unexpected = [k for k in given if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list_keys(unexpected)}")
+        raise OdkdError(f"{ckpt.path}: {ckpt.format} checkpoint does not fit the model; {'; '.join(parts)}")
+    for key, value in given.items():
+        if value.shape != expected[key].shape:
+            raise OdkdError(
+                f"{ckpt.path}: key {key!r} has shape {tuple(value.shape)} in the checkpoint "
+                f"but {tuple(expected[key].shape)} in the model (another architecture or width?)"
+            )
+    model.load_state_dict(given, strict=False)
+    return LoadReport(ckpt.path, ckpt.format, new_keys, ckpt.meta)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, allow_new_seg_head: bool = True) -> LoadReport:
+    """Load an official, mmpose or odkd checkpoint into model.
+
+    Keys and shapes must match exactly; the one exception, with allow_new_seg_head, is a model with a
+    seg head loading a file without one: those ``seg_head.*`` keys stay initialised and are listed
+    in ``LoadReport.new_keys``.
+    """
+    return apply_checkpoint(model, read_checkpoint(path), allow_new_seg_head=allow_new_seg_head)
+
+
+def model_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) over the sorted key names, dtypes, shapes and tensor bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    model_args: dict,
+    seg_head: bool,
+    extra: dict | None = None,
+) -> None:
+    """Write an odkd checkpoint that build_from_checkpoint can rebuild the model from.
+
+    extra (e.g. optimizer state, epoch) is stored at the top level. The file is written to a
+    temporary name and renamed, so an interrupted save never leaves a truncated checkpoint.
+    """
+    if seg_head != model.has_seg_head:
+        raise ValueError(f"seg_head={seg_head} but the model has_seg_head={model.has_seg_head}")
+    clashes = [k for k in (extra or {}) if k in _ODKD_RESERVED]
+    if clashes:
+        raise ValueError(f"extra may not use the reserved keys {clashes}")
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "model": model_name,
+        "model_args": dict(model_args),
+        "num_joints": model.num_joints,
+        "seg_head": seg_head,
+        "fingerprint": model_fingerprint(state_dict),
+        "odkd_version": __version__,
+    }
+    payload = {"format": ODKD_FORMAT, "model": state_dict, "meta": meta, **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device) -> tuple[nn.Module, dict]:
+    """Rebuild the model an odkd checkpoint records, load its weights, move it to device in eval mode."""
+    ckpt = read_checkpoint(path)
+    if ckpt.format != ODKD_FORMAT:
+        raise OdkdError(
+            f"{ckpt.path}: a {ckpt.format} checkpoint does not record its model; "
+            "build it with build_model and load it with load_checkpoint"
+        )
+    for key in ("model", "model_args", "num_joints", "seg_head"):
+        if key not in ckpt.meta:
+            raise OdkdError(f"{ckpt.path}: odkd checkpoint meta lacks {key!r}")
+    meta = ckpt.meta
+    try:
+        model = build_model(meta["model"], meta["num_joints"], meta["seg_head"], **meta["model_args"])
+    except OdkdError as e:
+        raise OdkdError(f"{ckpt.path}: {e}") from None
+    apply_checkpoint(model, ckpt, allow_new_seg_head=False)
+    return model.to(device).eval(), meta

@@ -1,0 +1,41 @@
+"""Parameter and FLOP counts of the registered models, the way pose papers and mmpose report them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from odkd.models.registry import MODELS, build_model
+
+
+def model_complexity(model: nn.Module, input_size: tuple[int, int] = (192, 256)) -> tuple[int, float]:
+    """(parameters, GFLOPs) for one image of input_size (width, height) on the model's device.
+
+    GFLOPs are those of the HRNet paper and code (get_model_summary): multiply-accumulates of
+    convolutions and matmuls, counted once and divided by 2**30, so HRNet-W32 at 256x192 is 7.1 and
+    W48 is 14.6. FlopCounterMode counts two FLOPs per MAC, hence the halving.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    first = next(model.parameters())
+    width, height = input_size
+    x = torch.zeros(1, 3, height, width, device=first.device, dtype=first.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return params, counter.get_total_flops() / 2 / 2**30
+
+
+def list_models(input_size: tuple[int, int] = (192, 256)) -> list[dict]:
+    """One row per registered model: name, params, gflops (built on the meta device: no memory, no compute)."""
+    rows = []
+    for name in MODELS:
+        with torch.device("meta"):
+            model = build_model(name)
+        params, gflops = model_complexity(model, input_size)
+        rows.append({"name": name, "params": params, "gflops": gflops})
+    return rows
