@@ -1,6 +1,6 @@
 """The `odkd` command line: parse, load the pipeline config, call one function per command.
 
-User errors (OdkdError) print as one line and exit 2; nothing already written is removed.
+User errors (OdkdError) print as one line ("Error: ...") and exit 1; usage errors exit 2.
 """
 
 from __future__ import annotations

@@ -197,6 +197,9 @@ def _check_sizes(cfg: PipelineConfig, path: str) -> None:
         if min(size) <= 0:
             raise OdkdError(f"{path}: data.{key} must be positive, got {list(size)}")
     iw, ih = cfg.data.input_size
+    if iw % 32 or ih % 32:
+        raise OdkdError(f"{path}: data.input_size {list(cfg.data.input_size)} must be multiples of 32 "
+                        f"(the networks go down to stride 32 and back)")
     hw, hh = cfg.data.heatmap_size
     if iw * hh != ih * hw:
         raise OdkdError(f"{path}: data.heatmap_size {list(cfg.data.heatmap_size)} must have the "

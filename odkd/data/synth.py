@@ -20,18 +20,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
 
-KEYPOINT_NAMES = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
-    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
-)
-# 1-based pairs, as in person_keypoints_val2017.json
-SKELETON = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
-    (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
-)
 PERSON_CATEGORY = {
     "supercategory": "person",
     "id": 1,
