@@ -1,0 +1,113 @@
+"""The command line as a user meets it: help, one-line errors, and the issue-2 commands end to end."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from odkd.cli import main
+from odkd.data.synth import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_synthetic_dataset(root / "data", train_images=6, val_images=4, seed=2)
+    cfg = root / "pipe.toml"
+    cfg.write_text(f'[data]\nroot = "{root / "data"}"\ninput_size = [96, 128]\nheatmap_size = [24, 32]\n')
+    return root
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_help_lists_every_command():
+    out = run("--help").output
+    for cmd in ("synth", "evaluate", "browse", "models", "train-teacher", "predict"):
+        assert cmd in out
+
+
+def test_synth_writes_coco_layout(tmp_path):
+    res = run("synth", tmp_path / "s", "--train-images", 2, "--val-images", 1, "--seed", 1)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["train"]["images"] == 2
+    assert len(list((tmp_path / "s" / "images" / "train").glob("*.jpg"))) == 2
+    assert (tmp_path / "s" / "annotations" / "person_keypoints_val.json").is_file()
+
+
+def test_evaluate_gt_as_results_is_perfect(dataset, tmp_path):
+    ann = dataset / "data" / "annotations" / "person_keypoints_val.json"
+    res = run("evaluate", "--ann", ann, "--gt-as-results", "--stats-json", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    assert "| AP " in res.output and "1.000" in res.output
+    assert json.loads((tmp_path / "s.json").read_text())["AP"] == 1.0
+
+
+def test_evaluate_results_file_round_trip(dataset, tmp_path):
+    ann = dataset / "data" / "annotations" / "person_keypoints_val.json"
+    gt = json.loads(ann.read_text())
+    results = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 0.9}
+               for a in gt["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0]
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    res = run("evaluate", "--ann", ann, "--results", tmp_path / "r.json")
+    assert res.exit_code == 0 and "1.000" in res.output
+
+
+def one_line_error(res) -> str:
+    assert res.exit_code != 0
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+def test_bad_config_key_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[data]\nroot = 'x'\nsigmaa = 2\n")
+    line = one_line_error(run("browse", "--config", cfg, "--out", tmp_path / "o"))
+    assert "bad.toml" in line and "unknown key 'data.sigmaa'" in line
+
+
+def test_wrong_type_and_bad_size_name_the_key(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[data]\nsigma = 'wide'\n")
+    assert "data.sigma: expected a number" in one_line_error(run("models", "--config", cfg))
+    cfg.write_text("[data]\ninput_size = [100, 128]\n")
+    assert "data.input_size" in one_line_error(run("models", "--config", cfg))
+
+
+def test_broken_annotation_file_is_one_line(tmp_path):
+    ann = tmp_path / "broken.json"
+    ann.write_text("{ not json")
+    assert "broken.json: ground truth is not valid JSON" in one_line_error(run("evaluate", "--ann", ann, "--gt-as-results"))
+
+
+def test_missing_image_folder_is_one_line(dataset, tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[data]\nroot = "{dataset / "data"}"\ntrain_images = "nope"\n'
+                   'input_size = [96, 128]\nheatmap_size = [24, 32]\n')
+    assert "nope: image folder not found" in one_line_error(run("browse", "--config", cfg, "--out", tmp_path / "o"))
+
+
+def test_browse_writes_pngs(dataset, tmp_path):
+    res = run("browse", "--config", dataset / "pipe.toml", "--split", "val", "--out", tmp_path / "b", "--augment",
+              "-n", 3)
+    assert res.exit_code == 0, res.output
+    pngs = sorted((tmp_path / "b").glob("val_*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_models_lists_with_complexity(dataset):
+    res = run("models", "--config", dataset / "pipe.toml")
+    assert res.exit_code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in res.output.splitlines()[1:]}
+    assert {"hrnet_w32", "hrnet_w48", "hrnet_w16", "mobilenetv2", "hrnet_tiny"} <= rows.keys()
+    assert float(rows["hrnet_w32"][0]) == pytest.approx(28.5, abs=0.1)
+
+
+def test_wrong_checkpoint_is_one_line(dataset, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"definitely not a checkpoint")
+    line = one_line_error(run("evaluate", "--config", dataset / "pipe.toml", "--checkpoint", bad))
+    assert "bad.pth" in line
