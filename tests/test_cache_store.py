@@ -169,6 +169,13 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     assert summary.written == LAYOUT.num_shards
     assert TeacherTargets.open(str(url)).attrs["settings"]["threshold"] == 0.6
 
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "a.jpg").write_bytes(b"x")
+    with pytest.raises(OdkdError, match="not a teacher-target store"):
+        build(precious, overwrite=True)
+    assert (precious / "a.jpg").read_bytes() == b"x"
+
 
 def test_fingerprint_mismatch_is_refused_naming_both(tmp_path):
     url = tmp_path / "s.zarr"

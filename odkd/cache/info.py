@@ -62,7 +62,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
             "",
             f"total        {_size(total)}, {total / done:.1f} B/instance "
             f"(maps {maps / done:.1f} B/instance)",
-            f"vs float32   maps would take {float32_maps} B/instance: {float32_maps * done / max(maps, 1):.0f}x smaller",
+            f"vs float32   maps would take {float32_maps} B/instance: "
+            + (f"{float32_maps * done / maps:.0f}x smaller" if maps else "every stored map is empty"),
         ]
     lines += ["", "teachers"]
     for key, t in attrs.get("teachers", {}).items():

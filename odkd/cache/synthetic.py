@@ -29,12 +29,16 @@ class SyntheticTargets:
         body = rng.uniform([0.25 * w, 0.2 * h], [0.75 * w, 0.8 * h], size=(n, 1, 2))
         joints = body + rng.normal(0.0, [0.12 * w, 0.2 * h], size=(n, k, 2))
         peaks = rng.uniform(0.3, 1.0, size=(n, 2, k))
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        xs, ys = np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
         maps = []
         for t, jitter in enumerate((0.0, 0.5)):
-            mu = joints + rng.normal(0.0, jitter, size=joints.shape)
-            d2 = (xs - mu[..., 0, None, None]) ** 2 + (ys - mu[..., 1, None, None]) ** 2
-            maps.append(peaks[:, t, :, None, None] * np.exp(-d2 / (2 * self.sigma ** 2)) >= self.threshold)
+            mu = (joints + rng.normal(0.0, jitter, size=joints.shape)).astype(np.float32)
+            # a 2-D Gaussian is the outer product of two 1-D ones
+            gx = np.exp(-((xs - mu[..., 0, None]) ** 2) / (2 * self.sigma ** 2))
+            gy = np.exp(-((ys - mu[..., 1, None]) ** 2) / (2 * self.sigma ** 2))
+            gy *= peaks[:, t, :, None].astype(np.float32)
+            maps.append(gy[..., :, None] * gx[..., None, :] >= self.threshold)
+        ys, xs = ys[:, None], xs[None, :]
         radii = np.array([0.22 * w, 0.38 * h])
         bx, by = body[:, 0, 0, None, None], body[:, 0, 1, None, None]
         mask = ((xs - bx) / radii[0]) ** 2 + ((ys - by) / radii[1]) ** 2 <= 1

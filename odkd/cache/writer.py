@@ -82,8 +82,10 @@ def prepare_store(url: str, layout: StoreLayout, settings: dict, attrs: dict, *,
         if not overwrite:
             raise OdkdError(f"{url}: a store built with other settings is there ({diff}); "
                             f"pass --overwrite to replace it")
-    if fs.exists(root):
         fs.rm(root, recursive=True)
+    elif fs.exists(root) and fs.ls(root):
+        # never delete what is not a zarr store, --overwrite or not: a mistyped --out must not cost a folder
+        raise OdkdError(f"{url}: exists and is not a teacher-target store; choose another path")
     _create(url, layout, {**attrs, **wanted, "settings_digest": settings_digest(settings),
                           "complete": False, "failed": []}, storage_options)
     return False
@@ -108,8 +110,7 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
     _check_targets(out, layout, start, stop)
     fs, root = store_fs(url, storage_options)
     rows = layout.shard_rows(shard)
-    padded = {name: np.concatenate([values, np.zeros((rows.stop - rows.start - len(values), *values.shape[1:]),
-                                                     values.dtype)])
+    padded = {name: np.pad(values, [(0, rows.stop - rows.start - len(values))] + [(0, 0)] * (values.ndim - 1))
               for name, values in out.arrays.items()}
     try:
         group = open_group(url, "r+", storage_options)

@@ -1,0 +1,369 @@
+"""Benchmark of the teacher-target cache, every number a ratio measured in this one run.
+
+    .venv/bin/python bench/cache.py [--config pipeline/demo.toml] [--instances 384] [--record]
+
+1. storage: bytes per instance on binarized Gaussians (demo and COCO geometry) against float32
+   and float16 maps, and the writer's throughput;
+2. reader: random batches of 64 through TeacherTargets, through zarr's z.oindex, and through a
+   plain numpy gather from RAM, each including the unpack to bool maps;
+3. build: the real pipeline (read, crop, both teachers with flip test, binarize, pack, write)
+   against the teachers' raw forward on the same batches, and LocalCluster with 1 and 2 workers;
+4. margin: how much of what a teacher responds to, in the configured training augmentation,
+   falls outside a cached crop of margin m, and what the margin costs in bytes and compute.
+
+The teachers are the config's when their checkpoints exist, else untrained ones of the same
+architecture (throughput is the same; their bytes per instance are then not representative).
+--record writes the tables into bench/RESULTS.md under "## Teacher-target cache".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from odkd.cache import StoreLayout, TeacherTargets, bitpack_maps, build_cache, build_store, unpack_maps
+from odkd.cache.reader import MAP_ARRAYS
+from odkd.cache.store import read_markers, store_fs
+from odkd.cache.synthetic import SyntheticTargets
+from odkd.cache.teachers import cache_geometry, stored_frame_scale, teacher_checkpoint
+from odkd.cache.writer import ShardTargets
+from odkd.config import load_config
+from odkd.data.augment import random_frame
+from odkd.data.image import read_image
+from odkd.data.instances import load_instances
+from odkd.data.synth import make_synthetic_dataset
+from odkd.data.targets import gaussian_heatmaps
+from odkd.data.transforms import CropFrame, affine_transform, crop_image, invert_affine, normalize_image
+from odkd.errors import OdkdError
+from odkd.models import build_model, load_checkpoint, save_checkpoint
+from odkd.train.inference import predict_batch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Teacher-target cache"
+READ_BATCH = 64
+MARGINS = (1.0, 1.1, 1.25, 1.5)
+FRAMES_PER_INSTANCE = 8
+
+
+class Precomputed:
+    """A producer that hands out rows made beforehand, so that timing it times the writer alone."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __call__(self, start: int, stop: int) -> ShardTargets:
+        return ShardTargets({name: values[start:stop] for name, values in self.arrays.items()})
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def map_bytes(url: str, layout: StoreLayout) -> float:
+    """Stored bytes per instance of the three map arrays, from the writers' markers."""
+    fs, root = store_fs(url)
+    markers = read_markers(fs, root, layout.num_shards)
+    return sum(m["bytes"][name] for m in markers.values() for name in MAP_ARRAYS) / layout.num_instances
+
+
+def float_map_bytes(layout: StoreLayout, itemsize: int) -> int:
+    w, h = layout.map_size
+    return (2 * layout.num_joints + 1) * w * h * itemsize
+
+
+def storage_section(tmp: Path, n: int) -> tuple[str, str]:
+    rows, reader_url = [], None
+    for label, size, sigma in (("demo 24x32, sigma 1", (24, 32), 1.0), ("COCO 48x64, sigma 2", (48, 64), 2.0)):
+        layout = StoreLayout(n, 17, size, chunk_instances=64, shard_instances=1024)
+        produce = SyntheticTargets(layout, sigma=sigma)
+        parts = [produce(*layout.shard_range(s)).arrays for s in range(layout.num_shards)]
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        url = str(tmp / f"synthetic_{size[0]}x{size[1]}.zarr")
+        t0 = time.perf_counter()
+        build_store(url, layout, {"synthetic": label}, Precomputed(arrays), scheduler="synchronous", progress=False)
+        rate = n / (time.perf_counter() - t0)
+        stored = map_bytes(url, layout)
+        rows.append([label, f"{stored:.0f}", f"{stored / 2:.0f}", f"{float_map_bytes(layout, 4) / stored:.0f}x",
+                     f"{float_map_bytes(layout, 2) / stored:.0f}x", f"{rate:,.0f}"])
+        reader_url = url
+    text = table(["synthetic maps", "B/instance (PT+ST+mask)", "~ per teacher", "vs float32", "vs float16",
+                  "write instances/s"], rows)
+    return text, reader_url
+
+
+def _rate(fn, batches) -> float:
+    t0 = time.perf_counter()
+    for idx in batches:
+        fn(idx)
+    return len(batches) * READ_BATCH / (time.perf_counter() - t0)
+
+
+def reader_section(url: str, rounds: int = 3) -> str:
+    targets = TeacherTargets.open(url)
+    n, width = len(targets), targets.layout.map_size[0]
+    rng = np.random.default_rng(0)
+    group = zarr.open_group(url, mode="r")
+    ram = {name: group[name][:n] for name in MAP_ARRAYS}
+    targets.load()
+    stages = {"PT stage: pt/heatmaps": ["pt/heatmaps"], "ST stage: st/heatmaps + st/mask": ["st/heatmaps", "st/mask"]}
+    rows = []
+    for label, names in stages.items():
+        def via_targets(idx, names=names):
+            targets.get_maps(idx, names)
+
+        def via_numpy(idx, names=names):
+            for name in names:
+                unpack_maps(ram[name][idx], width)
+
+        def via_oindex(idx, names=names):
+            for name in names:
+                unpack_maps(group[name].oindex[np.sort(idx)], width)
+
+        # interleaved rounds, best of each, so that a busy machine slows every case alike
+        rates = {"targets": 0.0, "numpy": 0.0, "oindex": 0.0}
+        for _ in range(rounds):
+            for case, fn in (("targets", via_targets), ("numpy", via_numpy), ("oindex", via_oindex)):
+                batches = [rng.integers(0, n, READ_BATCH) for _ in range(5 if case == "oindex" else 200)]
+                rates[case] = max(rates[case], _rate(fn, batches))
+        rows.append([label, f"{rates['targets']:,.0f}", f"{rates['numpy']:,.0f}", f"{rates['oindex']:,.0f}",
+                     f"{rates['targets'] / rates['numpy']:.2f}", f"{rates['targets'] / rates['oindex']:.0f}x"])
+    return table(["random batches of 64, incl. unpack to bool", "TeacherTargets inst/s", "numpy gather inst/s",
+                  "z.oindex inst/s", "TeacherTargets / numpy", "TeacherTargets / oindex"], rows)
+
+
+def prepare_world(cfg, tmp: Path, images: int):
+    """The config with a dataset and two teacher checkpoints that exist; and whether the teachers are trained."""
+    data = cfg.data
+    if not data.ann_file("train").is_file():
+        root = tmp / "data"
+        make_synthetic_dataset(root, train_images=images, val_images=0, seed=cfg.synth.seed)
+        data = dataclasses.replace(data, root=str(root))
+    teachers, trained = cfg.teachers, True
+    for role in ("primary", "senior"):
+        try:
+            teacher_checkpoint(cfg, role)
+        except OdkdError:
+            trained = False
+    if not trained:
+        torch.manual_seed(0)
+        for role in ("primary", "senior"):
+            t = getattr(cfg.teachers, role)
+            model = build_model(t.model, seg_head=t.seg_head, **t.model_args)
+            with torch.no_grad():  # structured, not near-zero, outputs
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            path = tmp / f"untrained_{role}.pth"
+            save_checkpoint(path, model, model_name=t.model, model_args=dict(t.model_args), seg_head=t.seg_head)
+            teachers = dataclasses.replace(teachers, **{role: dataclasses.replace(t, checkpoint=str(path))})
+    return dataclasses.replace(cfg, data=data, teachers=teachers), trained
+
+
+def raw_forward_rate(cfg, n: int, batch_size: int, margin: float) -> float:
+    """Both teachers with flip test on the same crops as the build, already in memory."""
+    instances = load_instances(cfg.data, "train")
+    map_size, input_size = cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, margin)
+    crops = []
+    for inst in instances.instances[:n]:
+        frame = CropFrame(center=tuple(map(float, inst.center)),
+                          scale=tuple(map(float, stored_frame_scale(inst.scale, cfg.data.heatmap_size, map_size))))
+        crops.append(normalize_image(crop_image(read_image(instances.image_path(inst)), frame, input_size)))
+    batches = [torch.from_numpy(np.stack(crops[a:a + batch_size])) for a in range(0, len(crops), batch_size)]
+    nets = []
+    for role in ("primary", "senior"):
+        t = getattr(cfg.teachers, role)
+        net = build_model(t.model, seg_head=t.seg_head, **t.model_args)
+        load_checkpoint(net, teacher_checkpoint(cfg, role), allow_new_seg_head=False)
+        nets.append(net.eval())
+    predict_batch(nets[0], batches[0][:2])
+    t0 = time.perf_counter()
+    for images in batches:
+        for net in nets:
+            predict_batch(net, images, flip_test=cfg.cache.flip_test, shift_heatmap=cfg.eval.shift_heatmap)
+    return len(crops) / (time.perf_counter() - t0)
+
+
+def build_section(cfg, tmp: Path, n: int) -> tuple[str, dict]:
+    n = min(n, len(load_instances(cfg.data, "train")))
+    batch = cfg.cache.batch_size
+    shard = 64  # several shards even for a small demo, so two workers have work to share
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, chunk_instances=64, shard_instances=shard))
+    margin = cfg.cache.margin
+    rows, stores, raws = [], {}, [raw_forward_rate(cfg, n, batch, margin)]
+
+    def seconds(count: int, **kwargs) -> float:
+        url = str(tmp / f"teachers_{count}.zarr")
+        t0 = time.perf_counter()
+        build_cache(cfg, "train", url, limit=count, progress=False, overwrite=True, **kwargs)
+        stores[margin] = url
+        return time.perf_counter() - t0
+
+    # the marginal rate, (n - n/2) / (t(n) - t(n/2)), leaves out what a run pays once (cluster and
+    # worker start, loading instances and teachers, torch's first call) and a long build amortizes
+    half = n // 2
+    for label, kwargs in (("in-process (scheduler='synchronous')", {"scheduler": "synchronous"}),
+                          ("LocalCluster, 1 worker", {"workers": 1}), ("LocalCluster, 2 workers", {"workers": 2})):
+        short, full = seconds(half, **kwargs), seconds(n, **kwargs)
+        rows.append([label, n / full, (n - half) / max(full - short, 1e-9)])
+    # the forward again after the builds: the better of the two is the baseline, as the machine allows
+    raws.append(raw_forward_rate(cfg, n, batch, margin))
+    raw = max(raws)
+    one = rows[1][2]
+    rows = [[label, f"{total:.1f}", f"{marginal:.1f}", f"{marginal / raw:.2f}",
+             f"{marginal / one:.2f}" if "LocalCluster" in label else "-"] for label, total, marginal in rows]
+    text = (f"{n} instances, batch {batch}, shards of {shard}, margin {margin}, teacher input "
+            f"{'x'.join(map(str, cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, margin)[1]))}; "
+            f"teachers' raw forward (both, flip test, crops in RAM): **{raw:.1f} instances/s** "
+            f"(best of {', '.join(f'{r:.1f}' for r in raws)}, before and after the builds)\n\n")
+    text += table(["build", f"instances/s over {n}, all included", "marginal instances/s",
+                   "marginal vs raw forward", "vs 1 worker"], rows)
+    return text, {"cfg": cfg, "n": n, "stores": stores}
+
+
+def _inside(points: np.ndarray, frame: CropFrame, size) -> np.ndarray:
+    xy = affine_transform(points, frame.matrix(size))
+    return (xy[:, 0] >= -0.5) & (xy[:, 0] <= size[0] - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= size[1] - 0.5)
+
+
+def _positives(frame: CropFrame, joints: np.ndarray, cfg) -> np.ndarray:
+    """Image coordinates of the heatmap pixels a perfect teacher fires on (map >= 0.5) in `frame`."""
+    d = cfg.data
+    xy = affine_transform(joints[:, :2], frame.matrix(d.input_size))
+    maps, _ = gaussian_heatmaps(xy, joints[:, 2] > 0, d.input_size, d.heatmap_size, d.sigma)
+    _, ys, xs = np.nonzero(maps >= cfg.cache.threshold)
+    return affine_transform(np.stack([xs, ys], axis=1).astype(np.float64), invert_affine(frame.matrix(d.heatmap_size)))
+
+
+def padded_synthetic_bytes(tmp: Path, heatmap_size, map_size, sigma: float, n: int = 1024) -> float:
+    """Bytes per instance of synthetic student-size maps centered in the wider crop's map."""
+    student = StoreLayout(n, 17, tuple(heatmap_size), chunk_instances=64, shard_instances=1024)
+    pt, st, mask, peaks = SyntheticTargets(student, sigma=sigma).binary_maps(0, n)
+    wider = StoreLayout(n, 17, tuple(map_size), chunk_instances=64, shard_instances=1024)
+    dx, dy = (map_size[0] - heatmap_size[0]) // 2, (map_size[1] - heatmap_size[1]) // 2
+    pad = ((0, 0), (0, 0), (dy, map_size[1] - heatmap_size[1] - dy), (dx, map_size[0] - heatmap_size[0] - dx))
+    arrays = wider.allocate(n)
+    for name, binary in (("pt/heatmaps", pt), ("st/heatmaps", st), ("st/mask", mask)):
+        arrays[name][:] = bitpack_maps(np.pad(binary, pad))
+    arrays["pt/conf"][:], arrays["st/conf"][:] = peaks[:, 0], peaks[:, 1]
+    url = str(tmp / f"padded_{map_size[0]}x{map_size[1]}.zarr")
+    build_store(url, wider, {"padded": list(map_size)}, Precomputed(arrays), scheduler="synchronous",
+                progress=False, overwrite=True)
+    return map_bytes(url, wider)
+
+
+def margin_section(cfg, tmp: Path, n: int, stores: dict, trained: bool) -> str:
+    """Responses in augmented training frames that a cached crop of margin m does not hold."""
+    instances = load_instances(cfg.data, "train")
+    by_image: dict[int, list] = {}
+    for inst in instances.instances:
+        by_image.setdefault(inst.image_id, []).append(inst)
+    rng = np.random.default_rng(0)
+    aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
+    hm = cfg.data.heatmap_size
+    lost = {m: {"own": 0, "all": 0, "area": 0} for m in MARGINS}
+    total = {"own": 0, "all": 0, "area": 0}
+    grid = np.stack(np.meshgrid(np.arange(hm[0]), np.arange(hm[1])), -1).reshape(-1, 2).astype(np.float64)
+    for inst in instances.instances[:n]:
+        others = np.concatenate([o.joints for o in by_image[inst.image_id]])
+        for _ in range(FRAMES_PER_INSTANCE):
+            frame = random_frame(inst, cfg.data.augment, rng, aspect)
+            area = affine_transform(grid, invert_affine(frame.matrix(hm)))
+            points = {"own": _positives(frame, inst.joints, cfg), "all": _positives(frame, others, cfg), "area": area}
+            for key, pts in points.items():
+                total[key] += len(pts)
+                for m in MARGINS:
+                    map_size, _ = cache_geometry(hm, cfg.data.input_size, m)
+                    stored = CropFrame(center=tuple(map(float, inst.center)),
+                                       scale=tuple(map(float, stored_frame_scale(inst.scale, hm, map_size))))
+                    lost[m][key] += int((~_inside(pts, stored, map_size)).sum())
+
+    rows = []
+    for m in MARGINS:
+        map_size, input_size = cache_geometry(hm, cfg.data.input_size, m)
+        stored = "n/a (untrained teachers)"
+        if trained:
+            url = stores.get(m)
+            if url is None:
+                url = str(tmp / f"margin_{m}.zarr")
+                c = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, margin=m))
+                build_cache(c, "train", url, limit=n, scheduler="synchronous", progress=False, overwrite=True)
+            stored = f"{map_bytes(url, TeacherTargets.open(url).layout):.0f}"
+        compute = input_size[0] * input_size[1] / (cfg.data.input_size[0] * cfg.data.input_size[1])
+        rows.append([f"{m:g}", f"{map_size[0]}x{map_size[1]} ({map_size[0] / hm[0]:.2f}, {map_size[1] / hm[1]:.2f})",
+                     f"{compute:.2f}x",
+                     f"{100 * lost[m]['own'] / max(total['own'], 1):.2f}%",
+                     f"{100 * lost[m]['all'] / max(total['all'], 1):.2f}%",
+                     f"{100 * lost[m]['area'] / total['area']:.1f}%",
+                     f"{padded_synthetic_bytes(tmp, hm, map_size, cfg.data.sigma):.0f}", stored])
+    a = cfg.data.augment
+    head = (f"{n} instances x {FRAMES_PER_INSTANCE} augmented frames (scale {a.scale_factor}, rotation "
+            f"{a.rotation_factor} p {a.rotation_prob}, half-body {a.half_body_prob}); responses of a perfect "
+            f"teacher (Gaussians, sigma {cfg.data.sigma}, >= {cfg.cache.threshold}) on the instance's own "
+            f"joints and on every labelled person in its image\n\n")
+    return head + table(["margin", "stored map (growth w, h)", "teacher compute", "own responses lost",
+                         "all-person responses lost", "frame area outside", "synthetic B/instance",
+                         "teachers' B/instance"], rows)
+
+
+def record(text: str) -> None:
+    body = f"{SECTION}\n\n{text}\n"
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
+    RESULTS.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="pipeline/demo.toml")
+    parser.add_argument("--instances", type=int, default=384, help="instances through the teachers")
+    parser.add_argument("--images", type=int, default=160, help="synthetic train images when the config's data is absent")
+    parser.add_argument("--synthetic", type=int, default=4096, help="instances of synthetic maps for storage and reader")
+    parser.add_argument("--record", action="store_true", help=f"write the tables into {RESULTS.name}")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    with tempfile.TemporaryDirectory(prefix="odkd-bench-cache-") as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        storage, reader_url = storage_section(tmp, args.synthetic)
+        print(storage, "\n", flush=True)
+        reader = reader_section(reader_url)
+        print(reader, "\n", flush=True)
+        world, trained = prepare_world(cfg, tmp, args.images)
+        build, state = build_section(world, tmp, args.instances)
+        print(build, "\n", flush=True)
+        margin = margin_section(state["cfg"], tmp, state["n"], state["stores"], trained)
+        print(margin, "\n", flush=True)
+        elapsed = time.perf_counter() - started
+    t = world.teachers
+    teachers = (f"PT {t.primary.model} {t.primary.model_args}, ST {t.senior.model} {t.senior.model_args} + seg head, "
+                + ("trained checkpoints" if trained else "UNTRAINED weights (their bytes/instance are not representative)"))
+    text = "\n\n".join([
+        "`" + " ".join([".venv/bin/python bench/cache.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, zarr {zarr.__version__}; {elapsed:.0f} s in all. "
+        f"Teachers: {teachers}.",
+        "**Storage** (zstd level 3 + crc32c, chunks of 64, shards of 1024; the three map arrays; float baselines "
+        "are the same maps unpacked)", storage,
+        f"**Reader** ({args.synthetic} COCO-geometry instances in the store)", reader,
+        "**Build** (read, crop, PT and ST with flip test, binarize, pack, write)", build,
+        "**Margin**", margin,
+    ])
+    if args.record:
+        record(text)
+        print(f"recorded in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
