@@ -52,6 +52,15 @@ batch_size = 5
 """)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: two OpenMP threads spin at every barrier when other processes hold the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 6-image synthetic dataset (16 train instances) and two tiny teachers at runs/teacher_*/best.pth."""

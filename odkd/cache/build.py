@@ -38,12 +38,15 @@ def cache_settings(cfg: PipelineConfig, split: str, dataset_fingerprint: str, ma
 
 def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = None, *, workers: int | None = None,
                 scheduler: str | None = None, batch_size: int | None = None, device: str = "cpu",
-                overwrite: bool = False, progress: bool = True, limit: int | None = None) -> str:
+                overwrite: bool = False, progress: bool = True, limit: int | None = None,
+                torch_threads: int | None = None) -> str:
     """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns its URL.
 
     `scheduler` is a dask scheduler address (each of its workers loads the teachers once, on
     `device`), "synchronous" to run in this process, or None for a LocalCluster of `workers`
-    processes. An interrupted build resumes where it stopped when run again.
+    processes. An interrupted build resumes where it stopped when run again. `torch_threads` is
+    each worker's intra-op threads for CPU teachers; by default the cores split among the local
+    workers, and torch's own default on a scheduler's workers.
     """
     url = str(out or cfg.cache.store)
     workers = workers or cfg.cache.workers
@@ -72,7 +75,7 @@ def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = Non
         layout=layout, teachers=teachers,
         records=InstanceRecords.from_instances(instances, count, cfg.data.heatmap_size, map_size),
         settings=settings, batch_size=batch_size, device=device,
-        torch_threads=default_torch_threads(workers) if scheduler is None else None,
+        torch_threads=torch_threads or (default_torch_threads(workers) if scheduler is None else None),
     )
     summary = build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
                           overwrite=overwrite, progress=progress, desc=f"caching {split}")

@@ -181,8 +181,14 @@ class TeacherProducer:
 
     def targets_for(self, indices: np.ndarray) -> ShardTargets:
         """All store arrays for the instances `indices`; an unreadable image leaves its row zero, ok = 0."""
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads or before)
+        try:
+            return self._targets(indices)
+        finally:  # in-process builds hand the caller's torch back as it was
+            torch.set_num_threads(before)
+
+    def _targets(self, indices: np.ndarray) -> ShardTargets:
         out = self.layout.allocate(len(indices))
         out["meta/index"][:] = indices
         out["meta/image_id"][:] = self.records.image_ids[indices]

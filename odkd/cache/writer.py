@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -70,16 +73,18 @@ def _create(url: str, layout: StoreLayout, attrs: dict, storage_options: dict | 
 
 def prepare_store(url: str, layout: StoreLayout, settings: dict, attrs: dict, *, overwrite: bool,
                   storage_options: dict | None = None) -> bool:
-    """Create the store, or accept an existing one built with the same settings. True when resuming."""
+    """Create the store, or resume an existing one built with the same settings (True then).
+
+    With `overwrite` an existing store is replaced, whatever its settings.
+    """
     fs, root = store_fs(url, storage_options)
     wanted = {"schema_version": SCHEMA_VERSION, "layout": layout.to_dict(), "settings": settings}
     if store_exists(url, storage_options):
-        existing = open_group(url, "r", storage_options).attrs.asdict()
-        have = {key: existing.get(key) for key in wanted}
-        diff = first_difference(have, wanted)
-        if diff is None:
-            return True
         if not overwrite:
+            existing = open_group(url, "r", storage_options).attrs.asdict()
+            diff = first_difference({key: existing.get(key) for key in wanted}, wanted)
+            if diff is None:
+                return True
             raise OdkdError(f"{url}: a store built with other settings is there ({diff}); "
                             f"pass --overwrite to replace it")
         fs.rm(root, recursive=True)
@@ -105,6 +110,7 @@ def _check_targets(out: ShardTargets, layout: StoreLayout, start: int, stop: int
 def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, digest: str,
                 storage_options: dict | None = None) -> dict:
     """Produce and write one whole shard, then its done-marker; returns the marker. Runs on a worker."""
+    started, cpu = time.time(), time.process_time()
     start, stop = layout.shard_range(shard)
     out = produce(start, stop)
     _check_targets(out, layout, start, stop)
@@ -121,7 +127,9 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
             "shard": shard, "start": start, "stop": stop, "settings_digest": digest,
             "digests": {name: array_digest(values) for name, values in padded.items()},
             "bytes": shard_sizes(fs, root, group, layout, shard),
-            "failed": out.failed, "written_at": utc_now(),
+            "failed": out.failed, "written_at": utc_now(), "started_at": started,
+            "seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu,
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
         }
         write_marker(fs, root, shard, marker)
     except OSError as exc:
@@ -133,6 +141,7 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
 @contextlib.contextmanager
 def dask_client(scheduler: str | None, workers: int):
     """A client on `scheduler`, or on a LocalCluster of `workers` processes of one thread each."""
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -143,8 +152,11 @@ def dask_client(scheduler: str | None, workers: int):
         with client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    # dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which sends each of torch's large CPU
+    # temporaries through mmap and page faults: teacher forwards ran 2-3x slower in such workers
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
 
 
