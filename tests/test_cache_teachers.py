@@ -231,3 +231,15 @@ def test_dask_workers_build_the_same_store(world, built):
     a, b = zarr.open_group(url, mode="r"), zarr.open_group(out, mode="r")
     for name in ("pt/heatmaps", "pt/conf", "st/heatmaps", "st/conf", "st/mask", "meta/scale", "meta/ok"):
         assert a[name][:].tobytes() == b[name][:].tobytes(), name
+
+
+def test_mask_gate_keeps_st_responses_inside_the_dilated_mask(world, built):
+    cfg, url = built
+    gated_cfg = make_config(world / "data", world / "runs", cache="mask_gate = true\nmask_gate_dilation = 1")
+    gated = build_cache(gated_cfg, "train", str(world / "gated.zarr"), scheduler="synchronous", progress=False)
+    plain, gate = TeacherTargets.open(url).get_maps(np.arange(16)), TeacherTargets.open(gated).get_maps(np.arange(16))
+    np.testing.assert_array_equal(gate["pt/heatmaps"], plain["pt/heatmaps"])
+    np.testing.assert_array_equal(gate["st/mask"], plain["st/mask"])
+    grown = torch.nn.functional.max_pool2d(torch.from_numpy(plain["st/mask"]).float(), 3, 1, 1).numpy() > 0
+    np.testing.assert_array_equal(gate["st/heatmaps"], plain["st/heatmaps"] & grown)
+    assert gate["st/heatmaps"].sum() < plain["st/heatmaps"].sum()

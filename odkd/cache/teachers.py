@@ -73,7 +73,7 @@ def teacher_checkpoint(cfg, role: str) -> Path:
     path = Path(tcfg.checkpoint) if tcfg.checkpoint else Path(cfg.runs) / f"teacher_{role}" / "best.pth"
     if not path.is_file():
         raise OdkdError(f"{path}: teacher checkpoint not found (teachers.{role}.checkpoint)")
-    return path
+    return Path(os.path.abspath(path))  # workers need not share the driver's working directory
 
 
 def _build_teacher(model: str, model_args: dict, seg_head: bool, checkpoint: str) -> torch.nn.Module:
@@ -141,7 +141,7 @@ class InstanceRecords:
     def from_instances(cls, instances, count: int, heatmap_size, map_size) -> "InstanceRecords":
         chosen = instances.instances[:count]
         return cls(
-            image_paths=tuple(str(instances.image_path(inst)) for inst in chosen),
+            image_paths=tuple(os.path.abspath(instances.image_path(inst)) for inst in chosen),
             image_ids=np.array([inst.image_id for inst in chosen], np.int64),
             ann_ids=np.array([inst.ann_id for inst in chosen], np.int64),
             centers=np.stack([inst.center for inst in chosen]).astype(np.float32),
