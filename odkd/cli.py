@@ -193,5 +193,63 @@ def predict(image, checkpoint, boxes, ann, out, config_path, flip_test, device):
     click.echo(f"{len(keypoints)} people drawn to {out}")
 
 
+@main.command("cache-teachers")
+@config_option
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--out", default=None, help="Store path or fsspec URL (default: [cache] store).")
+@click.option("--workers", type=int, default=None, help="LocalCluster worker processes (default: [cache] workers).")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")
+@click.option("--batch-size", type=int, default=None, help="Teacher batch size (default: [cache] batch_size).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--overwrite", is_flag=True, help="Replace a store that was built with other settings.")
+@click.option("--limit", type=int, default=None, help="Cache only the first N instances (a quick trial).")
+@user_errors
+def cache_teachers(config_path, split, out, workers, scheduler, batch_size, device, overwrite, limit):
+    """Run PT and ST once over every person instance of SPLIT into a sharded Zarr store.
+
+    Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
+    builds resume: finished shards are kept and skipped.
+    """
+    from odkd.cache import build_cache
+
+    cfg = load_config(config_path)
+    url = build_cache(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
+                      device=device or cfg.device, overwrite=overwrite, limit=limit)
+    click.echo(f"teacher targets in {url}")
+
+
+@main.group()
+def cache():
+    """Inspect and check teacher-target stores."""
+
+
+@cache.command("info")
+@click.argument("store")
+@user_errors
+def cache_info_cmd(store):
+    """Counts, sizes, bytes per instance, compression, provenance and build progress of STORE."""
+    from odkd.cache import cache_info
+
+    click.echo(cache_info(store))
+
+
+@cache.command("verify")
+@click.argument("store")
+@config_option
+@click.option("--sample", default=16, show_default=True, help="Instances to re-run through the teachers.")
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def cache_verify_cmd(store, config_path, sample, device):
+    """Check that every shard is complete and decodes; with --config, the dataset fingerprint and a
+    re-run of a sample through the teachers. Exits 1 when anything fails."""
+    from odkd.cache import verify_cache
+
+    cfg = load_config(config_path) if config_path else None
+    report = verify_cache(store, cfg, sample=sample, device=device)
+    click.echo(str(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
