@@ -356,8 +356,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="pipeline/demo.toml")
     parser.add_argument("--instances", type=int, default=384, help="instances through the teachers")
-    parser.add_argument("--images", type=int, default=160, help="synthetic train images when the config's data is absent")
-    parser.add_argument("--synthetic", type=int, default=4096, help="instances of synthetic maps for storage and reader")
+    parser.add_argument("--images", type=int, default=160,
+                        help="synthetic train images when the config's data is absent")
+    parser.add_argument("--synthetic", type=int, default=4096,
+                        help="instances of synthetic maps for storage and reader")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the build cases, best kept")
     parser.add_argument("--record", action="store_true", help=f"write the tables into {RESULTS.name}")
     args = parser.parse_args(argv)
@@ -377,7 +379,8 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - started
     t = world.teachers
     teachers = (f"PT {t.primary.model} {t.primary.model_args}, ST {t.senior.model} {t.senior.model_args} + seg head, "
-                + ("trained checkpoints" if trained else "UNTRAINED weights (their bytes/instance are not representative)"))
+                + ("trained checkpoints" if trained
+                   else "UNTRAINED weights (their bytes/instance are not representative)"))
     text = "\n\n".join([
         "`" + " ".join([".venv/bin/python bench/cache.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
         f"{os.cpu_count()} CPU cores (load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "

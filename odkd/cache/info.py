@@ -53,7 +53,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
     ]
     for name, spec in specs.items():
         per = stored[name] / done if done else float("nan")
-        lines.append(f"{name:<14}{spec.dtype:>9}{_sizes(spec.tail) or 'scalar':>16}{_size(stored[name]):>12}{per:>12.1f}")
+        shape = _sizes(spec.tail) or "scalar"
+        lines.append(f"{name:<14}{spec.dtype:>9}{shape:>16}{_size(stored[name]):>12}{per:>12.1f}")
     total = sum(stored.values())
     maps = sum(stored[n] for n in MAP_ARRAYS)
     float32_maps = sum(int(np.prod(specs[n].tail[:-1])) * w * 4 for n in MAP_ARRAYS)

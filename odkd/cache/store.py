@@ -117,7 +117,8 @@ def check_shard(group: zarr.Group, layout: StoreLayout, shard: int, marker: dict
     the digests its writer recorded."""
     start, stop = layout.shard_range(shard)
     if (marker.get("start"), marker.get("stop")) != (start, stop):
-        return f"shard {shard}: marker covers rows {marker.get('start')}..{marker.get('stop')}, expected {start}..{stop}"
+        return (f"shard {shard}: marker covers rows {marker.get('start')}..{marker.get('stop')}, "
+                f"expected {start}..{stop}")
     for name in layout.arrays():
         try:
             values = group[name][layout.shard_rows(shard)]

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from odkd.cache.schema import SCHEMA_VERSION, StoreLayout, compressors, first_difference, settings_digest
 from odkd.cache.store import (
-    array_digest, check_shard, clear_shard, open_group, read_markers, remove_marker, shard_sizes, store_exists,
-    store_fs, write_marker,
+    array_digest, check_shard, clear_shard, is_url, open_group, read_markers, remove_marker, shard_sizes,
+    store_exists, store_fs, write_marker,
 )
 from odkd.errors import OdkdError
 
@@ -163,6 +163,8 @@ def dask_client(scheduler: str | None, workers: int):
 def _run_shards(todo: list[int], url: str, layout: StoreLayout, produce: Producer, digest: str,
                 storage_options: dict | None, scheduler: str | None, workers: int,
                 on_done: Callable[[dict], None]) -> None:
+    if not todo:
+        return
     if scheduler == "synchronous":
         for shard in todo:
             on_done(write_shard(url, layout, shard, produce, digest, storage_options))
@@ -192,7 +194,7 @@ def build_store(url: str, layout: StoreLayout, settings: dict, produce: Producer
     refused unless `overwrite`. `scheduler` is a dask address, "synchronous" (in this process,
     for memory:// stores and debugging) or None for a LocalCluster of `workers` processes.
     """
-    url = str(url).rstrip("/")
+    url = str(url).rstrip("/") if is_url(url) else os.path.abspath(url)  # workers may run elsewhere
     if url.startswith("memory://") and scheduler != "synchronous":
         raise OdkdError(f"{url}: a memory:// store lives in one process; build it with scheduler='synchronous'")
     settings = _jsonable(settings)
