@@ -80,7 +80,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(world):
     cfg = make_config(world / "data", world / "runs")
-    url = build_cache(cfg, "train", str(world / "train.zarr"), scheduler="synchronous", progress=False)
+    url = build_cache(cfg, "train", str(world / "train.zarr"), scheduler="synchronous", progress=False,
+                      device="auto")
     return cfg, url
 
 

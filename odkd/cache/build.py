@@ -54,7 +54,7 @@ def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = Non
     if workers < 1 or batch_size < 1:
         raise OdkdError(f"workers ({workers}) and batch size ({batch_size}) must be at least 1")
     if scheduler in (None, "synchronous"):
-        device = str(resolve_device(device))
+        resolve_device(device)  # no CUDA here is one error now; a scheduler's workers resolve their own
     instances = load_instances(cfg.data, split)
     count = len(instances) if limit is None else min(limit, len(instances))
     if count == 0:

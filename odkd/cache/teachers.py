@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from odkd.cache.bitpack import bitpack_maps
 from odkd.cache.schema import StoreLayout
 from odkd.cache.writer import ShardTargets
+from odkd.config import resolve_device
 from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
 from odkd.errors import OdkdError
@@ -113,7 +114,7 @@ _LOADED: dict[tuple[str, str], torch.nn.Module] = {}
 _LOADED_LOCK = threading.Lock()
 
 
-def loaded_teacher(spec: TeacherSpec, device: str) -> torch.nn.Module:
+def loaded_teacher(spec: TeacherSpec, device: torch.device) -> torch.nn.Module:
     """The teacher on `device`, loaded once per process (a dask worker keeps it for all its tasks)."""
     key = (spec.fingerprint, str(device))
     with _LOADED_LOCK:
@@ -173,7 +174,7 @@ class TeacherProducer:
     records: InstanceRecords
     settings: dict  # the store's settings: sizes, thresholds, flip test
     batch_size: int = 64
-    device: str = "cpu"
+    device: str = "cpu"  # resolved by each worker: "auto" means its own GPU when it has one
     torch_threads: int | None = None
 
     def __call__(self, start: int, stop: int) -> ShardTargets:
@@ -189,13 +190,14 @@ class TeacherProducer:
             torch.set_num_threads(before)
 
     def _targets(self, indices: np.ndarray) -> ShardTargets:
+        device = resolve_device(self.device)
         out = self.layout.allocate(len(indices))
         out["meta/index"][:] = indices
         out["meta/image_id"][:] = self.records.image_ids[indices]
         out["meta/ann_id"][:] = self.records.ann_ids[indices]
         out["meta/center"][:] = self.records.centers[indices]
         out["meta/scale"][:] = self.records.scales[indices]
-        nets = {key: loaded_teacher(spec, self.device) for key, spec in self.teachers.items()}
+        nets = {key: loaded_teacher(spec, device) for key, spec in self.teachers.items()}
         failed: list[dict] = []
         rows = [np.arange(a, min(a + self.batch_size, len(indices))) for a in range(0, len(indices), self.batch_size)]
         # the next batch is read and cropped while the teachers run on this one
@@ -207,7 +209,7 @@ class TeacherProducer:
                     pending = pool.submit(self._crops, indices[rows[i + 1]])
                 failed += batch_failed
                 if ok.any():
-                    self._fill(out, batch_rows[ok], torch.from_numpy(images[ok]), nets)
+                    self._fill(out, batch_rows[ok], torch.from_numpy(images[ok]).to(device), nets)
         return ShardTargets(out, failed)
 
     def _crops(self, indices: np.ndarray):
@@ -236,7 +238,6 @@ class TeacherProducer:
 
     def _fill(self, out: dict, rows: np.ndarray, images: torch.Tensor, nets: dict) -> None:
         s = self.settings
-        images = images.to(self.device)
         binary = {}
         for key, net in nets.items():
             heatmaps, mask = predict_batch(net, images, flip_test=s["flip_test"], shift_heatmap=s["shift_heatmap"])
