@@ -57,7 +57,8 @@ def _check_shards(targets: TeacherTargets, report: VerifyReport) -> None:
     for problem in problems:
         report.bad(problem)
     if markers and not problems:
-        report.good(f"{len(markers)} shards decode (crc32c) and match their writers' digests")
+        report.good(f"{len(markers)} shard{'s' if len(markers) > 1 else ''} decode (crc32c) and match "
+                    f"the writers' digests")
 
 
 def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, report: VerifyReport) -> None:
