@@ -26,6 +26,9 @@ demo: $(VENV_STAMP)
 	$(ODKD) train-teacher --role senior $$(test -f runs/demo/teacher_senior/last.pth && echo --resume)
 	$(ODKD) evaluate --checkpoint runs/demo/teacher_primary/best.pth --stats-json runs/demo/teacher_primary/val_stats.json
 	$(ODKD) evaluate --checkpoint runs/demo/teacher_senior/best.pth --stats-json runs/demo/teacher_senior/val_stats.json
+	$(ODKD) cache-teachers --workers 2
+	$(ODKD) cache info cache/demo.zarr
+	$(ODKD) cache verify cache/demo.zarr --config pipeline/demo.toml
 
 clean:
 	rm -rf .venv runs data

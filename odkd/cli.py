@@ -201,7 +201,7 @@ def predict(image, checkpoint, boxes, ann, out, config_path, flip_test, device):
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")
 @click.option("--batch-size", type=int, default=None, help="Teacher batch size (default: [cache] batch_size).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
-@click.option("--overwrite", is_flag=True, help="Replace a store that was built with other settings.")
+@click.option("--overwrite", is_flag=True, help="Rebuild from scratch. Without it a store with the same settings resumes and one with other settings is refused.")
 @click.option("--limit", type=int, default=None, help="Cache only the first N instances (a quick trial).")
 @user_errors
 def cache_teachers(config_path, split, out, workers, scheduler, batch_size, device, overwrite, limit):

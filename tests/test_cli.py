@@ -111,3 +111,49 @@ def test_wrong_checkpoint_is_one_line(dataset, tmp_path):
     bad.write_bytes(b"definitely not a checkpoint")
     line = one_line_error(run("evaluate", "--config", dataset / "pipe.toml", "--checkpoint", bad))
     assert "bad.pth" in line
+
+
+def test_cache_commands_end_to_end(dataset, tmp_path):
+    """cache-teachers -> cache info -> cache verify through the CLI, with two tiny teachers."""
+    from odkd.models import build_model, save_checkpoint
+
+    ckpts = {}
+    for role, seg in (("primary", False), ("senior", True)):
+        ckpts[role] = tmp_path / f"{role}.pth"
+        save_checkpoint(ckpts[role], build_model("hrnet_tiny", seg_head=seg, width=4), model_name="hrnet_tiny",
+                        model_args={"width": 4}, seg_head=seg)
+    cfg = tmp_path / "cache.toml"
+    cfg.write_text((dataset / "pipe.toml").read_text() + f"""
+[teachers.primary]
+model = "hrnet_tiny"
+model_args = {{ width = 4 }}
+checkpoint = "{ckpts['primary']}"
+[teachers.senior]
+model = "hrnet_tiny"
+model_args = {{ width = 4 }}
+seg_head = true
+checkpoint = "{ckpts['senior']}"
+[cache]
+store = "{tmp_path / 'store.zarr'}"
+chunk_instances = 4
+shard_instances = 8
+""")
+    res = run("cache-teachers", "--config", cfg, "--split", "val", "--scheduler", "synchronous", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    info = run("cache", "info", tmp_path / "store.zarr")
+    assert info.exit_code == 0 and "bytes" in info.output.lower()
+    ok = run("cache", "verify", tmp_path / "store.zarr", "--config", cfg, "--sample", 4)
+    assert ok.exit_code == 0 and ok.output.strip().endswith("verified"), ok.output
+    # another dataset: the fingerprint check fails verify with exit 1
+    other = tmp_path / "other.toml"
+    other.write_text(cfg.read_text().replace('input_size = [96, 128]', 'input_size = [96, 128]\nval_ann = '
+                                             '"annotations/person_keypoints_train.json"\nval_images = "images/train"'))
+    bad = run("cache", "verify", tmp_path / "store.zarr", "--config", other)
+    assert bad.exit_code == 1 and "fingerprint" in bad.output
+    # a second build with other settings is refused without --overwrite, and the store survives
+    changed = tmp_path / "changed.toml"
+    changed.write_text(cfg.read_text().replace("shard_instances = 8", "shard_instances = 8\nthreshold = 0.3"))
+    line = one_line_error(run("cache-teachers", "--config", changed, "--split", "val", "--scheduler", "synchronous",
+                              "--device", "cpu"))
+    assert "store.zarr" in line
+    assert run("cache", "verify", tmp_path / "store.zarr").exit_code == 0
