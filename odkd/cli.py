@@ -74,6 +74,8 @@ def synth(out_dir, train_images, val_images, seed):
 @click.option("--gt-as-results", is_flag=True, help="Score the ground truth against itself (must give AP 1.000).")
 @config_option
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model to evaluate on the config's data.")
+@click.option("--model", "model_name", default=None,
+              help="Architecture of an official HRNet or mmpose checkpoint (e.g. hrnet_w32); odkd files record it.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
 @click.option("--boxes", default="gt", show_default=True,
               help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
@@ -82,8 +84,8 @@ def synth(out_dir, train_images, val_images, seed):
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def evaluate(ann, results, gt_as_results, config_path, checkpoint, split, boxes, flip_test, out, stats_json,
-             device):
+def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, split, boxes, flip_test, out,
+             stats_json, device):
     """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints').
 
     \b
@@ -99,7 +101,7 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, split, boxes,
 
         cfg = load_config(config_path)
         report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
-                                     results_out=out, device=device)
+                                     results_out=out, device=device, model=model_name)
         stats = report.stats
         click.echo(metrics.format_stats_table(stats))
         if report.mask_iou is not None:
@@ -169,7 +171,8 @@ def train_teacher_cmd(config_path, role, out, resume, init, device):
 
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="An odkd checkpoint.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="An odkd, official or mmpose checkpoint.")
+@click.option("--model", "model_name", default=None, help="Architecture of an official or mmpose checkpoint.")
 @click.option("--boxes", type=click.Path(dir_okay=False), help="JSON list of [x, y, w, h] boxes or detections.")
 @click.option("--ann", type=click.Path(dir_okay=False), help="Take the person boxes of IMAGE from this COCO file.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output picture (.png).")
@@ -177,7 +180,7 @@ def train_teacher_cmd(config_path, role, out, resume, init, device):
 @click.option("--flip-test/--no-flip-test", default=True, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def predict(image, checkpoint, boxes, ann, out, config_path, flip_test, device):
+def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_test, device):
     """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
     from odkd.config import resolve_device
     from odkd.models import build_from_checkpoint
@@ -187,7 +190,7 @@ def predict(image, checkpoint, boxes, ann, out, config_path, flip_test, device):
         raise click.UsageError("give exactly one of --boxes BOXES.json or --ann GT.json")
     cfg = load_config(config_path)
     dev = resolve_device(device or cfg.device)
-    model, _ = build_from_checkpoint(checkpoint, dev)
+    model, _ = build_from_checkpoint(checkpoint, dev, model=model_name)
     person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
     keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test)
     click.echo(f"{len(keypoints)} people drawn to {out}")

@@ -220,11 +220,17 @@ def test_fingerprint_sees_values_dtypes_and_names():
     assert model_fingerprint(renamed) != base
 
 
-def test_build_from_official_file_is_refused(tmp_path, w32_layout):
+def test_build_from_official_file_needs_the_model_name(tmp_path, w32_layout):
     path = tmp_path / "w32.pth"
-    torch.save(constant_state_dict(w32_layout), path)
-    with pytest.raises(OdkdError, match="official checkpoint does not record its model"):
+    state = constant_state_dict(w32_layout)
+    torch.save(state, path)
+    with pytest.raises(OdkdError, match="official checkpoint does not record its model; name it with --model"):
         build_from_checkpoint(path, "cpu")
+    model, meta = build_from_checkpoint(path, "cpu", model="hrnet_w32")
+    assert meta["model"] == "hrnet_w32" and not model.training
+    assert torch.equal(model.state_dict()["final_layer.weight"], state["final_layer.weight"])
+    with pytest.raises(OdkdError, match="shape"):
+        build_from_checkpoint(path, "cpu", model="hrnet_w48")
 
 
 def test_odkd_file_naming_an_unknown_model_is_refused(tmp_path):

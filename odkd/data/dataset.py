@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -90,8 +92,6 @@ class TopDownDataset(Dataset):
 def _seed_worker(worker_id: int) -> None:
     # the augmentation has its own per-sample generators; this keeps any stray numpy/random
     # use in third-party transforms distinct per worker and reproducible
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -218,21 +218,29 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device) -> tuple[nn.Module, dict]:
-    """Rebuild the model an odkd checkpoint records, load its weights, move it to device in eval mode."""
+def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device, model: str | None = None,
+                          model_args: dict | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint holds, load its weights, move it to device in eval mode.
+
+    odkd files record their model. Official HRNet and mmpose files do not: name it with `model`
+    (and `model_args`), e.g. model="hrnet_w32" for pose_hrnet_w32_256x192.pth.
+    """
     ckpt = read_checkpoint(path)
     if ckpt.format != ODKD_FORMAT:
-        raise OdkdError(
-            f"{ckpt.path}: a {ckpt.format} checkpoint does not record its model; "
-            "build it with build_model and load it with load_checkpoint"
-        )
-    for key in ("model", "model_args", "num_joints", "seg_head"):
-        if key not in ckpt.meta:
-            raise OdkdError(f"{ckpt.path}: odkd checkpoint meta lacks {key!r}")
-    meta = ckpt.meta
+        if model is None:
+            raise OdkdError(
+                f"{ckpt.path}: a {ckpt.format} checkpoint does not record its model; name it with --model "
+                "(e.g. --model hrnet_w32)"
+            )
+        meta = {"model": model, "model_args": dict(model_args or {}), "num_joints": 17, "seg_head": False}
+    else:
+        meta = ckpt.meta
+        for key in ("model", "model_args", "num_joints", "seg_head"):
+            if key not in meta:
+                raise OdkdError(f"{ckpt.path}: odkd checkpoint meta lacks {key!r}")
     try:
-        model = build_model(meta["model"], meta["num_joints"], meta["seg_head"], **meta["model_args"])
+        net = build_model(meta["model"], meta["num_joints"], meta["seg_head"], **meta["model_args"])
     except OdkdError as e:
         raise OdkdError(f"{ckpt.path}: {e}") from None
-    apply_checkpoint(model, ckpt, allow_new_seg_head=False)
-    return model.to(device).eval(), meta
+    apply_checkpoint(net, ckpt, allow_new_seg_head=False)
+    return net.to(device).eval(), meta

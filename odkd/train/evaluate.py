@@ -74,19 +74,20 @@ def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, fli
 
 def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str = "gt",
                         flip_test: bool | None = None, results_out: str | None = None,
-                        device: str | None = None) -> EvalReport:
-    """`odkd evaluate --checkpoint`: rebuild the model from its file and evaluate it on `split`."""
+                        device: str | None = None, model: str | None = None) -> EvalReport:
+    """`odkd evaluate --checkpoint`: rebuild the model from its file (or as `model`, for official and
+    mmpose files) and evaluate it on `split`."""
     from odkd.models import build_from_checkpoint
 
     dev = resolve_device(device or cfg.device)
-    model, _ = build_from_checkpoint(checkpoint, dev)
+    net, _ = build_from_checkpoint(checkpoint, dev, model=model)
     gt = load_instances(cfg.data, split)
     if boxes == "gt":
         instances = gt
     else:
         aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
         instances = DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr)
-    report = evaluate_model(model, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
+    report = evaluate_model(net, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
     if results_out:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)
         Path(results_out).write_text(json.dumps(report.results))
