@@ -151,8 +151,9 @@ def prepare_world(cfg, tmp: Path, images: int):
     data = cfg.data
     if not data.ann_file("train").is_file():
         root = tmp / "data"
-        make_synthetic_dataset(root, train_images=images, val_images=0, seed=cfg.synth.seed)
-        data = dataclasses.replace(data, root=str(root))
+        make_synthetic_dataset(root, train_images=images, val_images=0, seed=0)
+        data = dataclasses.replace(data, root=str(root), train_ann="annotations/person_keypoints_train.json",
+                                   train_images="images/train")
     teachers, trained = cfg.teachers, True
     for role in ("primary", "senior"):
         try:
@@ -216,7 +217,7 @@ def task_times(url: str) -> tuple[float, float]:
     return rate, cpu / max(rows, 1)
 
 
-def build_section(cfg, tmp: Path, n: int, repeats: int) -> tuple[str, dict]:
+def build_section(cfg, tmp: Path, n: int, repeats: int, shard: int = 64) -> tuple[str, dict]:
     """Build rates against the raw forward on the same crops.
 
     "tasks" runs from the first shard task's start to the last one's end: it leaves out what a run
@@ -228,9 +229,10 @@ def build_section(cfg, tmp: Path, n: int, repeats: int) -> tuple[str, dict]:
     a core. The cases run interleaved `repeats` times and each keeps its best.
     """
     n = min(n, len(load_instances(cfg.data, "train")))
-    batch = cfg.cache.batch_size
-    shard = 64  # several shards even for a small demo, so two workers have work to share
-    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, chunk_instances=64, shard_instances=shard))
+    batch = min(cfg.cache.batch_size, shard)  # a task never batches across its shard
+    # small shards give several tasks even for a small demo, so two workers have work to share
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, chunk_instances=min(64, shard),
+                                                             shard_instances=shard, batch_size=batch))
     margin = cfg.cache.margin
     cases = {"in-process (scheduler='synchronous')": {"scheduler": "synchronous"},
              "LocalCluster, 1 worker": {"workers": 1}, "LocalCluster, 2 workers": {"workers": 2}}
@@ -344,10 +346,10 @@ def margin_section(cfg, tmp: Path, n: int, stores: dict, trained: bool) -> str:
                          "teachers' B/instance"], rows)
 
 
-def record(text: str) -> None:
-    body = f"{SECTION}\n\n{text}\n"
+def record(text: str, section: str = SECTION) -> None:
+    body = f"{section}\n\n{text}\n"
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
@@ -361,31 +363,45 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic", type=int, default=4096,
                         help="instances of synthetic maps for storage and reader")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the build cases, best kept")
+    parser.add_argument("--shard", type=int, default=64, help="shard size of the build cases")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only the build table (e.g. real-size teachers, where the other tables add nothing)")
     parser.add_argument("--record", action="store_true", help=f"write the tables into {RESULTS.name}")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory(prefix="odkd-bench-cache-") as tmp:
         tmp = Path(tmp)
         started, load = time.perf_counter(), os.getloadavg()[0]
-        storage, reader_url = storage_section(cfg, tmp, args.synthetic)
-        print(storage, "\n", flush=True)
-        reader = reader_section(reader_url)
-        print(reader, "\n", flush=True)
+        if not args.build_only:
+            storage, reader_url = storage_section(cfg, tmp, args.synthetic)
+            print(storage, "\n", flush=True)
+            reader = reader_section(reader_url)
+            print(reader, "\n", flush=True)
         world, trained = prepare_world(cfg, tmp, args.images)
-        build, state = build_section(world, tmp, args.instances, args.repeats)
+        build, state = build_section(world, tmp, args.instances, args.repeats, args.shard)
         print(build, "\n", flush=True)
-        margin = margin_section(state["cfg"], tmp, state["n"], state["stores"], trained)
-        print(margin, "\n", flush=True)
+        if not args.build_only:
+            margin = margin_section(state["cfg"], tmp, state["n"], state["stores"], trained)
+            print(margin, "\n", flush=True)
         elapsed = time.perf_counter() - started
     t = world.teachers
     teachers = (f"PT {t.primary.model} {t.primary.model_args}, ST {t.senior.model} {t.senior.model_args} + seg head, "
                 + ("trained checkpoints" if trained
                    else "UNTRAINED weights (their bytes/instance are not representative)"))
+    command = "`" + " ".join([".venv/bin/python bench/cache.py", *(sys.argv[1:] if argv is None else argv)]) + "`"
+    machine = (f"{os.cpu_count()} CPU cores (load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+               f"end: other work shares them), torch {torch.__version__}, zarr {zarr.__version__}; {elapsed:.0f} s "
+               f"in all. Teachers: {teachers}.")
+    if args.build_only:
+        text = "\n\n".join([command, machine, "**Build** (read, crop, PT and ST with flip test, binarize, pack, "
+                                                 "write)", build])
+        if args.record:
+            record(text, f"{SECTION}: build at the teachers' size ({world.teachers.primary.model}, "
+                         f"{world.teachers.senior.model})")
+            print(f"recorded in {RESULTS}")
+        return 0
     text = "\n\n".join([
-        "`" + " ".join([".venv/bin/python bench/cache.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
-        f"{os.cpu_count()} CPU cores (load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
-        f"other work shares them), torch {torch.__version__}, zarr {zarr.__version__}; {elapsed:.0f} s in all. "
-        f"Teachers: {teachers}.",
+        command, machine,
         "**Storage** (zstd level 3 + crc32c, chunks of 64, shards of 1024; the three map arrays; float baselines "
         "are the same maps unpacked)", storage,
         f"**Reader** ({args.synthetic} COCO-geometry instances in the store)", reader,
