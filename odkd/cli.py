@@ -17,6 +17,14 @@ from odkd.errors import OdkdError
 CONFIG_HELP = "Pipeline TOML (default: the embedded demo pipeline, pipeline/demo.toml)."
 
 
+def one_line(message: str) -> str:
+    """The user's line of an error; a DataLoader worker re-raises it under its own traceback text."""
+    lines = message.strip().splitlines()
+    if len(lines) > 1 and "Original Traceback" in message:
+        return lines[-1].removeprefix(f"{OdkdError.__module__}.{OdkdError.__name__}: ")
+    return lines[0]
+
+
 def user_errors(fn):
     """Turn an OdkdError into click's one-line usage failure instead of a traceback."""
 
@@ -25,7 +33,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OdkdError as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+            raise click.ClickException(one_line(str(exc))) from None
 
     return wrapper
 

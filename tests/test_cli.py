@@ -157,3 +157,19 @@ shard_instances = 8
                               "--device", "cpu"))
     assert "store.zarr" in line
     assert run("cache", "verify", tmp_path / "store.zarr").exit_code == 0
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
+    """A bad JPEG met by a DataLoader worker process still reaches the user as the file's one line."""
+    root = tmp_path / "data"
+    make_synthetic_dataset(root, train_images=2, val_images=1, seed=4)
+    victim = sorted((root / "images" / "train").glob("*.jpg"))[0]
+    victim.write_bytes(b"not a jpeg")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'device = "cpu"\nruns = "{tmp_path / "runs"}"\n[data]\nroot = "{root}"\n'
+                   'input_size = [96, 128]\nheatmap_size = [24, 32]\n[teachers.primary]\nmodel = "hrnet_tiny"\n'
+                   '[teachers.primary.train]\nepochs = 1\nbatch_size = 2\nworkers = 1\n')
+    res = run("train-teacher", "--config", cfg, "--role", "primary")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert errors == [f"Error: {victim}: cannot decode image (corrupt or not an image)"]
