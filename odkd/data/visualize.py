@@ -16,6 +16,14 @@ def _side_color(k: int):
     return _LEFT if name.startswith("left") else _RIGHT if name.startswith("right") else _CENTER
 
 
+def tint_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A copy of BGR `image` with the pixels of `mask` tinted purple."""
+    out = image.copy()
+    m = mask.astype(bool)
+    out[m] = (0.55 * out[m] + 0.45 * np.array([180, 60, 200])).astype(np.uint8)
+    return out
+
+
 def draw_pose(image: np.ndarray, keypoints: np.ndarray, mask: np.ndarray | None = None, min_score: float = 0.0,
               radius: int = 3) -> np.ndarray:
     """A copy of BGR `image` with one person's (K, 3) keypoints and skeleton, and an optional mask tint.
@@ -23,10 +31,7 @@ def draw_pose(image: np.ndarray, keypoints: np.ndarray, mask: np.ndarray | None 
     The third keypoint column is a visibility flag or a confidence; points at or below `min_score`
     are not drawn. Left limbs are orange, right limbs blue, so a swapped side shows at a glance.
     """
-    out = image.copy()
-    if mask is not None:
-        m = mask.astype(bool)
-        out[m] = (0.55 * out[m] + 0.45 * np.array([180, 60, 200])).astype(np.uint8)
+    out = image.copy() if mask is None else tint_mask(image, mask)
     pts = np.asarray(keypoints, np.float64)
     ok = pts[:, 2] > min_score
     for a, b in SKELETON:

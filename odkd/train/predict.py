@@ -11,9 +11,8 @@ import torch
 
 from odkd.data.decode import decode_heatmaps
 from odkd.data.image import read_image
-from odkd.data.keypoints import NUM_JOINTS
 from odkd.data.transforms import CropFrame, box_to_center_scale, crop_image, invert_affine, normalize_image
-from odkd.data.visualize import draw_pose
+from odkd.data.visualize import draw_pose, tint_mask
 from odkd.errors import OdkdError
 from odkd.train.inference import predict_batch
 from odkd.train.metrics import load_gt
@@ -76,7 +75,7 @@ def predict_to_png(model, image_path, boxes, input_size, out_path, *, device, fl
     """Draw every person's skeleton (and the mask) over the image, write out_path; return the keypoints."""
     image = read_image(image_path)
     keypoints, mask = predict_image(model, image, boxes, input_size, device=device, flip_test=flip_test)
-    canvas = image if mask is None else draw_pose(image, np.zeros((NUM_JOINTS, 3)), mask=mask)
+    canvas = image if mask is None else tint_mask(image, mask)
     for person in keypoints:
         canvas = draw_pose(canvas, person, min_score=min_score)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
