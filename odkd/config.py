@@ -76,7 +76,7 @@ class TeacherConfig:
     init: str = ""
     seg_head: bool = False
     # JointsMSELoss is ~1e-3 in magnitude, BCE ~1e-1: 0.01 keeps the mask from starving the keypoints
-    seg_weight: float = 0.01
+    seg_weight: float = 0.002
     seg_loss: str = "bce+dice"  # "bce" | "bce+dice"; dice copes with masks that fill a small part of the crop
     checkpoint: str = ""
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
