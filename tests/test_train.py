@@ -162,6 +162,28 @@ def test_senior_teacher_learns_keypoints_and_mask(tmp_path):
     assert np.all((kpts[..., 0] > -inst.image_width) & (kpts[..., 0] < 2 * inst.image_width))
 
 
+def test_same_seed_same_teacher(synth_root, tmp_path):
+    """`seed` fixes the run, model init included: torch's own seed differs per process and call."""
+    cfg = parse_config(pipeline_toml(synth_root, tmp_path / "runs", epochs=1))
+    weights = []
+    for out in ("a", "b"):
+        torch.manual_seed(len(weights))  # whatever ran before must not matter
+        summary = train_teacher(cfg, "primary", out=str(tmp_path / out), max_steps_per_epoch=2)
+        weights.append(read_checkpoint(summary["last"]).state_dict)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_resume_under_another_architecture_names_both(synth_root, tmp_path):
+    """A config edited after a run started (here: PT's width) is refused in one line, not a torch traceback."""
+    runs = tmp_path / "runs"
+    train_teacher(parse_config(pipeline_toml(synth_root, runs, epochs=2)), "primary", max_steps_per_epoch=1)
+    wider = parse_config(pipeline_toml(synth_root, runs, epochs=2).replace("width = 4", "width = 6"))
+    with pytest.raises(OdkdError, match=r"last\.pth: this run trains hrnet_tiny \{'width': 4\} but the config "
+                                        r"asks for hrnet_tiny \{'width': 6\}"):
+        train_teacher(wider, "primary", resume=True)
+    assert read_checkpoint(runs / "teacher_primary" / "last.pth").meta["model_args"] == {"width": 4}
+
+
 def test_init_checkpoint_without_seg_head_reports_new_head(synth_root, tmp_path, capsys):
     cfg = parse_config(pipeline_toml(synth_root, tmp_path / "runs", epochs=1))
     plain = build_model("hrnet_tiny", width=8)

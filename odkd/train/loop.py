@@ -37,6 +37,9 @@ class ModelSpec:
     args: dict
     seg_head: bool
 
+    def __str__(self) -> str:
+        return f"{self.name} {self.args}" + (" + seg head" if self.seg_head else "")
+
 
 def lr_multiplier(schedule, steps_per_epoch: int) -> Callable[[int], float]:
     """LambdaLR factor per iteration: linear warmup, then HRNet's epoch steps or a cosine decay."""
@@ -111,6 +114,10 @@ def fit(model: torch.nn.Module, train_set: TopDownDataset, *, schedule, spec: Mo
     start_epoch, best_ap = 0, -1.0
     if resume:
         ckpt = read_checkpoint(last_path)
+        trained = ModelSpec(ckpt.meta.get("model"), ckpt.meta.get("model_args", {}), bool(ckpt.meta.get("seg_head")))
+        if trained != spec:
+            raise OdkdError(f"{last_path}: this run trains {trained} but the config asks for {spec}; "
+                            f"resume it with its own config, or start a new run with another --out")
         model.load_state_dict(ckpt.state_dict)
         optimizer.load_state_dict(ckpt.extra["optimizer"])
         scheduler.load_state_dict(ckpt.extra["scheduler"])

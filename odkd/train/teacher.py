@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from odkd.config import resolve_device
 from odkd.data.dataset import TopDownDataset
@@ -43,6 +44,7 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
         raise OdkdError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
     tcfg = getattr(cfg.teachers, role)
     dev = resolve_device(device or cfg.device)
+    torch.manual_seed(tcfg.train.seed)  # torch seeds itself randomly per process: the init must follow `seed`
     model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
     init = init if init is not None else tcfg.init
     if init and not resume:
