@@ -81,9 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(synth_root, tmp_pat
     loss = teacher_loss(1.0, "bce")
 
     def run(out, evaluate_fn, resume=False):
-        torch.manual_seed(123)  # model init must not depend on what ran before
-        model = build_model(tcfg.model, **tcfg.model_args)
-        return fit(model, train_set, schedule=tcfg.train, spec=spec, out_dir=out, loss_fn=loss,
+        return fit(lambda: build_model(tcfg.model, **tcfg.model_args), train_set, schedule=tcfg.train, spec=spec, out_dir=out, loss_fn=loss,
                    device=torch.device("cpu"), evaluate_fn=evaluate_fn, resume=resume, max_steps_per_epoch=3)
 
     calls = []

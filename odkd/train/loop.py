@@ -82,12 +82,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def fit(model: torch.nn.Module, train_set: TopDownDataset, *, schedule, spec: ModelSpec, out_dir: str | Path,
-        loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None, resume: bool = False,
-        max_steps_per_epoch: int | None = None) -> dict:
-    """Train `model` on `train_set` under `schedule` ([... .train] of the config); returns a summary.
+def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *, schedule, spec: ModelSpec,
+        out_dir: str | Path, loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None,
+        resume: bool = False, max_steps_per_epoch: int | None = None) -> dict:
+    """Train the model `make_model()` builds on `train_set` under `schedule` ([... .train] of the
+    config); returns a summary.
 
-    Refuses to start over an existing run unless `resume`, so finished work is never overwritten.
+    The model is built after seeding torch with `schedule.seed` (torch seeds itself randomly per
+    process), so the seed fixes the initial weights too. Refuses to start over an existing run
+    unless `resume`, so finished work is never overwritten.
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
@@ -98,6 +101,7 @@ def fit(model: torch.nn.Module, train_set: TopDownDataset, *, schedule, spec: Mo
     out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(schedule.seed)
+    model = make_model()
     on_cuda = device.type == "cuda"
     model.to(device)
     if on_cuda:

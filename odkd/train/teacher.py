@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from odkd.config import resolve_device
 from odkd.data.dataset import TopDownDataset
@@ -44,14 +43,16 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
         raise OdkdError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
     tcfg = getattr(cfg.teachers, role)
     dev = resolve_device(device or cfg.device)
-    torch.manual_seed(tcfg.train.seed)  # torch seeds itself randomly per process: the init must follow `seed`
-    model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
     init = init if init is not None else tcfg.init
-    if init and not resume:
-        report = load_checkpoint(model, init, allow_new_seg_head=True)
-        new = f"; newly initialized: {', '.join(sorted({k.split('.')[0] for k in report.new_keys}))}" \
-            if report.new_keys else ""
-        click.echo(f"init from {init} ({report.format} checkpoint){new}", err=True)
+
+    def make_model():
+        model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
+        if init and not resume:
+            report = load_checkpoint(model, init, allow_new_seg_head=True)
+            new = f"; newly initialized: {', '.join(sorted({k.split('.')[0] for k in report.new_keys}))}" \
+                if report.new_keys else ""
+            click.echo(f"init from {init} ({report.format} checkpoint){new}", err=True)
+        return model
 
     train_set = TopDownDataset(load_instances(cfg.data, "train"), cfg.data, train=True, with_mask=tcfg.seg_head,
                                seed=tcfg.train.seed)
@@ -62,6 +63,6 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
         return report.stats if report.mask_iou is None else {**report.stats, "mask_iou": report.mask_iou}
 
     spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head)
-    return fit(model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
+    return fit(make_model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
                loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev, evaluate_fn=evaluate_fn,
                resume=resume, max_steps_per_epoch=max_steps_per_epoch)
