@@ -46,7 +46,7 @@ from odkd.data.targets import gaussian_heatmaps
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, invert_affine, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, save_checkpoint
-from odkd.train.inference import predict_batch
+from odkd.models.inference import predict_batch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Teacher-target cache"

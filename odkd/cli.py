@@ -100,12 +100,12 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
     Score a results file:   odkd evaluate --ann GT.json --results RESULTS.json
     Evaluate a model:       odkd evaluate --config PIPELINE.toml --checkpoint CKPT [--boxes DETS.json]
     """
-    from odkd.train import metrics
+    from odkd.eval import metrics
 
     if checkpoint:
         if ann or results or gt_as_results:
             raise click.UsageError("--checkpoint evaluates on the config's data; drop --ann/--results")
-        from odkd.train.evaluate import evaluate_checkpoint
+        from odkd.eval.evaluate import evaluate_checkpoint
 
         cfg = load_config(config_path)
         report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
@@ -192,7 +192,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
     """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
     from odkd.config import resolve_device
     from odkd.models import build_from_checkpoint
-    from odkd.train.predict import boxes_from_annotations, boxes_from_file, predict_to_png
+    from odkd.eval.predict import boxes_from_annotations, boxes_from_file, predict_to_png
 
     if bool(boxes) == bool(ann):
         raise click.UsageError("give exactly one of --boxes BOXES.json or --ann GT.json")

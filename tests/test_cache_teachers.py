@@ -19,7 +19,7 @@ from odkd.data.transforms import CropFrame, affine_transform, crop_image, normal
 from odkd.data.image import read_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, model_fingerprint, save_checkpoint
-from odkd.train.inference import predict_batch
+from odkd.models.inference import predict_batch
 
 TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
 

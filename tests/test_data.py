@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 
 from odkd.config import DataConfig
 from odkd.data.dataset import TopDownDataset, frame_from_batch
-from odkd.data.decode import decode_heatmaps, flip_back
+from odkd.data.decode import decode_heatmaps
+from odkd.models.inference import flip_back
 from odkd.data.image import read_image
 from odkd.data.instances import PersonInstances
 from odkd.data.keypoints import FLIP_INDEX

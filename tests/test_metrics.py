@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from odkd.errors import OdkdError
-from odkd.train.metrics import (
+from odkd.eval.metrics import (
     COCO_SIGMAS,
     STATS_NAMES,
     coco_keypoint_eval,

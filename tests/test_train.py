@@ -12,9 +12,9 @@ from odkd.data.instances import load_instances
 from odkd.data.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_from_checkpoint, build_model, read_checkpoint
-from odkd.train.evaluate import evaluate_checkpoint, evaluate_model
+from odkd.eval.evaluate import evaluate_checkpoint, evaluate_model
 from odkd.train.loop import ModelSpec, fit, lr_multiplier
-from odkd.train.predict import predict_to_png
+from odkd.eval.predict import predict_to_png
 from odkd.train.teacher import teacher_loss, train_teacher
 
 

@@ -28,7 +28,7 @@ from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, model_fingerprint, read_checkpoint
-from odkd.train.inference import predict_batch
+from odkd.models.inference import predict_batch
 
 ROLES = {"pt": "primary", "st": "senior"}
 MAP_MULTIPLE = 8

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-
 from odkd.data.keypoints import FLIP_INDEX
 from odkd.data.transforms import CropFrame, affine_transform, invert_affine
 
@@ -54,17 +52,3 @@ def decode_heatmaps(heatmaps: np.ndarray, frames: Sequence[CropFrame], refine: b
         if frame.flip:
             preds[i], maxvals[i] = preds[i][FLIP_INDEX], maxvals[i][FLIP_INDEX]
     return preds, maxvals
-
-
-def flip_back(maps: torch.Tensor, keypoint_channels: bool = True, shift: bool = True) -> torch.Tensor:
-    """Output for a mirrored input (N, C, h, w) -> the unmirrored frame: flip the width, swap the pairs.
-
-    With `shift`, move one pixel right, as the official SHIFT_HEATMAP does to undo the
-    off-by-one of mirroring about a pixel edge.
-    """
-    out = maps.flip(3)
-    if keypoint_channels:
-        out = out[:, torch.tensor(FLIP_INDEX.tolist(), device=maps.device)]
-    if shift:
-        out = torch.cat([out[..., :1], out[..., :-1]], dim=3)
-    return out

@@ -1,1 +1,1 @@
-"""Training (teachers and students), inference, evaluation and export."""
+"""Training: the one loop, the teacher and the student trainers, and their losses."""

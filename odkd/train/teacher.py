@@ -11,7 +11,7 @@ from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint
-from odkd.train.evaluate import evaluate_model
+from odkd.eval.evaluate import evaluate_model
 from odkd.train.losses import joints_mse_loss, mask_loss
 from odkd.train.loop import ModelSpec, fit
 

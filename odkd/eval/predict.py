@@ -14,8 +14,8 @@ from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, box_to_center_scale, crop_image, invert_affine, normalize_image
 from odkd.data.visualize import draw_pose, tint_mask
 from odkd.errors import OdkdError
-from odkd.train.inference import predict_batch
-from odkd.train.metrics import load_gt
+from odkd.models.inference import predict_batch
+from odkd.eval.metrics import load_gt
 
 
 def boxes_from_file(path: str | Path) -> list[list[float]]:

@@ -16,8 +16,8 @@ from odkd.data.dataset import TopDownDataset, frame_from_batch, make_loader
 from odkd.data.decode import decode_heatmaps
 from odkd.data.instances import DetectedPersons, load_instances
 from odkd.data.transforms import PIXEL_STD
-from odkd.train import metrics
-from odkd.train.inference import predict_batch
+from odkd.eval import metrics
+from odkd.models.inference import predict_batch
 
 
 @dataclass

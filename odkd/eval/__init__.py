@@ -1,0 +1,1 @@
+"""Evaluation: COCO keypoint metrics, model evaluation, prediction pictures and the run report."""
