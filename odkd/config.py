@@ -44,6 +44,7 @@ class DataConfig:
     input_size: tuple[int, int] = (192, 256)
     heatmap_size: tuple[int, int] = (48, 64)
     sigma: float = 2.0
+    strict: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def ann_file(self, split: str) -> Path:

@@ -1,11 +1,18 @@
 """COCO-format person instances, loaded through pycocotools, with the official HRNet rules.
 
 Crowd annotations and annotations without any labelled keypoint are skipped (the official
-code does so for training and for GT-box evaluation). Boxes are cleaned and clipped to the
-image, then turned into a center and scale at the crop's aspect. A labelled person with a
-zero-area box or area is an error that names the annotation, not a silent drop. The order is deterministic
-(image id, then annotation id) and every instance gets a stable index. The fingerprint hashes
-everything the instance list depends on, so a teacher cache can be keyed on it.
+code does so for training and for GT-box evaluation), so an image with only crowd regions gives
+no instance. Boxes are cleaned and clipped to the image, then turned into a center and scale at
+the crop's aspect. A labelled person whose cleaned box is empty (it starts past the image's right
+or bottom edge) or whose area is not positive is dropped, as the official box cleaning drops it;
+so is a box with a non-positive width or height, which the official code would keep as a sliver.
+A box that starts left of or above the image is moved to start at its edge and kept, as officially
+(however far out it was). The drops are
+counted in one warning line on stderr naming the first few annotation ids; with `strict` they are
+an error naming the first one. Keypoints outside the image are kept as labelled, with their
+visibility, as the official joints_3d are. The order is deterministic (image id, then annotation
+id) and every instance gets a stable index. The fingerprint hashes everything the kept instance
+list depends on, so a teacher cache can be keyed on it.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 from pycocotools.coco import COCO
 
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.data.transforms import box_to_center_scale
 from odkd.errors import OdkdError
+
+SKIPPED_IDS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,24 @@ def _clean_box(bbox, width: int, height: int):
     return (x1, y1, x2 - x1, y2 - y1)
 
 
+def _box_problem(bbox, box, area, img) -> str:
+    """Why a labelled person's box gives no crop, or "" when it does."""
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"'bbox' {bbox} has zero area"
+    if box is None:
+        return f"'bbox' {bbox} lies outside its {img['width']}x{img['height']} image"
+    if not isinstance(area, (int, float)) or not area > 0:
+        return f"'area' {area!r} is not positive (OKS divides by it)"
+    return ""
+
+
+def _skipped_warning(ann_file: Path, ann_ids: list[int]) -> str:
+    """The one line that reports the labelled persons dropped by the box cleaning."""
+    shown = ", ".join(map(str, ann_ids[:SKIPPED_IDS_SHOWN])) + (", ..." if len(ann_ids) > SKIPPED_IDS_SHOWN else "")
+    return (f"warning: {ann_file}: skipped {len(ann_ids)} labelled person(s) with an empty box or area, as the "
+            f"official HRNet box cleaning does (annotation ids {shown}); [data] strict = true makes this an error")
+
+
 class _InstanceList:
     instances: list[Instance]
     image_dir: Path
@@ -92,14 +120,19 @@ class _InstanceList:
 class PersonInstances(_InstanceList):
     """Every usable person annotation of one COCO-format split, in a stable order."""
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75):
+    def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
+                 strict: bool = False):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise OdkdError(f"{self.image_dir}: image folder not found")
         self.coco = _load_coco(self.ann_file)
         self.aspect_ratio = aspect_ratio
+        self.strict = strict
+        self.skipped_ann_ids: list[int] = []
         self.instances = self._collect()
+        if self.skipped_ann_ids:
+            click.echo(_skipped_warning(self.ann_file, self.skipped_ann_ids), err=True)
         self.fingerprint = self._fingerprint()
 
     def _collect(self) -> list[Instance]:
@@ -125,14 +158,13 @@ class PersonInstances(_InstanceList):
                 bbox = ann.get("bbox")
                 if not isinstance(bbox, list) or len(bbox) != 4:
                     raise OdkdError(f"{where}: 'bbox' must be [x, y, w, h]")
-                if bbox[2] <= 0 or bbox[3] <= 0:
-                    raise OdkdError(f"{where}: 'bbox' {bbox} has zero area")
                 box = _clean_box(bbox, img["width"], img["height"])
-                if box is None:
-                    raise OdkdError(f"{where}: 'bbox' {bbox} lies outside its "
-                                    f"{img['width']}x{img['height']} image")
-                if not ann.get("area", 0) > 0:
-                    raise OdkdError(f"{where}: 'area' must be positive (OKS divides by it)")
+                problem = _box_problem(bbox, box, ann.get("area", 0), img)
+                if problem:
+                    if self.strict:
+                        raise OdkdError(f"{where}: {problem} ([data] strict = true)")
+                    self.skipped_ann_ids.append(int(ann["id"]))
+                    continue
                 center, scale = box_to_center_scale(box, self.aspect_ratio)
                 out.append(Instance(
                     index=len(out), image_id=int(image_id), ann_id=int(ann["id"]),
@@ -204,4 +236,4 @@ def load_instances(data_cfg, split: str) -> PersonInstances:
     if split not in ("train", "val"):
         raise OdkdError(f"split must be 'train' or 'val', got {split!r}")
     aspect = data_cfg.input_size[0] / data_cfg.input_size[1]
-    return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect)
+    return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict)

@@ -1,0 +1,189 @@
+"""Real annotations: bad boxes are dropped the official way and reported in one line, crowd-only images
+give nothing, keypoints outside the image keep the official target weights, a missing image is a failed row."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from test_cache_teachers import make_config, one_torch_thread, world  # noqa: F401  (shared fixtures)
+
+from odkd.cache import TeacherTargets, build_cache
+from odkd.config import DataConfig, parse_config
+from odkd.data.dataset import TopDownDataset
+from odkd.data.instances import PersonInstances, load_instances
+from odkd.data.targets import gaussian_heatmaps
+from odkd.errors import OdkdError
+
+from conftest import make_tiny_coco
+
+
+def edit_annotations(ann_file, edit) -> None:
+    data = json.loads(ann_file.read_text())
+    edit(data)
+    ann_file.write_text(json.dumps(data))
+
+
+def annotation(data, ann_id) -> dict:
+    return next(a for a in data["annotations"] if a["id"] == ann_id)
+
+
+def test_boxes_without_a_crop_are_skipped_and_counted_in_one_line(tiny_coco, capsys):
+    ann_file, image_dir = tiny_coco
+    before = PersonInstances(ann_file, image_dir)
+    assert [i.ann_id for i in before.instances] == [100, 101, 200, 300, 301]
+    assert capsys.readouterr().err == ""
+
+    def break_boxes(data):
+        annotation(data, 100)["bbox"][0] = 160.0  # starts at the 160 px image's right edge: nothing left
+        annotation(data, 200)["bbox"][2] = 0.0  # zero width
+        annotation(data, 301)["area"] = 0  # OKS divides by it
+        annotation(data, 101)["bbox"][0] = 159.0  # one pixel column left: kept, as the official cleaning keeps it
+        annotation(data, 300)["bbox"][0] = -900.0  # the official x1 = max(0, x) moves it to the left edge
+    edit_annotations(ann_file, break_boxes)
+    after = PersonInstances(ann_file, image_dir)
+
+    assert [i.ann_id for i in after.instances] == [101, 300]
+    assert [i.index for i in after.instances] == [0, 1]
+    assert after.skipped_ann_ids == [100, 200, 301]
+    assert after[0].bbox == (159.0, 20.0, 0.0, 79.0)  # x2 = min(width - 1, x1 + w - 1), y2 likewise
+    assert after[1].bbox == (0.0, 10.0, 35.0, 89.0)
+    np.testing.assert_array_equal(after[1].joints, before[3].joints)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert str(ann_file) in lines[0] and "skipped 3 " in lines[0]
+    assert "annotation ids 100, 200, 301)" in lines[0] and "strict = true" in lines[0]
+
+
+def test_warning_names_only_the_first_few_ids(tmp_path, capsys):
+    ann_file = make_tiny_coco(tmp_path / "many", n_images=5)
+
+    def move_everyone_out(data):
+        for ann in data["annotations"]:
+            ann["bbox"][1] = 500.0
+    edit_annotations(ann_file, move_everyone_out)
+    assert len(PersonInstances(ann_file, tmp_path / "many" / "images")) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "skipped 8 " in line and "annotation ids 100, 101, 200, 300, 301, ...)" in line
+
+
+def test_strict_makes_a_bad_box_an_error_naming_the_file_and_annotation(tiny_coco, capsys):
+    ann_file, image_dir = tiny_coco
+
+    def move_right_of_the_image(data):
+        for ann_id in (101, 300):
+            annotation(data, ann_id)["bbox"][0] = 900.0
+    edit_annotations(ann_file, move_right_of_the_image)
+    cfg = DataConfig(root=str(ann_file.parent.parent), val_images=image_dir.name, strict=True)
+    with pytest.raises(OdkdError) as exc:
+        load_instances(cfg, "val")
+    message = str(exc.value)
+    assert message.startswith(f"{ann_file}: annotation 101: 'bbox' [900.0, ")
+    assert "lies outside its 160x120 image" in message and "\n" not in message
+    assert capsys.readouterr().err == ""
+    assert len(load_instances(DataConfig(root=cfg.root, val_images=cfg.val_images), "val")) == 3
+
+
+def test_strict_is_a_data_key():
+    assert parse_config("[data]\nstrict = true\n").data.strict is True
+    assert parse_config("").data.strict is False
+    with pytest.raises(OdkdError, match="data.strict: expected true or false"):
+        parse_config("[data]\nstrict = 1\n")
+
+
+def test_fingerprint_covers_the_kept_instances(tiny_coco):
+    ann_file, image_dir = tiny_coco
+    original = PersonInstances(ann_file, image_dir).fingerprint
+    text = ann_file.read_text()
+    edit_annotations(ann_file, lambda data: annotation(data, 200).update(area=0))
+    dropped = PersonInstances(ann_file, image_dir).fingerprint
+    ann_file.write_text(text)
+    edit_annotations(ann_file, lambda data: data["annotations"].remove(annotation(data, 200)))
+    removed = PersonInstances(ann_file, image_dir).fingerprint
+    assert dropped != original
+    assert dropped == removed  # a dropped box is as if it were not there: a cache keys on what is kept
+
+
+def test_crowd_only_image_gives_no_instance_and_no_warning(tiny_coco, capsys):
+    ann_file, image_dir = tiny_coco
+    cv2.imwrite(str(image_dir / "crowd.jpg"), np.zeros((120, 160, 3), np.uint8))
+
+    def add_crowd_image(data):
+        data["images"].append({"id": 9, "file_name": "crowd.jpg", "width": 160, "height": 120})
+        crowd = dict(annotation(data, 100), id=900, image_id=9, iscrowd=1)  # labelled keypoints, still a crowd
+        data["annotations"].append(crowd)
+        data["annotations"].append(dict(crowd, id=901, bbox=[500, 500, 10, 10]))  # a crowd box is never counted
+    edit_annotations(ann_file, add_crowd_image)
+    inst = PersonInstances(ann_file, image_dir)
+    assert 9 in inst.coco.imgs and [i.ann_id for i in inst.instances] == [100, 101, 200, 300, 301]
+    assert all(i.image_id != 9 for i in inst.instances)
+    assert capsys.readouterr().err == ""
+
+
+def test_keypoints_outside_the_image_are_kept_as_labelled(tiny_coco):
+    ann_file, image_dir = tiny_coco
+
+    def move_joints(data):
+        kpts = annotation(data, 100)["keypoints"]
+        kpts[0:3] = [-3.0, 40.0, 2]  # left of the image, inside the padded crop
+        kpts[3:6] = [-200.0, 40.0, 1]  # far outside the crop
+        kpts[6:9] = [170.0, 40.0, 0]  # unlabelled
+    edit_annotations(ann_file, move_joints)
+    inst = PersonInstances(ann_file, image_dir)
+    np.testing.assert_array_equal(inst[0].joints[:3], [[-3, 40, 2], [-200, 40, 1], [170, 40, 0]])
+
+    cfg = DataConfig(input_size=(96, 128), heatmap_size=(24, 32), sigma=1.0)
+    sample = TopDownDataset(inst, cfg, train=False)[0]
+    weight, heatmaps = sample["target_weight"][:, 0], sample["heatmaps"]
+    assert weight[:3].tolist() == [1.0, 0.0, 0.0]
+    assert heatmaps[0].max() == 1.0 and heatmaps[0, :, 0].max() == 1.0  # peak in the first column
+    assert heatmaps[1].max() == 0 and heatmaps[2].max() == 0
+    assert weight[3:].min() == 1.0
+
+
+@pytest.mark.parametrize("x, y, weight, peak, peak_cell", [
+    # heatmap 24x32, stride 4, sigma 2: the 13x13 patch reaches 6 cells from mu = int(x / 4 + 0.5)
+    (116.0, 64.0, 1.0, math.exp(-36 / 8), (16, 23)),  # mu_x 29: only the patch's left column lands
+    (120.0, 64.0, 0.0, 0.0, None),  # mu_x 30: ul = 24 = heatmap width, the patch misses
+    (-6.4, 64.0, 1.0, math.exp(-1 / 8), (16, 0)),  # int(-1.1) = -1: truncated towards zero, as int() officially
+    (-30.0, 64.0, 1.0, 0.0, None),  # mu_x -7: br = 0 is not < 0, so the weight stays 1 over an empty map
+    (-34.0, 64.0, 0.0, 0.0, None),  # mu_x -8: br = -1 < 0
+    (40.0, 130.0, 1.0, math.exp(-4 / 8), (31, 10)),  # mu_y 33, below the 32 rows: its top rows land
+])
+def test_target_weight_follows_the_official_gaussian_bounds(x, y, weight, peak, peak_cell):
+    heatmaps, weights = gaussian_heatmaps(np.array([[x, y]], np.float32), np.array([1]), (96, 128), (24, 32), 2.0)
+    assert weights[0, 0] == weight
+    hm = heatmaps[0]
+    assert hm.max() == pytest.approx(peak, rel=1e-6)
+    if peak_cell:
+        assert np.unravel_index(hm.argmax(), hm.shape) == peak_cell
+
+
+def test_unlabelled_joint_has_no_target():
+    heatmaps, weights = gaussian_heatmaps(np.array([[40.0, 64.0]] * 2, np.float32), np.array([2, 0]),
+                                          (96, 128), (24, 32), 2.0)
+    assert weights[:, 0].tolist() == [1.0, 0.0]
+    assert heatmaps[0].max() == 1.0 and heatmaps[1].max() == 0.0
+
+
+def test_missing_image_is_a_failed_row_not_an_abort(world, tmp_path):  # noqa: F811
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    cfg = make_config(data, world / "runs", margin=1.0)
+    instances = load_instances(cfg.data, "train")
+    missing = instances.image_path(instances[8])
+    missing.unlink()
+    hit = [i.index for i in instances.instances if instances.image_path(i) == missing]
+    url = build_cache(cfg, "train", str(tmp_path / "s.zarr"), scheduler="synchronous", progress=False)
+
+    targets = TeacherTargets.open(url, dataset_fingerprint=instances.fingerprint)
+    assert targets.attrs["complete"]
+    failed = targets.attrs["failed"]
+    assert [f["index"] for f in failed] == hit and len(hit) >= 1
+    assert all(f["file"] == str(missing) and "image not found" in f["reason"] for f in failed)
+    ok = targets.get_batch(np.arange(len(instances)))["meta/ok"]
+    assert [i for i in range(len(instances)) if not ok[i]] == hit
