@@ -99,6 +99,7 @@ class EvalConfig:
     det_score_thr: float = 0.0
     in_vis_thr: float = 0.2
     batch_size: int = 64
+    decode: str = "argmax"  # "argmax" | "centroid" | "dark": heatmap -> keypoint, see odkd/data/decode.py
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ _CHOICES = {
     "schedule": ("step", "cosine"),
     "seg_loss": ("bce", "bce+dice"),
     "threshold_mode": ("absolute", "relative"),
+    "decode": ("argmax", "centroid", "dark"),
 }
 
 

@@ -37,9 +37,11 @@ def mask_iou(pred_prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_instances(model, dataset: TopDownDataset, *, device, batch_size: int = 64, workers: int = 0,
-                      flip_test: bool = True, shift_heatmap: bool = True, desc: str = "eval"):
+                      flip_test: bool = True, shift_heatmap: bool = True, decode: str = "argmax",
+                      sigma: float = 2.0, desc: str = "eval"):
     """Keypoints (N, K, 3) [x, y, maxval] in image coordinates for every crop, and the per-crop mask IoU
-    against the dataset's mask targets when the model has a seg head and the dataset has masks (else None)."""
+    against the dataset's mask targets when the model has a seg head and the dataset has masks (else None).
+    `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder."""
     model.eval()
     loader = make_loader(dataset, batch_size, workers, shuffle=False)
     keypoints, ious = [], []
@@ -47,7 +49,7 @@ def predict_instances(model, dataset: TopDownDataset, *, device, batch_size: int
         images = batch["image"].to(device, non_blocking=True)
         heatmaps, mask = predict_batch(model, images, flip_test=flip_test, shift_heatmap=shift_heatmap)
         frames = [frame_from_batch(batch, i) for i in range(len(images))]
-        preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames)
+        preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma)
         keypoints.append(np.concatenate([preds, maxvals], axis=2))
         if mask is not None and "mask" in batch:
             ious.append(mask_iou(mask.cpu(), batch["mask"]))
@@ -62,7 +64,8 @@ def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, fli
     with_mask = bool(getattr(model, "has_seg_head", False)) and not isinstance(instances, DetectedPersons)
     dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
     kpts, ious = predict_instances(model, dataset, device=device, batch_size=eval_cfg.batch_size,
-                                   workers=workers, flip_test=flip, shift_heatmap=eval_cfg.shift_heatmap)
+                                   workers=workers, flip_test=flip, shift_heatmap=eval_cfg.shift_heatmap,
+                                   decode=eval_cfg.decode, sigma=data_cfg.sigma)
     insts = instances.instances
     box_scores = np.array([i.score for i in insts])
     areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])

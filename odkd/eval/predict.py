@@ -47,8 +47,10 @@ def boxes_from_annotations(ann_file: str | Path, image_path: str | Path) -> list
     return boxes
 
 
-def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_test: bool = True):
-    """Keypoints (P, K, 3) in image coordinates and, for a seg-head model, the union person mask (H, W)."""
+def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_test: bool = True,
+                  decode: str = "argmax", sigma: float = 2.0):
+    """Keypoints (P, K, 3) in image coordinates and, for a seg-head model, the union person mask (H, W).
+    `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder, as [eval] decode does."""
     h, w = image.shape[:2]
     aspect = input_size[0] / input_size[1]
     frames = []
@@ -58,7 +60,7 @@ def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_t
     batch = torch.from_numpy(np.stack([normalize_image(crop_image(image, f, input_size)) for f in frames]))
     model.eval()
     heatmaps, masks = predict_batch(model, batch.to(device), flip_test=flip_test)
-    preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames)
+    preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma)
     keypoints = np.concatenate([preds, maxvals], axis=2)
     if masks is None:
         return keypoints, None
@@ -71,10 +73,11 @@ def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_t
 
 
 def predict_to_png(model, image_path, boxes, input_size, out_path, *, device, flip_test=True,
-                   min_score: float = 0.2) -> np.ndarray:
+                   min_score: float = 0.2, decode: str = "argmax", sigma: float = 2.0) -> np.ndarray:
     """Draw every person's skeleton (and the mask) over the image, write out_path; return the keypoints."""
     image = read_image(image_path)
-    keypoints, mask = predict_image(model, image, boxes, input_size, device=device, flip_test=flip_test)
+    keypoints, mask = predict_image(model, image, boxes, input_size, device=device, flip_test=flip_test,
+                                    decode=decode, sigma=sigma)
     canvas = image if mask is None else tint_mask(image, mask)
     for person in keypoints:
         canvas = draw_pose(canvas, person, min_score=min_score)
