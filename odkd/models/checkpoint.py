@@ -10,6 +10,9 @@ mmpose    ``{"state_dict": {"backbone.conv1.weight", ..., "head.final_layer.weig
           so dropping ``backbone.`` and ``head.`` (0.x: ``keypoint_head.``) gives the official keys
 odkd      ``{"format": "odkd", "model": state_dict, "meta": {"model", "model_args", "num_joints",
           "seg_head", "fingerprint", ...}, ...training state}``, enough to rebuild the model
+
+and, to initialise a model before training only, the ImageNet classification files of
+odkd.models.pretrained (``torchvision-imagenet``, ``timm-imagenet``): backbone keys, no pose head.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from odkd import __version__
 from odkd.errors import OdkdError
+from odkd.models.pretrained import IMAGENET_FORMATS, POSE_HEAD_PREFIXES, read_imagenet
 from odkd.models.registry import build_model
 
 ODKD_FORMAT = "odkd"
@@ -55,20 +59,39 @@ class CheckpointFile:
     """A checkpoint as read: its format, the state_dict under odkd/official key names, and the rest."""
 
     path: str
-    format: str  # "official" | "mmpose" | "odkd"
+    format: str  # "official" | "mmpose" | "odkd" | a name of pretrained.IMAGENET_FORMATS
     state_dict: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)  # odkd meta; empty for the other formats
     extra: dict = field(default_factory=dict)  # everything else at the top level of an odkd file
+    dropped_keys: list[str] = field(default_factory=list)  # an ImageNet file's classification-only keys
 
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What load_checkpoint did: the file's format and the model keys it left freshly initialised."""
+    """What load_checkpoint did: the file's format, the model keys it filled, those it left freshly
+    initialised, and the file keys it did not use."""
 
     path: str
     format: str
     new_keys: list[str]
     meta: dict = field(default_factory=dict)
+    loaded_keys: list[str] = field(default_factory=list)
+    dropped_keys: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for a trainer's log, e.g. ``hrnet_w18.bin (timm-imagenet checkpoint): 1,752 keys loaded
+        into conv1, ..., stage4; 204 classification-only keys dropped; newly initialized: final_layer``."""
+        line = f"{self.path} ({self.format} checkpoint): {len(self.loaded_keys):,} keys loaded into " \
+               f"{_top_level_names(self.loaded_keys)}"
+        if self.dropped_keys:
+            line += f"; {len(self.dropped_keys):,} classification-only keys dropped"
+        if self.new_keys:
+            line += f"; newly initialized: {_top_level_names(self.new_keys)}"
+        return line
+
+
+def _top_level_names(keys: list[str]) -> str:
+    return ", ".join(dict.fromkeys(k.split(".")[0] for k in keys))
 
 
 def _torch_load(path: Path):
@@ -105,6 +128,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         raise OdkdError(f"{path}: not a checkpoint: holds a {type(obj).__name__}, not a dict of tensors")
     meta: dict = {}
     extra: dict = {}
+    dropped: list[str] = []
     if obj.get("format") == ODKD_FORMAT:
         fmt, state_dict = ODKD_FORMAT, obj.get("model")
         meta = obj.get("meta", {})
@@ -120,12 +144,15 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFile:
         fmt = "mmpose" if mmpose else "official"
         if mmpose:
             state_dict = _from_mmpose(state_dict)
+        elif imagenet := read_imagenet(state_dict):
+            fmt, backbone = imagenet
+            state_dict, dropped = backbone.state_dict, backbone.dropped_keys
     if not isinstance(state_dict, dict) or not state_dict:
         raise OdkdError(f"{path}: no state_dict found ({fmt} checkpoint without model weights)")
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise OdkdError(f"{path}: not a state_dict: key {key!r} holds a {type(value).__name__}, not a tensor")
-    return CheckpointFile(str(path), fmt, state_dict, meta, extra)
+    return CheckpointFile(str(path), fmt, state_dict, meta, extra, dropped)
 
 
 def _list_keys(keys: list[str], limit: int = 5) -> str:
@@ -138,7 +165,12 @@ def apply_checkpoint(model: nn.Module, ckpt: CheckpointFile, *, allow_new_seg_he
     expected = model.state_dict()
     given = ckpt.state_dict
     new_keys = []
-    if allow_new_seg_head:
+    if ckpt.format in IMAGENET_FORMATS:
+        if not allow_new_seg_head:
+            raise OdkdError(f"{ckpt.path}: a {ckpt.format} checkpoint is an ImageNet backbone without a pose "
+                            "head; it can only initialise a model for training (init, --init)")
+        new_keys = [k for k in expected if k.startswith(POSE_HEAD_PREFIXES) and k not in given]
+    elif allow_new_seg_head:
         new_keys = [k for k in expected if k.startswith(_NEW_HEAD_PREFIX) and k not in given]
     # BatchNorm's counter is absent from files written before torch 0.4.1 and never read in eval.
     missing = [
@@ -159,15 +191,16 @@ def apply_checkpoint(model: nn.Module, ckpt: CheckpointFile, *, allow_new_seg_he
                 f"but {tuple(expected[key].shape)} in the model (another architecture or width?)"
             )
     model.load_state_dict(given, strict=False)
-    return LoadReport(ckpt.path, ckpt.format, new_keys, ckpt.meta)
+    return LoadReport(ckpt.path, ckpt.format, new_keys, ckpt.meta, list(given), ckpt.dropped_keys)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, allow_new_seg_head: bool = True) -> LoadReport:
-    """Load an official, mmpose or odkd checkpoint into model.
+    """Load an official, mmpose or odkd checkpoint into model, or, to initialise it for training, an
+    ImageNet backbone file.
 
-    Keys and shapes must match exactly; the one exception, with allow_new_seg_head, is a model with a
-    seg head loading a file without one: those ``seg_head.*`` keys stay initialised and are listed
-    in ``LoadReport.new_keys``.
+    Keys and shapes must match exactly. allow_new_seg_head says the model is about to be trained:
+    then a seg head the file lacks stays initialised, and an ImageNet file fills the backbone while
+    the whole pose head stays initialised; those keys are listed in ``LoadReport.new_keys``.
     """
     return apply_checkpoint(model, read_checkpoint(path), allow_new_seg_head=allow_new_seg_head)
 

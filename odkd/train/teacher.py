@@ -49,9 +49,7 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
         model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
         if init and not resume:
             report = load_checkpoint(model, init, allow_new_seg_head=True)
-            new = f"; newly initialized: {', '.join(sorted({k.split('.')[0] for k in report.new_keys}))}" \
-                if report.new_keys else ""
-            click.echo(f"init from {init} ({report.format} checkpoint){new}", err=True)
+            click.echo(f"init from {report.summary()}", err=True)
         return model
 
     train_set = TopDownDataset(load_instances(cfg.data, "train"), cfg.data, train=True, with_mask=tcfg.seg_head,
