@@ -119,6 +119,9 @@ def test_torchvision_mobilenetv2_file_fills_the_backbone(torchvision_file):
     loaded = model.state_dict()
 
     backbone = [k for k in file if k.startswith("features.")]
+    params = sum(v.numel() for k, v in file.items() if not k.endswith(("running_mean", "running_var",
+                                                                        "num_batches_tracked")))
+    assert params == 3_504_872  # torchvision's published num_params for MobileNet_V2_Weights
     assert report.format == "torchvision-imagenet"
     assert report.loaded_keys == [f"backbone.{k}" for k in backbone]
     assert all(torch.equal(loaded[f"backbone.{k}"], file[k]) for k in backbone)
