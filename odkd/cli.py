@@ -61,18 +61,23 @@ def main():
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--train-images", default=200, show_default=True, help="Images in the train split.")
 @click.option("--val-images", default=50, show_default=True, help="Images in the val split.")
+@click.option("--test-images", default=0, show_default=True,
+              help="Images in a held-out test split (none: no test files); train and val do not change with it.")
+@click.option("--difficulty", default="medium", show_default=True,
+              help="easy, medium, hard or a number in [0, 1] (easy 0, medium 0.5, hard 1): crowding, "
+                   "occlusion, clutter and how small people are.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
-def synth(out_dir, train_images, val_images, seed):
+def synth(out_dir, train_images, val_images, test_images, difficulty, seed):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
-    OUT_DIR/images/{train,val}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val}.json,
-    in exactly COCO 2017's format.
+    OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
+    in exactly COCO 2017's format (test only with --test-images).
     """
     from odkd.data.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
-                                     progress=True)
+                                     progress=True, test_images=test_images, difficulty=difficulty)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -84,7 +89,7 @@ def synth(out_dir, train_images, val_images, seed):
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model to evaluate on the config's data.")
 @click.option("--model", "model_name", default=None,
               help="Architecture of an official HRNet or mmpose checkpoint (e.g. hrnet_w32); odkd files record it.")
-@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
 @click.option("--boxes", default="gt", show_default=True,
               help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
@@ -128,7 +133,7 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
 
 @main.command()
 @config_option
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the PNGs.")
 @click.option("--augment", is_flag=True, help="Apply the training augmentation of [data.augment].")
 @click.option("-n", "count", default=16, show_default=True, help="How many instances (spread over the split).")
@@ -206,7 +211,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
 
 @main.command("cache-teachers")
 @config_option
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--out", default=None, help="Store path or fsspec URL (default: [cache] store).")
 @click.option("--workers", type=int, default=None, help="LocalCluster worker processes (default: [cache] workers).")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")

@@ -38,8 +38,10 @@ class DataConfig:
     root: str = "data/demo"
     train_ann: str = "annotations/person_keypoints_train.json"
     val_ann: str = "annotations/person_keypoints_val.json"
+    test_ann: str = "annotations/person_keypoints_test.json"
     train_images: str = "images/train"
     val_images: str = "images/val"
+    test_images: str = "images/test"
     # (width, height), the order of HRNet's IMAGE_SIZE and mmpose's input_size
     input_size: tuple[int, int] = (192, 256)
     heatmap_size: tuple[int, int] = (48, 64)
@@ -48,10 +50,20 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def ann_file(self, split: str) -> Path:
-        return Path(self.root) / (self.train_ann if split == "train" else self.val_ann)
+        return Path(self.root) / _of_split(split, self.train_ann, self.val_ann, self.test_ann)
 
     def image_dir(self, split: str) -> Path:
-        return Path(self.root) / (self.train_images if split == "train" else self.val_images)
+        return Path(self.root) / _of_split(split, self.train_images, self.val_images, self.test_images)
+
+
+DATA_SPLITS = ("train", "val", "test")
+
+
+def _of_split(split: str, *per_split: str) -> str:
+    """The entry of `split` among one path per DATA_SPLITS."""
+    if split not in DATA_SPLITS:
+        raise OdkdError(f"data split {split!r}: expected one of {', '.join(DATA_SPLITS)}")
+    return per_split[DATA_SPLITS.index(split)]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from click.testing import CliRunner
+
+from odkd.cli import main
+from odkd.config import DataConfig, parse_config
 from odkd.data import synth
 from odkd.errors import OdkdError
 
@@ -201,6 +205,10 @@ def test_mask_polygons_and_uncompressed_rle_round_trip():
         ({"train_images": -1}, "synth.train_images"),
         ({"seed": 1.5}, "synth.seed"),
         ({"image_size": (10, 256)}, "image_size"),
+        ({"test_images": -2}, "synth.test_images"),
+        ({"difficulty": "extreme"}, "synth.difficulty"),
+        ({"difficulty": 1.5}, "synth.difficulty"),
+        ({"difficulty": True}, "synth.difficulty"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, field):
@@ -209,3 +217,111 @@ def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, field):
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
+
+
+def test_test_split_is_held_out_and_leaves_train_and_val_bytes_alone(tmp_path):
+    without, with_test = tmp_path / "without", tmp_path / "with"
+    synth.make_synthetic_dataset(without, train_images=3, val_images=2, seed=3)
+    summary = synth.make_synthetic_dataset(with_test, train_images=3, val_images=2, seed=3, test_images=3)
+    digest = _tree_digest(with_test)
+    assert {k: v for k, v in digest.items() if "test" not in k} == _tree_digest(without)
+    assert not (without / "images" / "test").exists()
+
+    data = {split: json.loads((with_test / "annotations" / f"person_keypoints_{split}.json").read_text())
+            for split in ("train", "val", "test")}
+    test = data["test"]
+    assert summary["test"]["images"] == len(test["images"]) == 3
+    assert summary["test"]["annotations"] == len(test["annotations"]) > 0
+    names = sorted(p.name for p in (with_test / "images" / "test").iterdir())
+    assert names == sorted(i["file_name"] for i in test["images"])
+    assert [i["id"] for i in test["images"]] == [6, 7, 8]  # ids run on after val, as they do after train
+    for split in ("train", "val"):
+        assert not {i["file_name"] for i in data[split]["images"]} & set(names)
+        assert not {a["id"] for a in data[split]["annotations"]} & {a["id"] for a in test["annotations"]}
+    assert all(a["image_id"] in {6, 7, 8} for a in test["annotations"])
+    assert COCO(str(with_test / "annotations" / "person_keypoints_test.json")).getAnnIds()
+
+
+def test_medium_is_the_default_generator_and_is_not_recorded(tmp_path):
+    assert synth.scene_for(0.5) == synth.MEDIUM
+    assert synth.scene_for(0.0) == synth.EASY and synth.scene_for(1.0) == synth.HARD
+    default, medium, half = (tmp_path / n for n in ("default", "medium", "half"))
+    synth.make_synthetic_dataset(default, train_images=2, val_images=1, seed=5)
+    synth.make_synthetic_dataset(medium, train_images=2, val_images=1, seed=5, difficulty="medium")
+    synth.make_synthetic_dataset(half, train_images=2, val_images=1, seed=5, difficulty="0.5")
+    assert _tree_digest(default) == _tree_digest(medium) == _tree_digest(half)
+    info = json.loads((default / "annotations" / "person_keypoints_train.json").read_text())["info"]
+    assert "difficulty" not in info
+
+
+def test_scene_parameters_move_one_way_with_difficulty():
+    scenes = [synth.scene_for(d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    mean_people = [np.dot(s.people_probs, [1, 2, 3, 4, 5]) for s in scenes]
+    for key in (lambda s: s.crowd_prob, lambda s: s.occluder_prob, lambda s: s.clutter_shapes[1],
+                lambda s: s.distractors[1], lambda s: s.occluders[1]):
+        values = [key(s) for s in scenes]
+        assert values == sorted(values) and values[0] < values[-1]
+    assert mean_people == sorted(mean_people)
+    assert [s.height_range[0] for s in scenes] == sorted((s.height_range[0] for s in scenes), reverse=True)
+    for scene in scenes:
+        assert abs(sum(scene.people_probs) - 1) < 1e-9
+        assert all(low < high for low, high in (scene.occluders, scene.clutter_shapes, scene.distractors))
+
+
+def _scene_statistics(root: Path) -> dict:
+    data = json.loads((root / "annotations" / "person_keypoints_val.json").read_text())
+    persons = [a for a in data["annotations"] if not a["iscrowd"]]
+    flags = np.array([a["keypoints"][2::3] for a in persons])
+    return {
+        "people": len(persons) / len(data["images"]),
+        "height": np.mean([a["bbox"][3] for a in persons]),
+        "occluded": (flags == 1).sum() / (flags > 0).sum(),
+        "crowds": len(data["annotations"]) - len(persons),
+        "info": data["info"],
+    }
+
+
+def test_harder_scenes_are_more_crowded_occluded_and_smaller(tmp_path):
+    stats = {}
+    for level in ("easy", "medium", "hard"):
+        synth.make_synthetic_dataset(tmp_path / level, train_images=0, val_images=12, seed=0, difficulty=level)
+        stats[level] = _scene_statistics(tmp_path / level)
+    easy, medium, hard = stats["easy"], stats["medium"], stats["hard"]
+    assert easy["people"] < medium["people"] < hard["people"]
+    assert easy["occluded"] < medium["occluded"] < hard["occluded"]
+    assert easy["height"] > medium["height"] and easy["height"] > 1.4 * hard["height"]
+    assert easy["crowds"] == 0 < hard["crowds"]
+    assert easy["info"]["difficulty"] == 0.0 and hard["info"]["difficulty"] == 1.0
+    assert "difficulty" not in medium["info"]
+
+
+def test_config_keeps_train_val_and_test_apart():
+    data = DataConfig(root="r")
+    assert data.ann_file("train") == Path("r/annotations/person_keypoints_train.json")
+    assert data.ann_file("val") == Path("r/annotations/person_keypoints_val.json")
+    assert data.ann_file("test") == Path("r/annotations/person_keypoints_test.json")
+    assert data.image_dir("test") == Path("r/images/test") != data.image_dir("val")
+    for bad in ("valid", "", "TEST"):
+        with pytest.raises(OdkdError, match="data split") as err:
+            data.ann_file(bad)
+        assert "\n" not in str(err.value)
+        with pytest.raises(OdkdError, match="data split"):
+            data.image_dir(bad)
+    cfg = parse_config('[data]\nroot = "d"\ntest_ann = "a/held_out.json"\ntest_images = "held_out"\n')
+    assert cfg.data.ann_file("test") == Path("d/a/held_out.json")
+    assert cfg.data.image_dir("test") == Path("d/held_out")
+
+
+def test_synth_command_writes_the_test_split_and_rejects_a_bad_difficulty(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["synth", str(tmp_path / "d"), "--train-images", "1", "--val-images", "1",
+                               "--test-images", "2", "--difficulty", "0.8"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["test"]["images"] == 2
+    test = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_test.json").read_text())
+    assert test["info"]["difficulty"] == 0.8
+    res = runner.invoke(main, ["synth", str(tmp_path / "e"), "--difficulty", "brutal"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: synth.difficulty: expected easy, medium, hard or a number in [0, 1], got 'brutal'"]

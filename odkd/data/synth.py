@@ -6,13 +6,17 @@ painted part by part, far to near. Left and right, self-occlusion and occlusion 
 or by clutter therefore come out of the rendering itself. Keypoint flags, visible masks,
 polygons and boxes are all read off the label maps that painted the image, so the labels agree
 with the pixels.
+
+A difficulty in [0, 1] sets how crowded, occluded, small and cluttered the scenes are; 0.5
+("medium") is the default.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import cv2
@@ -31,7 +35,7 @@ PERSON_CATEGORY = {
     "skeleton": [list(pair) for pair in SKELETON],
 }
 LICENSE = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # also the seed stream of each: test never shifts train or val
 JPEG_QUALITY = 90
 
 # Body parts: the values painted into a person's label map.
@@ -77,6 +81,71 @@ TRUNK_LIMITS = np.array([[-15, 50], [-20, 20], [-35, 35], [-60, 60], [-30, 35]],
 
 MIN_PART_AREA = 6.0  # visible fragments smaller than this many pixels get no polygon
 MIN_CROWD_AREA = 40
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What makes a scene hard: crowding, person size, occluders and background clutter."""
+
+    crowd_prob: float  # an unannotated iscrowd group behind the people
+    people_probs: tuple[float, float, float, float, float]  # P(1, 2, 3, 4, 5 annotated people)
+    height_range: tuple[float, float]  # standing height / image height, log-uniform
+    pelvis_x: tuple[float, float]  # where a person stands, as fractions of the image's width
+    pelvis_y: tuple[float, float]  # and height: the nearer the middle, the less is cut off by the frame
+    out_of_frame_prob: float  # a person of whom only a limb or two shows
+    occluder_prob: float  # poles, boxes, blobs drawn over someone
+    occluders: tuple[int, int]  # [low, high) occluders when there are any
+    clutter_shapes: tuple[int, int]  # [low, high) random background shapes
+    distractors: tuple[int, int]  # [low, high) head- and limb-like background blobs
+
+
+EASY = Scene(
+    crowd_prob=0.0, people_probs=(0.65, 0.3, 0.05, 0.0, 0.0), height_range=(0.4, 0.8),
+    pelvis_x=(0.1, 0.9), pelvis_y=(0.45, 0.6), out_of_frame_prob=0.0,
+    occluder_prob=0.1, occluders=(1, 2), clutter_shapes=(2, 6), distractors=(0, 1),
+)
+MEDIUM = Scene(  # the default: the scenes make demo and the README's figures were measured on
+    crowd_prob=0.15, people_probs=(0.22, 0.3, 0.24, 0.14, 0.1), height_range=(0.25, 0.9),
+    pelvis_x=(-0.1, 1.1), pelvis_y=(0.3, 0.8), out_of_frame_prob=0.08,
+    occluder_prob=0.45, occluders=(1, 3), clutter_shapes=(5, 20), distractors=(0, 4),
+)
+HARD = Scene(
+    crowd_prob=0.3, people_probs=(0.08, 0.17, 0.25, 0.25, 0.25), height_range=(0.12, 0.7),
+    pelvis_x=(0.0, 1.0), pelvis_y=(0.3, 0.8), out_of_frame_prob=0.12,
+    occluder_prob=0.9, occluders=(1, 5), clutter_shapes=(15, 35), distractors=(2, 8),
+)
+DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
+
+
+def difficulty_value(difficulty: str | float) -> float:
+    """easy, medium, hard or a number in [0, 1] (as a string too) -> the number."""
+    if isinstance(difficulty, str) and difficulty in DIFFICULTY_LEVELS:
+        return DIFFICULTY_LEVELS[difficulty]
+    try:
+        value = float(difficulty)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(difficulty, bool) or not 0.0 <= value <= 1.0:
+        raise OdkdError(f"synth.difficulty: expected easy, medium, hard or a number in [0, 1], got {difficulty!r}")
+    return value
+
+
+def scene_for(difficulty: float) -> Scene:
+    """MEDIUM at 0.5, linear toward EASY at 0 and toward HARD at 1.
+
+    The blend is exact at its ends: at 0.5 MEDIUM's floats come out bit for bit, so a medium
+    dataset draws the very same random numbers as the default always has.
+    """
+    end, t = (EASY, 1.0 - 2.0 * difficulty) if difficulty < 0.5 else (HARD, 2.0 * difficulty - 1.0)
+
+    def mix(medium, other):
+        if isinstance(medium, tuple):
+            return tuple(mix(m, o) for m, o in zip(medium, other))
+        value = medium * (1.0 - t) + other * t
+        # half up, not Python's half to even: rounded [low, high) ranges never close up
+        return math.floor(value + 0.5) if isinstance(medium, int) else value
+
+    return Scene(**{f.name: mix(getattr(MEDIUM, f.name), getattr(end, f.name)) for f in fields(Scene)})
 
 
 @dataclass(frozen=True)
@@ -151,26 +220,36 @@ def make_synthetic_dataset(
     seed: int = 0,
     image_size: tuple[int, int] = (320, 256),
     progress: bool = False,
+    test_images: int = 0,
+    difficulty: str | float = "medium",
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
-    Layout: images/{train,val}/<12-digit id>.jpg and annotations/person_keypoints_{split}.json.
-    image_size is (width, height); each image varies within +-20% of it. The same arguments
-    give byte-identical files. Returns {split: {"images", "annotations", "crowd_annotations"}}.
+    Layout: images/{train,val,test}/<12-digit id>.jpg and annotations/person_keypoints_{split}.json;
+    the test split only when test_images > 0. Image and annotation ids run on across the splits.
+    image_size is (width, height); each image varies within +-20% of it. difficulty is easy (0),
+    medium (0.5), hard (1) or a number between; a non-medium one is recorded as info.difficulty.
+    The same arguments give byte-identical files, and train and val do not depend on test_images.
+    Returns {split: {"images", "annotations", "crowd_annotations"}}.
     """
-    for name, value in (("train_images", train_images), ("val_images", val_images), ("seed", seed)):
+    for name, value in (("train_images", train_images), ("val_images", val_images),
+                        ("test_images", test_images), ("seed", seed)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise OdkdError(f"synth.{name}: expected an integer >= 0, got {value!r}")
+    level = difficulty_value(difficulty)
+    scene = scene_for(level)
     if len(image_size) != 2 or min(image_size) < 32:
         raise OdkdError(f"synth image_size: expected (width, height) both >= 32, got {image_size!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OdkdError(f"{out_dir}: synthetic dataset directory is an existing file")
 
-    counts = {"train": train_images, "val": val_images}
+    counts = {"train": train_images, "val": val_images, "test": test_images}
     summary = {}
     next_image_id, next_ann_id = 1, 1
     for split_no, split in enumerate(SPLITS):
+        if split == "test" and not test_images:
+            continue  # no empty test files: a train/val dataset is the same bytes with or without this split
         image_dir = out_dir / "images" / split
         ann_path = out_dir / "annotations" / f"person_keypoints_{split}.json"
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +259,7 @@ def make_synthetic_dataset(
             rng = np.random.default_rng([seed, split_no, i])
             width = int(round(image_size[0] * rng.uniform(0.8, 1.2)))
             height = int(round(image_size[1] * rng.uniform(0.8, 1.2)))
-            image, anns = render_image(rng, width, height)
+            image, anns = render_image(rng, width, height, scene)
             file_name = f"{next_image_id:012d}.jpg"
             if not cv2.imwrite(str(image_dir / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
                 raise OdkdError(f"{image_dir / file_name}: could not write the JPEG")
@@ -189,15 +268,18 @@ def make_synthetic_dataset(
                 annotations.append({**ann, "image_id": next_image_id, "category_id": 1, "id": next_ann_id})
                 next_ann_id += 1
             next_image_id += 1
+        info = {
+            "description": f"odkd synthetic person keypoints, COCO 2017 format (seed {seed})",
+            "url": "",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "odkd",
+            "date_created": "",
+        }
+        if level != DIFFICULTY_LEVELS["medium"]:
+            info["difficulty"] = level
         dataset = {
-            "info": {
-                "description": f"odkd synthetic person keypoints, COCO 2017 format (seed {seed})",
-                "url": "",
-                "version": "1.0",
-                "year": 2017,
-                "contributor": "odkd",
-                "date_created": "",
-            },
+            "info": info,
             "licenses": [LICENSE],
             "images": images,
             "annotations": annotations,
@@ -576,7 +658,7 @@ def _paint_face(paint, label, face_xy, labelled, body: Body, view: View, skin) -
 # ---------------------------------------------------------------- scene
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int, scene: Scene) -> np.ndarray:
     """Gradient, floor, blotches, random shapes and person-coloured distractors."""
     yy, xx = np.mgrid[:height, :width].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
@@ -589,10 +671,10 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         bg[horizon:] = _texture(rng, _colour(rng), height - horizon, width, rng.uniform(4, 30))
     bg *= _texture(rng, np.ones(3, np.float32), height, width, rng.uniform(10, 60)) ** 0.5
     image = np.clip(bg, 0, 255).astype(np.uint8)
-    for _ in range(rng.integers(5, 20)):
+    for _ in range(rng.integers(*scene.clutter_shapes)):
         size = rng.uniform(0.05, 0.35) * min(width, height)
         _clutter_shape(rng, image, rng.uniform([0, 0], [width, height]), size)
-    for _ in range(rng.integers(0, 4)):  # head- and limb-like blobs in skin and cloth colours
+    for _ in range(rng.integers(*scene.distractors)):  # head- and limb-like blobs in skin and cloth colours
         colour = SKIN_TONES_BGR[rng.integers(len(SKIN_TONES_BGR))] if rng.random() < 0.6 else _colour(rng)
         centre = rng.uniform([0, 0], [width, height])
         size = rng.uniform(0.03, 0.12) * height
@@ -628,7 +710,7 @@ def _clutter_shape(rng: np.random.Generator, image: np.ndarray, centre: np.ndarr
         cv2.line(image, c, tuple(int(v) for v in end), colour, thickness, cv2.LINE_AA)
 
 
-def _sample_view(rng: np.random.Generator, width: int, height: int, height_frac: float) -> View:
+def _sample_view(rng: np.random.Generator, width: int, height: int, height_frac: float, scene: Scene) -> View:
     """Viewing side, camera tilt, body roll (upright, leaning, lying), size and place."""
     u = rng.uniform
     side = rng.random()
@@ -648,37 +730,40 @@ def _sample_view(rng: np.random.Generator, width: int, height: int, height_frac:
     else:
         roll = rng.normal(0, 5)
     scale = height_frac * height
-    if rng.random() < 0.08:  # mostly out of frame: only a limb or two shows
+    if rng.random() < scene.out_of_frame_prob:  # mostly out of frame: only a limb or two shows
         cx = -u(0.1, 0.35) * scale if rng.random() < 0.5 else width + u(0.1, 0.35) * scale
     else:
-        cx = u(-0.1, 1.1) * width
-    return View(yaw=yaw, elevation=u(-15, 25), roll=roll, scale=scale, cx=cx, cy=u(0.3, 0.8) * height)
+        cx = u(*scene.pelvis_x) * width
+    return View(yaw=yaw, elevation=u(-15, 25), roll=roll, scale=scale, cx=cx, cy=u(*scene.pelvis_y) * height)
 
 
-def render_image(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, list[dict]]:
+def render_image(
+    rng: np.random.Generator, width: int, height: int, scene: Scene = MEDIUM
+) -> tuple[np.ndarray, list[dict]]:
     """One BGR image and its annotations (without ids): people, a crowd sometimes, occluders."""
-    image = _background(rng, width, height)
+    image = _background(rng, width, height, scene)
     owner = np.full((height, width), -1, np.int16)  # person index; -1 background, -2 occluder
     part_map = np.zeros((height, width), np.uint8)
 
-    crowd_size = int(rng.integers(4, 11)) if rng.random() < 0.15 else 0
+    crowd_size = int(rng.integers(4, 11)) if rng.random() < scene.crowd_prob else 0
     crowd_centre = rng.uniform([0.2 * width, 0.3 * height], [0.8 * width, 0.6 * height])
     for index in range(crowd_size):
         cx, cy = crowd_centre + rng.normal(0, [0.1 * width, 0.04 * height])
-        view = _sample_view(rng, width, height, rng.uniform(0.12, 0.22))
+        view = _sample_view(rng, width, height, rng.uniform(0.12, 0.22), scene)
         view = replace(view, roll=rng.normal(0, 4), cx=cx, cy=cy)  # upright, packed together
         render_person(rng, image, owner, part_map, index, sample_body(rng), sample_pose(rng), view)
 
-    n_people = int(rng.choice([1, 2, 3, 4, 5], p=[0.22, 0.3, 0.24, 0.14, 0.1]))
-    height_fracs = np.exp(rng.uniform(np.log(0.25), np.log(0.9), n_people))
+    n_people = int(rng.choice([1, 2, 3, 4, 5], p=scene.people_probs))
+    low, high = scene.height_range
+    height_fracs = np.exp(rng.uniform(np.log(low), np.log(high), n_people))
     order = np.argsort(height_fracs + rng.normal(0, 0.15, n_people))  # smaller people mostly farther
     people = []
     for rank, k in enumerate(order):
-        view = _sample_view(rng, width, height, height_fracs[k])
+        view = _sample_view(rng, width, height, height_fracs[k], scene)
         people.append(render_person(rng, image, owner, part_map, crowd_size + rank, sample_body(rng),
                                     sample_pose(rng), view))
 
-    for _ in range(rng.integers(1, 3) if rng.random() < 0.45 else 0):
+    for _ in range(rng.integers(*scene.occluders) if rng.random() < scene.occluder_prob else 0):
         _occlude(rng, image, owner, people[rng.integers(len(people))].joints)
     noise = rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(2, 8)
     image = np.clip(image + noise, 0, 255).astype(np.uint8)
