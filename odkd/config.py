@@ -92,6 +92,13 @@ class TeacherConfig:
     seg_weight: float = 0.002
     seg_loss: str = "bce+dice"  # "bce" | "bce+dice"; dice copes with masks that fill a small part of the crop
     checkpoint: str = ""
+    # For model = "onnx" | "torchscript" (checkpoint names the file): the normalization the file
+    # expects, RGB order and 0..1 units (ImageNet's, like odkd's crops, by default), the channel
+    # order it takes, and what its second output (the mask) holds. odkd's own models take the defaults.
+    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_order: str = "rgb"  # "rgb" | "bgr"
+    mask_output: str = "logits"  # "logits" | "probabilities"
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -146,6 +153,8 @@ _CHOICES = {
     "schedule": ("step", "cosine"),
     "seg_loss": ("bce", "bce+dice"),
     "threshold_mode": ("absolute", "relative"),
+    "input_order": ("rgb", "bgr"),
+    "mask_output": ("logits", "probabilities"),
     "decode": ("argmax", "centroid", "dark"),
 }
 
