@@ -209,6 +209,30 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
     click.echo(f"{len(keypoints)} people drawn to {out}")
 
 
+@main.command("export")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
+              help="An odkd, official or mmpose checkpoint.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="student.onnx for ONNX, student.pt for TorchScript.")
+@click.option("--input-size", type=(int, int), default=None, metavar="W H",
+              help="Input width and height (default: the checkpoint's, else the config's [data] input_size).")
+@click.option("--model", "model_name", default=None, help="Architecture of an official or mmpose checkpoint.")
+@config_option
+@user_errors
+def export_cmd(checkpoint, out, input_size, model_name, config_path):
+    """Write the model as ONNX or TorchScript, heatmaps only, and check it against PyTorch.
+
+    The seg head is dropped: the file maps `image` (N, 3, H, W) to `heatmaps` (N, K, H/4, W/4),
+    with a dynamic batch axis. ONNX needs the export extra: pip install 'odkd[export]'.
+    """
+    from odkd.models.export import export_model
+
+    cfg = load_config(config_path)
+    report = export_model(checkpoint, out, input_size=input_size, config_input_size=cfg.data.input_size,
+                          model=model_name)
+    click.echo(report.summary())
+
+
 @main.command("cache-teachers")
 @config_option
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
