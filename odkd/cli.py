@@ -54,6 +54,9 @@ def main():
       odkd train-teacher --role primary          # PT: keypoints
       odkd train-teacher --role senior           # ST: keypoints + person mask
       odkd evaluate --checkpoint runs/demo/teacher_senior/best.pth
+      odkd cache-teachers                        # both teachers once, into cache/demo.zarr
+      odkd train-student                         # orderly PT -> ST from the store, no teacher loaded
+      odkd export --checkpoint runs/demo/student/best.pth --out student.onnx
     """
 
 
@@ -182,6 +185,29 @@ def train_teacher_cmd(config_path, role, out, resume, init, device):
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("train-student")
+@config_option
+@click.option("--cache", "cache_url", default=None,
+              help="Teacher store: a path or an fsspec URL (http, s3, gs); default: [student] cache.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: RUNS/student).")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth, mid-stage too.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@user_errors
+def train_student_cmd(config_path, cache_url, out, resume, device):
+    """Train the [student] from the teacher store, stage by stage ([[student.stages]]).
+
+    No teacher is loaded: the targets come from the store that cache-teachers wrote, warped into
+    each augmented crop. Writes last.pth, best.pth, stage_NAME.pth, log.jsonl and curves.png.
+    Several processes: torchrun --standalone --nproc_per_node N -m odkd train-student ...
+    """
+    from odkd.train.student import train_student
+
+    cfg = load_config(config_path)
+    summary = train_student(cfg, cache=cache_url, out=out, resume=resume, device=device)
+    if summary is not None:
+        click.echo(json.dumps(summary, indent=2))
+
+
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="An odkd, official or mmpose checkpoint.")
@@ -237,14 +263,17 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path):
 @config_option
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--out", default=None, help="Store path or fsspec URL (default: [cache] store).")
-@click.option("--workers", type=int, default=None, help="LocalCluster worker processes (default: [cache] workers).")
+@click.option("--workers", type=int, default=None,
+              help="LocalCluster worker processes (default: [cache] workers); with --device cuda, each gets one GPU.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")
+@click.option("--decode-threads", type=int, default=None,
+              help="Image decode and crop threads per worker (default: [cache] decode_threads).")
 @click.option("--batch-size", type=int, default=None, help="Teacher batch size (default: [cache] batch_size).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @click.option("--overwrite", is_flag=True, help="Rebuild from scratch. Without it a store with the same settings resumes and one with other settings is refused.")
 @click.option("--limit", type=int, default=None, help="Cache only the first N instances (a quick trial).")
 @user_errors
-def cache_teachers(config_path, split, out, workers, scheduler, batch_size, device, overwrite, limit):
+def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, batch_size, device, overwrite, limit):
     """Run PT and ST once over every person instance of SPLIT into a sharded Zarr store.
 
     Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
@@ -254,7 +283,7 @@ def cache_teachers(config_path, split, out, workers, scheduler, batch_size, devi
 
     cfg = load_config(config_path)
     url = build_cache(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
-                      device=device or cfg.device, overwrite=overwrite, limit=limit)
+                      device=device or cfg.device, overwrite=overwrite, limit=limit, decode_threads=decode_threads)
     click.echo(f"teacher targets in {url}")
 
 

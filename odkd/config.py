@@ -111,6 +111,49 @@ class TeachersConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One stage of the student's schedule: which teacher it learns from, and how much of each loss."""
+
+    name: str = ""
+    epochs: int = 0
+    teacher: str = "primary"  # "primary" | "senior" | "both" | "none"
+    gt_weight: float = 1.0  # JointsMSE against the Gaussian GT heatmaps
+    kd_weight: float = 1.0  # JointsMSE against the warped teacher heatmaps
+    seg_weight: float = 0.0  # BCE (+dice) of the aux head against ST's stored mask
+    conf_floor: float = 0.0  # a teacher keypoint whose stored peak is below this teaches nothing
+    targets: str = "binary"  # "binary": the stored 0/1 maps; "soft": the raw maps (needs [cache] store_soft)
+    mask_gate: bool = False  # keep ST's keypoint responses inside its mask grown by mask_gate_dilation
+    mask_gate_dilation: int = 3
+
+
+def _method_stages() -> tuple[StageConfig, ...]:
+    return (StageConfig(name="primary", epochs=20, teacher="primary"),
+            StageConfig(name="senior", epochs=20, teacher="senior", seg_weight=0.002))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "mobilenetv2_tiny"
+    model_args: dict = field(default_factory=dict)
+    seg_head: bool = True  # auxiliary head that learns ST's mask; dropped at export
+    seg_loss: str = "bce+dice"
+    cache: str = "cache/demo.zarr"  # path or fsspec URL of the teacher store
+    init: str = ""
+    # "run": one learning-rate curve over all stages, the same curve as the GT-only baseline's;
+    # "stage": the schedule restarts (warmup included) at every stage
+    lr_span: str = "run"
+    # a warp scales the stored blobs with the zoom; a teacher run on the zoomed crop keeps its trained
+    # blob width: true moves the binary edges back to that width (see bench/fidelity.py)
+    keep_blob_size: bool = True
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stages: tuple[StageConfig, ...] = field(default_factory=_method_stages)
+
+    @property
+    def epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     flip_test: bool = True
     shift_heatmap: bool = True
@@ -130,11 +173,15 @@ class CacheConfig:
     mask_gate: bool = False
     mask_gate_dilation: int = 3
     margin: float = 1.0
+    store_soft: bool = False  # also keep the raw maps (float16) for soft-target ablations
     flip_test: bool = True
     chunk_instances: int = 64
     shard_instances: int = 1024
     batch_size: int = 64
     workers: int = 1
+    # the teachers' arithmetic, recorded in the store; bf16 flips a few bits at the threshold, see the README
+    precision: str = "fp32"  # "fp32" | "tf32" | "bf16"
+    decode_threads: int = 0  # JPEG decode + crop threads per worker; 0: 4 on a GPU worker, 1 on a CPU one
 
 
 @dataclass(frozen=True)
@@ -143,6 +190,7 @@ class PipelineConfig:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     runs: str = "runs"
     source: str = ""  # the file this config was read from; set by load_config
@@ -153,9 +201,13 @@ _CHOICES = {
     "schedule": ("step", "cosine"),
     "seg_loss": ("bce", "bce+dice"),
     "threshold_mode": ("absolute", "relative"),
+    "precision": ("fp32", "tf32", "bf16"),
+    "teacher": ("primary", "senior", "both", "none"),
+    "targets": ("binary", "soft"),
+    "lr_span": ("run", "stage"),
+    "decode": ("argmax", "centroid", "dark"),
     "input_order": ("rgb", "bgr"),
     "mask_output": ("logits", "probabilities"),
-    "decode": ("argmax", "centroid", "dark"),
 }
 
 
@@ -231,6 +283,33 @@ def _check_sizes(cfg: PipelineConfig, path: str) -> None:
                         f"aspect of data.input_size {list(cfg.data.input_size)}")
 
 
+def _check_student(cfg: PipelineConfig, path: str) -> None:
+    student = cfg.student
+    if not student.stages:
+        raise OdkdError(f"{path}: student.stages: give at least one [[student.stages]]")
+    names = [stage.name for stage in student.stages]
+    for i, stage in enumerate(student.stages):
+        where = f"student.stages[{i}]"
+        if not stage.name:
+            raise OdkdError(f"{path}: {where}.name: every stage needs a name")
+        if names.count(stage.name) > 1:
+            raise OdkdError(f"{path}: {where}.name: {stage.name!r} names two stages")
+        if stage.epochs < 0:
+            raise OdkdError(f"{path}: {where}.epochs must be >= 0, got {stage.epochs}")
+        for key in ("gt_weight", "kd_weight", "seg_weight"):
+            if getattr(stage, key) < 0:
+                raise OdkdError(f"{path}: {where}.{key} must be >= 0, got {getattr(stage, key)}")
+        if stage.seg_weight > 0 and not student.seg_head:
+            raise OdkdError(f"{path}: {where}.seg_weight is {stage.seg_weight} but student.seg_head is false")
+    if student.epochs <= 0:
+        raise OdkdError(f"{path}: student.stages: the stages' epochs sum to {student.epochs}; "
+                        f"the run needs a positive number of epochs")
+    given = cfg.raw.get("student", {}).get("train", {}).get("epochs")
+    if given is not None and given != student.epochs:
+        raise OdkdError(f"{path}: student.train.epochs is {given} but the stages' epochs sum to "
+                        f"{student.epochs}; drop the key or make them agree")
+
+
 def parse_config(text: str, source: str = "<string>") -> PipelineConfig:
     try:
         raw = tomllib.loads(text)
@@ -242,6 +321,8 @@ def parse_config(text: str, source: str = "<string>") -> PipelineConfig:
         raise OdkdError(f"{source}: {exc}") from None
     cfg = dataclasses.replace(cfg, source=source, raw=raw)
     _check_sizes(cfg, source)
+    if "student" in raw:
+        _check_student(cfg, source)
     return cfg
 
 
@@ -273,6 +354,6 @@ def resolve_device(name: str):
 
 __all__ = [
     "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
-    "ScheduleConfig", "TeacherConfig", "TeachersConfig",
+    "ScheduleConfig", "StageConfig", "StudentConfig", "TeacherConfig", "TeachersConfig",
     "load_config", "parse_config", "require_file", "resolve_device",
 ]

@@ -11,7 +11,8 @@ import torch
 import zarr
 
 from odkd.cache import TeacherTargets, build_cache, cache_info, unpack_maps, verify_cache
-from odkd.cache.teachers import binarize, cache_geometry, gate_by_mask, stored_frame_scale
+from odkd.cache.binarize import binarize, gate_by_mask
+from odkd.cache.teachers import cache_geometry, stored_frame_scale
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
 from odkd.data.synth import make_synthetic_dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from odkd import __version__
 from odkd.cache.schema import StoreLayout
@@ -27,32 +28,54 @@ def cache_settings(cfg: PipelineConfig, split: str, dataset_fingerprint: str, ma
     return {
         "dataset_fingerprint": dataset_fingerprint, "split": split,
         "input_size": list(cfg.data.input_size), "heatmap_size": list(cfg.data.heatmap_size),
-        "sigma": cfg.data.sigma, "margin": c.margin, "map_size": list(map_size),
+        "sigma": cfg.data.sigma, "margin": c.margin, "map_size": list(map_size), "store_soft": c.store_soft,
         "teacher_input_size": list(teacher_input_size),
         "threshold": c.threshold, "threshold_mode": c.threshold_mode, "mask_threshold": c.mask_threshold,
         "mask_gate": c.mask_gate, "mask_gate_dilation": c.mask_gate_dilation,
-        "flip_test": c.flip_test, "shift_heatmap": cfg.eval.shift_heatmap,
+        "flip_test": c.flip_test, "shift_heatmap": cfg.eval.shift_heatmap, "precision": c.precision,
         "teachers": {key: spec.settings() for key, spec in teachers.items()},
     }
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or UUIDs)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else map(str, range(count))
+    return list(names)[:count]
+
+
+def gpu_worker_envs(workers: int, gpus: list[str]) -> list[dict]:
+    """Each local worker's CUDA_VISIBLE_DEVICES, round-robin over `gpus`: one worker per GPU when
+    `workers` is their number, and its GPU is then its cuda:0."""
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers)]
 
 
 def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = None, *, workers: int | None = None,
                 scheduler: str | None = None, batch_size: int | None = None, device: str = "cpu",
                 overwrite: bool = False, progress: bool = True, limit: int | None = None,
-                torch_threads: int | None = None) -> str:
+                torch_threads: int | None = None, decode_threads: int | None = None) -> str:
     """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns its URL.
 
     `scheduler` is a dask scheduler address (each of its workers loads the teachers once, on
     `device`), "synchronous" to run in this process, or None for a LocalCluster of `workers`
-    processes. An interrupted build resumes where it stopped when run again. `torch_threads` is
-    each worker's intra-op threads for CPU teachers; by default the cores split among the local
-    workers, and torch's own default on a scheduler's workers.
+    processes; with `device` "cuda" or "auto" on a machine with GPUs, each of those processes sees one
+    GPU (round-robin), so `workers` = the number of GPUs runs one worker per GPU. An interrupted
+    build resumes where it stopped when run again. `torch_threads` is each worker's intra-op threads
+    for CPU teachers; by default the cores split among the local workers, and torch's own default on
+    a scheduler's workers. `decode_threads` (default `[cache] decode_threads`) decode and crop the
+    images of each worker.
     """
     url = str(out or cfg.cache.store)
     workers = workers or cfg.cache.workers
     batch_size = batch_size or cfg.cache.batch_size
+    decode_threads = cfg.cache.decode_threads if decode_threads is None else decode_threads
     if workers < 1 or batch_size < 1:
         raise OdkdError(f"workers ({workers}) and batch size ({batch_size}) must be at least 1")
+    if decode_threads < 0:
+        raise OdkdError(f"cache.decode_threads must be 0 (by device) or more, got {decode_threads}")
     if scheduler in (None, "synchronous"):
         resolve_device(device)  # no CUDA here is one error now; a scheduler's workers resolve their own
     instances = load_instances(cfg.data, split)
@@ -61,7 +84,8 @@ def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = Non
         raise OdkdError(f"{cfg.data.ann_file(split)}: no person instances to cache")
     map_size, teacher_input = cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, cfg.cache.margin)
     teachers = resolve_teachers(cfg, teacher_input, map_size)
-    layout = StoreLayout(count, NUM_JOINTS, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances)
+    layout = StoreLayout(count, NUM_JOINTS, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances,
+                         soft=cfg.cache.store_soft)
     settings = cache_settings(cfg, split, instances.fingerprint, map_size, teacher_input, teachers)
     attrs = {
         "odkd_version": __version__, "created_at": utc_now(), "split": split,
@@ -74,9 +98,11 @@ def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = Non
     producer = TeacherProducer(
         layout=layout, teachers=teachers,
         records=InstanceRecords.from_instances(instances, count, cfg.data.heatmap_size, map_size),
-        settings=settings, batch_size=batch_size, device=device,
+        settings=settings, batch_size=batch_size, device=device, decode_threads=decode_threads,
         torch_threads=torch_threads or (default_torch_threads(workers) if scheduler is None else None),
     )
+    gpus = visible_gpus() if scheduler is None and device in ("cuda", "auto") else []
     summary = build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
+                          worker_envs=gpu_worker_envs(workers, gpus) if gpus else None,
                           overwrite=overwrite, progress=progress, desc=f"caching {split}")
     return summary.url

@@ -49,12 +49,12 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
         f"layout       maps {w}x{h} packed to {specs['pt/heatmaps'].tail[-1]} bytes a row, chunks of "
         f"{layout.chunk_instances}, shards of {layout.shard_instances}, zstd + crc32c",
         "",
-        f"{'array':<14}{'dtype':>9}{'per instance':>16}{'stored':>12}{'B/instance':>12}",
+        f"{'array':<18}{'dtype':>9}{'per instance':>16}{'stored':>12}{'B/instance':>12}",
     ]
     for name, spec in specs.items():
         per = stored[name] / done if done else float("nan")
         shape = _sizes(spec.tail) or "scalar"
-        lines.append(f"{name:<14}{spec.dtype:>9}{shape:>16}{_size(stored[name]):>12}{per:>12.1f}")
+        lines.append(f"{name:<18}{spec.dtype:>9}{shape:>16}{_size(stored[name]):>12}{per:>12.1f}")
     total = sum(stored.values())
     maps = sum(stored[n] for n in MAP_ARRAYS)
     float32_maps = sum(int(np.prod(specs[n].tail[:-1])) * w * 4 for n in MAP_ARRAYS)
@@ -66,6 +66,10 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
             f"vs float32   maps would take {float32_maps} B/instance: "
             + (f"{float32_maps * done / maps:.0f}x smaller" if maps else "every stored map is empty"),
         ]
+        soft = [n for n in specs if "soft" in n]
+        if soft:
+            lines.append(f"soft maps    {sum(stored[n] for n in soft) / done:.1f} B/instance of the total "
+                         f"([cache] store_soft: raw float16 maps for soft-target students)")
     lines += ["", "teachers"]
     for key, t in attrs.get("teachers", {}).items():
         ap = "unknown" if t.get("val_ap") is None else f"{t['val_ap']:.4f}"

@@ -39,6 +39,7 @@ class StoreLayout:
     map_size: tuple[int, int]  # (width, height) of the stored heatmaps and mask
     chunk_instances: int = 64
     shard_instances: int = 1024
+    soft: bool = False  # also the raw maps (float16), for students that learn from soft targets
 
     def __post_init__(self):
         if self.num_instances <= 0:
@@ -82,6 +83,8 @@ class StoreLayout:
             "meta/center": ArraySpec((2,), "float32"),
             "meta/scale": ArraySpec((2,), "float32"),
             "meta/ok": ArraySpec((), "uint8"),
+            **({"pt/soft_heatmaps": ArraySpec((k, h, w), "float16"),
+                "st/soft_heatmaps": ArraySpec((k, h, w), "float16")} if self.soft else {}),
         }
 
     def allocate(self, rows: int) -> dict[str, np.ndarray]:

@@ -10,17 +10,20 @@ stored maps into any augmented frame with `odkd.data.transforms.warp_maps`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from odkd.cache.binarize import binarize, gate_by_mask
 from odkd.cache.bitpack import bitpack_maps
 from odkd.cache.schema import StoreLayout
 from odkd.cache.writer import ShardTargets
@@ -35,6 +38,8 @@ from odkd.models.inference import predict_batch
 
 ROLES = {"pt": "primary", "st": "senior"}
 MAP_MULTIPLE = 8
+PREFETCH_BATCHES = 2  # batches cropped ahead of the teachers
+GPU_DECODE_THREADS = 4
 # the keys that describe an ONNX or TorchScript file's input and mask (load_external_teacher's keywords)
 CONTRACT_KEYS = ("input_mean", "input_std", "input_order", "mask_output")
 # two crops, so a file exported with a fixed batch of one fails before the build, not in its first task
@@ -199,19 +204,40 @@ class InstanceRecords:
         )
 
 
-def binarize(heatmaps: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
-    """`map >= threshold`, absolute or relative to each map's peak (a map without a positive peak is empty)."""
-    if mode == "absolute":
-        return heatmaps >= threshold
-    peak = heatmaps.amax(dim=(-2, -1), keepdim=True)
-    return (heatmaps >= threshold * peak) & (peak > 0)
+@contextlib.contextmanager
+def cuda_tf32(allowed: bool):
+    """CUDA's TF32 switches for matmuls and cuDNN convolutions, restored afterwards (they are process-wide).
+
+    cuDNN allows TF32 by default, so fp32 must switch it off to be IEEE float32; CPUs have no TF32.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def gate_by_mask(binary: torch.Tensor, mask: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Keep keypoint responses inside the person mask grown by `dilation` pixels."""
-    if dilation > 0:
-        mask = F.max_pool2d(mask.float(), 2 * dilation + 1, stride=1, padding=dilation) > 0
-    return binary & mask
+def set_precision_layout(net, precision: str) -> None:
+    """Channels-last weights for bf16 (tensor cores and oneDNN's bf16 kernels want NHWC), the default
+    layout otherwise, so that an fp32 build stays bit-identical. In place: a process loads each
+    teacher once, and a task sets the layout of its store's precision before it runs."""
+    if isinstance(net, torch.nn.Module):
+        net.to(memory_format=torch.channels_last if precision == "bf16" else torch.contiguous_format)
+
+
+def teacher_forward(net, images: torch.Tensor, precision: str, *, flip_test: bool, shift_heatmap: bool):
+    """predict_batch at `precision` ("fp32" | "tf32" | "bf16") on a net laid out by set_precision_layout.
+
+    bf16 is autocast to bfloat16 on channels-last crops; an ONNX or TorchScript file runs at the
+    precision it was exported in.
+    """
+    bf16 = precision == "bf16" and isinstance(net, torch.nn.Module)
+    if bf16:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with cuda_tf32(precision != "fp32"):
+        return predict_batch(net, images, flip_test=flip_test, shift_heatmap=shift_heatmap,
+                             autocast_dtype=torch.bfloat16 if bf16 else None)
 
 
 @dataclass
@@ -221,10 +247,11 @@ class TeacherProducer:
     layout: StoreLayout
     teachers: dict[str, TeacherSpec]
     records: InstanceRecords
-    settings: dict  # the store's settings: sizes, thresholds, flip test
+    settings: dict  # the store's settings: sizes, thresholds, flip test, precision
     batch_size: int = 64
     device: str = "cpu"  # resolved by each worker: "auto" means its own GPU when it has one
     torch_threads: int | None = None
+    decode_threads: int = 0  # 0: decode_threads_for the worker's device
 
     def __call__(self, start: int, stop: int) -> ShardTargets:
         return self.targets_for(np.arange(start, stop))
@@ -247,50 +274,68 @@ class TeacherProducer:
         out["meta/center"][:] = self.records.centers[indices]
         out["meta/scale"][:] = self.records.scales[indices]
         nets = {key: loaded_teacher(spec, device) for key, spec in self.teachers.items()}
+        for net in nets.values():
+            set_precision_layout(net, self.precision)
         failed: list[dict] = []
-        rows = [np.arange(a, min(a + self.batch_size, len(indices))) for a in range(0, len(indices), self.batch_size)]
-        # the next batch is read and cropped while the teachers run on this one
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self._crops, indices[rows[0]]) if rows else None
-            for i, batch_rows in enumerate(rows):
-                images, ok, batch_failed = pending.result()
-                if i + 1 < len(rows):
-                    pending = pool.submit(self._crops, indices[rows[i + 1]])
+        starts = range(0, len(indices), self.batch_size)
+        batches = [indices[a:a + self.batch_size] for a in starts]
+        with ThreadPoolExecutor(self.decode_threads or decode_threads_for(device)) as pool:
+            # the crops of the next PREFETCH_BATCHES batches are made while the teachers run on this one
+            queued = deque(self.queue_crops(pool, batch) for batch in batches[:PREFETCH_BATCHES])
+            for i, a in enumerate(starts):
+                images, ok, batch_failed = queued.popleft()()
+                if i + PREFETCH_BATCHES < len(batches):
+                    queued.append(self.queue_crops(pool, batches[i + PREFETCH_BATCHES]))
                 failed += batch_failed
                 if ok.any():
-                    self._fill(out, batch_rows[ok], torch.from_numpy(images[ok]).to(device), nets)
+                    rows = np.arange(a, a + len(ok))[ok]
+                    self._fill(out, rows, torch.from_numpy(images if ok.all() else images[ok]).to(device), nets)
         return ShardTargets(out, failed)
 
-    def _crops(self, indices: np.ndarray):
+    @property
+    def precision(self) -> str:
+        return self.settings.get("precision", "fp32")  # stores from before the setting ran in fp32
+
+    def queue_crops(self, pool: ThreadPoolExecutor, indices: np.ndarray) -> Callable[[], tuple]:
+        """Queue the crops of one batch on `pool`, one job per run of instances from the same image (each
+        image is decoded once); returns the call that waits for them: (images, ok, failed)."""
         size = tuple(self.settings["teacher_input_size"])
         images = np.zeros((len(indices), 3, size[1], size[0]), np.float32)
         ok = np.zeros(len(indices), bool)
-        failed = []
-        cached_path, cached, error = None, None, ""
+        paths = [self.records.image_paths[i] for i in indices]
+        firsts = [j for j in range(len(paths)) if j == 0 or paths[j] != paths[j - 1]]
+        jobs = [pool.submit(self._crop_image, paths[j], indices[j:k], images[j:k], ok[j:k], size)
+                for j, k in zip(firsts, firsts[1:] + [len(paths)])]
+
+        def wait() -> tuple[np.ndarray, np.ndarray, list[dict]]:
+            return images, ok, [f for job in jobs for f in job.result()]
+
+        return wait
+
+    def _crop_image(self, path: str, indices: np.ndarray, images: np.ndarray, ok: np.ndarray, size) -> list[dict]:
+        """Decode one image and write its instances' crops into the views `images` and `ok`; returns
+        the failed instances. Runs on a crop thread: cv2 and numpy release the GIL."""
+        try:
+            image = read_image(path)
+        except OdkdError as exc:
+            return [{"index": int(idx), "image_id": int(self.records.image_ids[idx]),
+                     "ann_id": int(self.records.ann_ids[idx]), "file": path, "reason": str(exc)} for idx in indices]
         for j, idx in enumerate(indices):
-            path = self.records.image_paths[idx]
-            if path != cached_path:
-                cached_path = path
-                try:
-                    cached, error = read_image(path), ""
-                except OdkdError as exc:
-                    cached, error = None, str(exc)
-            if cached is None:
-                failed.append({"index": int(idx), "image_id": int(self.records.image_ids[idx]),
-                               "ann_id": int(self.records.ann_ids[idx]), "file": path, "reason": error})
-                continue
             frame = CropFrame(center=tuple(map(float, self.records.centers[idx])),
                               scale=tuple(map(float, self.records.scales[idx])))
-            images[j] = normalize_image(crop_image(cached, frame, size))
+            images[j] = normalize_image(crop_image(image, frame, size))
             ok[j] = True
-        return images, ok, failed
+        return []
 
     def _fill(self, out: dict, rows: np.ndarray, images: torch.Tensor, nets: dict) -> None:
         s = self.settings
         binary = {}
         for key, net in nets.items():
-            heatmaps, mask = predict_batch(net, images, flip_test=s["flip_test"], shift_heatmap=s["shift_heatmap"])
+            heatmaps, mask = teacher_forward(net, images, self.precision, flip_test=s["flip_test"],
+                                             shift_heatmap=s["shift_heatmap"])
             out[f"{key}/conf"][rows] = heatmaps.amax(dim=(-2, -1)).to(torch.float16).cpu().numpy()
+            if self.layout.soft:
+                out[f"{key}/soft_heatmaps"][rows] = heatmaps.to(torch.float16).cpu().numpy()
             binary[key] = binarize(heatmaps, s["threshold"], s["threshold_mode"])
             if key == "st":
                 binary["mask"] = mask >= s["mask_threshold"]
@@ -305,3 +350,9 @@ class TeacherProducer:
 def default_torch_threads(workers: int) -> int:
     """Intra-op threads per local worker process, so that the workers together fill the cores once."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def decode_threads_for(device: torch.device) -> int:
+    """Crop threads per worker: a GPU outruns one core's JPEG decoding several times over (bench/cache.py),
+    while on a CPU the teachers take the cores and one thread keeps ahead of them."""
+    return GPU_DECODE_THREADS if device.type == "cuda" else 1

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from odkd.data.augment import canonical_frame, random_frame
 from odkd.data.image import read_image
 from odkd.data.instances import PersonInstances
 from odkd.data.keypoints import FLIP_INDEX
 from odkd.data.targets import gaussian_heatmaps, mask_target
-from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
+from odkd.data.transforms import CropFrame, affine_transform, crop_image, grid_sample_theta, map_zoom, normalize_image
 
 
 def frame_fields(frame: CropFrame) -> dict:
@@ -34,38 +35,53 @@ def frame_from_batch(batch: dict, i: int) -> CropFrame:
                      image_width=int(batch["image_width"][i]))
 
 
+@dataclass(frozen=True)
+class StoredFrames:
+    """Where a teacher store's maps sit: each instance's stored crop (center, scale), at map_size (w, h)."""
+
+    centers: np.ndarray  # (N, 2)
+    scales: np.ndarray  # (N, 2)
+    map_size: tuple[int, int]
+
+    def frame(self, index: int) -> CropFrame:
+        return CropFrame(center=tuple(map(float, self.centers[index])), scale=tuple(map(float, self.scales[index])))
+
+
 class TopDownDataset(Dataset):
     """One sample per person instance: the normalized crop, Gaussian targets and (optionally) the mask.
 
-    Augmentation draws from a generator seeded by (seed, epoch, index), so a sample is the same
-    whichever worker makes it and a resumed run sees exactly the samples it would have seen.
+    A sample is addressed by (epoch, index), as EpochSampler yields it, or by a plain index for
+    epoch 0. Augmentation draws from a generator seeded by (seed, epoch, index), so a sample is the
+    same whichever worker makes it, workers can live across epochs, and a resumed run sees exactly
+    the samples it would have seen. With `stored_frames`, each sample also carries `teacher_theta`:
+    the grid_sample matrix that moves that instance's stored teacher maps into this sample's crop,
+    and `teacher_zoom`, stored-map pixels per heatmap pixel.
     """
 
-    def __init__(self, instances: PersonInstances, data_cfg, train: bool, with_mask: bool = False, seed: int = 0):
+    def __init__(self, instances: PersonInstances, data_cfg, train: bool, with_mask: bool = False, seed: int = 0,
+                 stored_frames: StoredFrames | None = None):
         self.instances = instances
         self.cfg = data_cfg
         self.train = train
         self.with_mask = with_mask
         self.seed = seed
-        self.epoch = 0
+        self.stored_frames = stored_frames
         self.aspect_ratio = data_cfg.input_size[0] / data_cfg.input_size[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.instances)
 
-    def frame(self, index: int) -> CropFrame:
+    def frame(self, index: int, epoch: int = 0) -> CropFrame:
         inst = self.instances[index]
         if not self.train:
             return canonical_frame(inst)
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = np.random.default_rng((self.seed, epoch, index))
         return random_frame(inst, self.cfg.augment, rng, self.aspect_ratio)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         inst = self.instances[index]
-        frame = self.frame(index)
+        frame = self.frame(index, epoch)
         image = read_image(self.instances.image_path(inst))
         crop = crop_image(image, frame, self.cfg.input_size)
 
@@ -86,7 +102,47 @@ class TopDownDataset(Dataset):
         }
         if self.with_mask:
             sample["mask"] = torch.from_numpy(mask_target(self.instances.mask(inst), frame, self.cfg.heatmap_size))
+        if self.stored_frames is not None:
+            stored, map_size = self.stored_frames.frame(index), self.stored_frames.map_size
+            sample["teacher_theta"] = torch.from_numpy(grid_sample_theta(stored, map_size, frame, self.cfg.heatmap_size))
+            sample["teacher_zoom"] = np.float32(map_zoom(stored, map_size, frame, self.cfg.heatmap_size))
         return sample
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) for one epoch at a time: the epoch travels with the index, so persistent
+    workers augment for the right epoch without being told.
+
+    The order is a function of (seed, epoch) alone. With world_size > 1 each rank takes every
+    world_size-th index of the same order (padded by wrapping, as DistributedSampler does), so the
+    ranks together see every sample of the epoch once.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 100_003 + self.epoch)
+        # one draw before the permutation, as torch's DataLoader takes its workers' base seed from the
+        # same generator first: orders stay those of runs made before this sampler existed
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size)
+
+    def __iter__(self):
+        order = self.order()
+        padded = order + order[: len(self) * self.world_size - len(order)]
+        return iter([(self.epoch, i) for i in padded[self.rank::self.world_size]])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -97,12 +153,14 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: TopDownDataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
+def make_loader(dataset: TopDownDataset, batch_size: int, workers: int, sampler: EpochSampler | None = None,
                 drop_last: bool = False) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    """A loader whose workers live as long as it does; step epochs with `sampler.set_epoch`.
+
+    Without a sampler it walks the dataset in order (evaluation).
+    """
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker, generator=generator,
-        persistent_workers=False,
+        dataset, batch_size=batch_size, sampler=sampler or EpochSampler(len(dataset), shuffle=False),
+        num_workers=workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_seed_worker, persistent_workers=workers > 0,
     )

@@ -232,8 +232,6 @@ class DetectedPersons(_InstanceList):
 
 
 def load_instances(data_cfg, split: str) -> PersonInstances:
-    """The instances of `split` ('train' or 'val') named by a `[data]` config section."""
-    if split not in ("train", "val"):
-        raise OdkdError(f"split must be 'train' or 'val', got {split!r}")
+    """The instances of `split` ('train', 'val' or 'test') named by a `[data]` config section."""
     aspect = data_cfg.input_size[0] / data_cfg.input_size[1]
     return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict)

@@ -149,3 +149,25 @@ def warp_maps(
     if keypoint_channels and src.flip != dst.flip:
         out = out[FLIP_INDEX]
     return np.ascontiguousarray(out)
+
+
+def _normalized_to_pixels(size) -> np.ndarray:
+    """3x3 map from grid_sample's [-1, 1] coordinates (align_corners=True) to pixel centers of a (w, h) map."""
+    w, h = float(size[0]), float(size[1])
+    return np.array([[(w - 1) / 2, 0.0, (w - 1) / 2], [0.0, (h - 1) / 2, (h - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def grid_sample_theta(src: CropFrame, src_size, dst: CropFrame, dst_size) -> np.ndarray:
+    """The 2x3 `theta` of torch's affine_grid(align_corners=True) that moves maps from crop `src` into
+    crop `dst`: the same move as `warp_maps`, but as one matrix per sample, so a whole batch warps on
+    the device with grid_sample. Channel swaps for mirrored frames are the caller's, as in warp_maps.
+    """
+    dst_to_src = compose_affine(src.matrix(src_size), invert_affine(dst.matrix(dst_size)))
+    theta = np.linalg.inv(_normalized_to_pixels(src_size)) @ _to3x3(dst_to_src) @ _normalized_to_pixels(dst_size)
+    return theta[:2].astype(np.float32)
+
+
+def map_zoom(src: CropFrame, src_size, dst: CropFrame, dst_size) -> float:
+    """Pixels of the `src` map per pixel of the `dst` map (> 1: dst is zoomed out)."""
+    dst_to_src = compose_affine(src.matrix(src_size), invert_affine(dst.matrix(dst_size)))
+    return float(np.sqrt(abs(np.linalg.det(dst_to_src[:, :2]))))

@@ -26,6 +26,10 @@ class EvalReport:
     mask_iou: float | None
     results: list[dict]
 
+    def record(self) -> dict[str, float]:
+        """The stats as a training log records them: COCO's ten, plus mask_iou for a seg-head model."""
+        return self.stats if self.mask_iou is None else {**self.stats, "mask_iou": self.mask_iou}
+
 
 def mask_iou(pred_prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample IoU of mask probabilities and soft targets, both thresholded at 0.5; (N,)."""
@@ -36,14 +40,12 @@ def mask_iou(pred_prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_instances(model, dataset: TopDownDataset, *, device, batch_size: int = 64, workers: int = 0,
-                      flip_test: bool = True, shift_heatmap: bool = True, decode: str = "argmax",
-                      sigma: float = 2.0, desc: str = "eval"):
-    """Keypoints (N, K, 3) [x, y, maxval] in image coordinates for every crop, and the per-crop mask IoU
-    against the dataset's mask targets when the model has a seg head and the dataset has masks (else None).
-    `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder."""
+def predict_instances(model, loader, *, device, flip_test: bool = True, shift_heatmap: bool = True,
+                      decode: str = "argmax", sigma: float = 2.0, desc: str = "eval"):
+    """Keypoints (N, K, 3) [x, y, maxval] in image coordinates for every crop the loader yields, and the
+    per-crop mask IoU against the dataset's mask targets when the model has a seg head and the dataset
+    has masks (else None). `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder."""
     model.eval()
-    loader = make_loader(dataset, batch_size, workers, shuffle=False)
     keypoints, ious = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         images = batch["image"].to(device, non_blocking=True)
@@ -57,22 +59,39 @@ def predict_instances(model, dataset: TopDownDataset, *, device, batch_size: int
     return np.concatenate(keypoints), mask_ious
 
 
+class ModelEvaluator:
+    """COCO keypoint AP on a fixed set of instances (PersonInstances or DetectedPersons), with one
+    loader whose workers live across calls: a training run evaluates every few epochs without
+    starting workers again."""
+
+    def __init__(self, instances, data_cfg, eval_cfg, gt_coco, *, device, with_mask: bool, workers: int = 0):
+        self.instances, self.eval_cfg, self.gt_coco, self.device = instances, eval_cfg, gt_coco, device
+        self.sigma = data_cfg.sigma
+        with_mask = with_mask and not isinstance(instances, DetectedPersons)
+        dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
+        self.loader = make_loader(dataset, eval_cfg.batch_size, workers)
+
+    def __call__(self, model, flip_test: bool | None = None) -> EvalReport:
+        cfg = self.eval_cfg
+        flip = cfg.flip_test if flip_test is None else flip_test
+        kpts, ious = predict_instances(model, self.loader, device=self.device, flip_test=flip,
+                                       shift_heatmap=cfg.shift_heatmap, decode=cfg.decode, sigma=self.sigma)
+        insts = self.instances.instances
+        box_scores = np.array([i.score for i in insts])
+        areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
+        raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores)
+        results = metrics.nms_per_image(raw, areas, thresh=cfg.oks_nms_thr, in_vis_thr=cfg.in_vis_thr)
+        stats = metrics.coco_keypoint_eval(self.gt_coco, results)
+        return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results)
+
+
 def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, flip_test: bool | None = None,
                    workers: int = 0) -> EvalReport:
     """COCO keypoint AP of `model` on `instances` (PersonInstances or DetectedPersons)."""
-    flip = eval_cfg.flip_test if flip_test is None else flip_test
-    with_mask = bool(getattr(model, "has_seg_head", False)) and not isinstance(instances, DetectedPersons)
-    dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
-    kpts, ious = predict_instances(model, dataset, device=device, batch_size=eval_cfg.batch_size,
-                                   workers=workers, flip_test=flip, shift_heatmap=eval_cfg.shift_heatmap,
-                                   decode=eval_cfg.decode, sigma=data_cfg.sigma)
-    insts = instances.instances
-    box_scores = np.array([i.score for i in insts])
-    areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
-    raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores)
-    results = metrics.nms_per_image(raw, areas, thresh=eval_cfg.oks_nms_thr, in_vis_thr=eval_cfg.in_vis_thr)
-    stats = metrics.coco_keypoint_eval(gt_coco, results)
-    return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results)
+    with_mask = bool(getattr(model, "has_seg_head", False))
+    evaluator = ModelEvaluator(instances, data_cfg, eval_cfg, gt_coco, device=device, with_mask=with_mask,
+                               workers=workers)
+    return evaluator(model, flip_test)
 
 
 def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str = "gt",

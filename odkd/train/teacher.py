@@ -11,7 +11,7 @@ from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint
-from odkd.eval.evaluate import evaluate_model
+from odkd.eval.evaluate import ModelEvaluator
 from odkd.train.losses import joints_mse_loss, mask_loss
 from odkd.train.loop import ModelSpec, fit
 
@@ -56,11 +56,11 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
                                seed=tcfg.train.seed)
     val = load_instances(cfg.data, "val")
 
-    def evaluate_fn(m):
-        report = evaluate_model(m, val, cfg.data, cfg.eval, val.coco, device=dev, workers=tcfg.train.workers)
-        return report.stats if report.mask_iou is None else {**report.stats, "mask_iou": report.mask_iou}
+    evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=tcfg.seg_head,
+                               workers=tcfg.train.workers)
 
     spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head)
     return fit(make_model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
-               loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev, evaluate_fn=evaluate_fn,
+               loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev,
+               evaluate_fn=lambda m: evaluator(m).record(),
                resume=resume, max_steps_per_epoch=max_steps_per_epoch)

@@ -1,0 +1,63 @@
+"""Training curves from a run's log.jsonl: every loss and val AP against epoch, stage boundaries marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: a training box has no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(log_path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+
+
+def stage_spans(records: list[dict]) -> list[tuple[str, int, int]]:
+    """(stage name, first epoch, last epoch) of each run of equal `stage` fields, in order."""
+    spans: list[tuple[str, int, int]] = []
+    for r in records:
+        name = r.get("stage")
+        if name is None:
+            continue
+        if spans and spans[-1][0] == name and spans[-1][2] == r["epoch"] - 1:
+            spans[-1] = (name, spans[-1][1], r["epoch"])
+        else:
+            spans.append((name, r["epoch"], r["epoch"]))
+    return spans
+
+
+def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
+    """Losses (log scale, left) and val AP (right) per epoch; a dashed line where each stage ends."""
+    records = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
+    for key in loss_keys:
+        points = [(r["epoch"], r[key]) for r in records if key in r and r[key] > 0]
+        if points:
+            ax.plot(*zip(*points), label=key, lw=2 if key == "loss" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ap = [(r["epoch"], r["AP"]) for r in records if "AP" in r]
+    handles, labels = ax.get_legend_handles_labels()
+    if ap:
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(*zip(*ap), "k-o", ms=3, label="val AP")
+        ax2.set_ylabel("val AP")
+        handles, labels = handles + [line], labels + ["val AP"]
+    spans = stage_spans(records)
+    for name, first, last in spans:
+        ax.axvline(last + 0.5, color="grey", ls="--", lw=0.8)
+        ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8)
+    ax.legend(handles, labels, fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=9, y=0.995)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,138 @@
+"""`odkd train-student`: the student learns from the teacher store in orderly stages; no teacher is loaded.
+
+Before the first step everything the run depends on is checked, and nothing is written until it
+passes: the store opens (path or URL), was built for this dataset, holds what the stages ask for,
+and its geometry fits the student. Then the one training loop runs the stages in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from odkd.cache.reader import TeacherTargets
+from odkd.config import PipelineConfig, resolve_device
+from odkd.data.dataset import StoredFrames, TopDownDataset
+from odkd.data.instances import load_instances
+from odkd.distill.objective import StudentObjective
+from odkd.distill.stages import StagePlan, required_arrays
+from odkd.errors import OdkdError
+from odkd.eval.curves import plot_training_curves
+from odkd.eval.evaluate import ModelEvaluator
+from odkd.models import build_model, load_checkpoint
+from odkd.train.distributed import start_ranks, stop_ranks
+from odkd.train.loop import ModelSpec, fit, lr_multiplier, schedule_signature
+
+
+def default_student_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.runs) / "student"
+
+
+def open_teacher_store(url: str, dataset_fingerprint: str) -> TeacherTargets:
+    """The store at `url`, validated against the dataset; any failure to reach it is one line."""
+    try:
+        return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint)
+    except OdkdError:
+        raise
+    except Exception as exc:  # fsspec and its transports raise their own kinds (aiohttp, botocore, OSError)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise OdkdError(f"{url}: cannot open the teacher store ({type(exc).__name__}: {reason})") from None
+
+
+def check_store_fits(targets: TeacherTargets, cfg: PipelineConfig, plan: StagePlan, num_instances: int) -> None:
+    """The store holds a row for every train instance, the arrays every stage reads, and maps made for
+    the student's crop geometry; else one line naming the store, the key and both values."""
+    url, settings = targets.url, targets.attrs.get("settings", {})
+    if settings.get("split") != "train":
+        raise OdkdError(f"{url}: settings.split is {settings.get('split')!r}, the student trains on 'train'")
+    if len(targets) != num_instances:
+        raise OdkdError(f"{url}: holds {len(targets)} instances, the train split has {num_instances} "
+                        f"(built with --limit?); rebuild it whole")
+    for key in ("input_size", "heatmap_size"):
+        want = list(getattr(cfg.data, key))
+        if list(settings.get(key, [])) != want:
+            raise OdkdError(f"{url}: settings.{key} is {settings.get(key)} but [data] {key} is {want}; "
+                            f"the store was made for another crop geometry")
+    for stage in plan.stages:
+        for name, why in required_arrays(stage).items():
+            if name not in targets.names:
+                hint = "; rebuild it with [cache] store_soft = true" if "soft" in name else ""
+                raise OdkdError(f"{url}: stage '{stage.name}' needs {name} ({why}), the store has none{hint}")
+
+
+def stage_lr_factor(plan: StagePlan) -> Callable[[int], Callable[[int], float]]:
+    """Steps per epoch -> LambdaLR factor. lr_span "run": one curve over all the stages' epochs;
+    "stage": the schedule (warmup, steps or cosine) starts again at every stage, over its epochs."""
+    schedule = plan.schedule()
+    if plan.student.lr_span == "run":
+        return lambda steps: lr_multiplier(schedule, steps)
+
+    def per_stage(steps: int) -> Callable[[int], float]:
+        curves = [lr_multiplier(dataclasses.replace(schedule, epochs=s.epochs), steps) for s in plan.stages]
+
+        def factor(step: int) -> float:
+            index = plan.index_at(min(step // steps, plan.epochs - 1))
+            return curves[index](step - plan.start(index) * steps)
+
+        return factor
+
+    return per_stage
+
+
+def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | None = None, resume: bool = False,
+                  device: str | None = None, max_steps_per_epoch: int | None = None) -> dict:
+    """Train the `[student]` of the pipeline config from its teacher store; returns the loop's summary
+    (None on the ranks other than 0 under torchrun)."""
+    if "student" not in cfg.raw:
+        raise OdkdError(f"{cfg.source}: no [student] section; add one (see the README's 'Training the student')")
+    scfg = cfg.student
+    plan = StagePlan(scfg)
+    ranks, dev = start_ranks(resolve_device(device or cfg.device))
+    try:
+        instances = load_instances(cfg.data, "train")
+        targets = open_teacher_store(cache or scfg.cache, instances.fingerprint)
+        check_store_fits(targets, cfg, plan, len(instances))
+        spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head)
+
+        def make_model():
+            model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)
+            with torch.inference_mode():
+                out_hw = tuple(model(torch.zeros(1, 3, cfg.data.input_size[1], cfg.data.input_size[0]))[0].shape[-2:])
+            if out_hw != tuple(cfg.data.heatmap_size[::-1]):
+                raise OdkdError(f"student.model: {scfg.model} maps a {cfg.data.input_size[0]}x{cfg.data.input_size[1]}"
+                                f" input to {out_hw[1]}x{out_hw[0]} heatmaps, [data] heatmap_size is "
+                                f"{cfg.data.heatmap_size[0]}x{cfg.data.heatmap_size[1]}")
+            if scfg.init and not resume:
+                report = load_checkpoint(model, scfg.init, allow_new_seg_head=True)
+                if ranks.is_main:
+                    click.echo(f"init from {report.summary()}", err=True)
+            return model
+
+        meta = targets.load(["meta/center", "meta/scale"]).get_batch(np.arange(len(targets)),
+                                                                     ["meta/center", "meta/scale"])
+        frames = StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
+        train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
+                                   stored_frames=frames)
+        objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=scfg.seg_loss,
+                                     device=dev, keep_blob_size=scfg.keep_blob_size)
+        evaluator = None
+        if ranks.is_main:
+            val = load_instances(cfg.data, "val")
+            evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=scfg.seg_head,
+                                       workers=scfg.train.workers)
+        schedule = plan.schedule()
+        summary = fit(make_model, train_set, schedule=schedule, spec=spec, out_dir=out or default_student_dir(cfg),
+                   loss_fn=objective, device=dev, evaluate_fn=(lambda m: evaluator(m).record()) if evaluator else None,
+                   resume=resume, max_steps_per_epoch=max_steps_per_epoch, lr_factor=stage_lr_factor(plan),
+                   signature={**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()},
+                   milestones=plan.milestones(), after_epoch=lambda d: plot_training_curves(d / "log.jsonl",
+                                                                                            d / "curves.png"),
+                   ranks=ranks)
+        return summary if ranks.is_main else None
+    finally:
+        stop_ranks(ranks)

@@ -1,0 +1,414 @@
+"""odkd train-student: stages, warped targets, resume, refusals, remote stores, DDP, and no teacher ever."""
+
+from __future__ import annotations
+
+import _thread
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from odkd.cache import build_cache
+from odkd.cache.bitpack import bitpack_maps
+from odkd.cache.reader import TeacherTargets
+from odkd.cli import main
+from odkd.config import parse_config
+from odkd.data.dataset import EpochSampler, StoredFrames, TopDownDataset
+from odkd.data.instances import load_instances
+from odkd.data.synth import make_synthetic_dataset
+from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
+from odkd.data.keypoints import FLIP_INDEX
+from odkd.distill.warp import warp_batch, warp_binary_batch
+from odkd.errors import OdkdError
+from odkd.models import build_model, read_checkpoint, save_checkpoint
+from odkd.train.student import train_student
+
+TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
+TWO_STAGES = """
+[[student.stages]]
+name = "primary"
+epochs = 1
+teacher = "primary"
+[[student.stages]]
+name = "senior"
+epochs = 2
+teacher = "senior"
+seg_weight = 0.01
+"""
+
+
+def student_toml(base: Path, stages: str = TWO_STAGES, student: str = "", store: str | None = None) -> str:
+    return f"""
+runs = "{base}/runs"
+device = "cpu"
+[data]
+root = "{base}/data"
+input_size = [96, 128]
+heatmap_size = [24, 32]
+sigma = 2.0
+[teachers.primary]
+model = "hrnet_tiny"
+model_args = {{ width = 8 }}
+[teachers.senior]
+model = "hrnet_tiny"
+model_args = {{ width = 8 }}
+seg_head = true
+[cache]
+store = "{base}/store.zarr"
+threshold = 0.5
+threshold_mode = "relative"
+margin = 1.25
+chunk_instances = 4
+shard_instances = 8
+[student]
+model = "mobilenetv2_tiny"
+cache = "{store or base / 'store.zarr'}"
+{student}
+[student.train]
+batch_size = 4
+workers = 0
+amp = false
+{stages}
+"""
+
+
+def write_config(base: Path, name: str = "p.toml", **kw) -> Path:
+    path = base / name
+    path.write_text(student_toml(base, **kw))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """6 synthetic images (16 train instances), two tiny teachers, and their store built once."""
+    base = tmp_path_factory.mktemp("student")
+    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
+    torch.manual_seed(0)
+    for role, (args, seg) in TEACHERS.items():
+        model = build_model("hrnet_tiny", seg_head=seg, **args)
+        with torch.no_grad():  # away from the near-zero init, so maps and masks have structure
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", model, model_name="hrnet_tiny",
+                        model_args=args, seg_head=seg)
+    build_cache(parse_config(student_toml(base)), "train", scheduler="synchronous", progress=False)
+    return base
+
+
+def copy_world(world: Path, dst: Path) -> Path:
+    """The data and the store (not the teachers) in a folder of the test's own."""
+    shutil.copytree(world / "data", dst / "data")
+    shutil.copytree(world / "store.zarr", dst / "store.zarr")
+    return dst
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_stages_switch_with_exactly_their_losses(world, tmp_path):
+    cfg = parse_config(student_toml(world))
+    train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=2)
+    log = read_log(tmp_path / "run")
+    assert [r["stage"] for r in log] == ["primary", "senior", "senior"]
+    losses = [{k for k in r if k.endswith("_loss")} for r in log]
+    assert losses == [{"gt_loss", "kd_pt_loss"}, {"gt_loss", "kd_st_loss", "seg_loss"},
+                      {"gt_loss", "kd_st_loss", "seg_loss"}]
+    assert all(r["n_no_target"] == 0 and "AP" in r for r in log)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"last.pth", "best.pth", "stage_primary.pth", "stage_senior.pth",
+                                               "log.jsonl", "curves.png"}
+    assert read_checkpoint(run / "stage_primary.pth").extra["epoch"] == 1
+    best = read_checkpoint(run / "best.pth")
+    assert "optimizer" not in best.extra and "rng" not in best.extra and "AP" in best.extra["val"]
+    last = read_checkpoint(run / "last.pth")
+    assert {"optimizer", "scheduler", "rng", "signature"} <= set(last.extra)
+    assert last.extra["signature"]["stages"][1]["seg_weight"] == 0.01
+
+
+def test_gt_only_and_joint_stages(world, tmp_path):
+    stages = """
+[[student.stages]]
+name = "gt"
+epochs = 1
+teacher = "none"
+[[student.stages]]
+name = "joint"
+epochs = 1
+teacher = "both"
+mask_gate = true
+conf_floor = 0.2
+"""
+    cfg = parse_config(student_toml(world, stages=stages, student="seg_head = false"))
+    train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=1)
+    log = read_log(tmp_path / "run")
+    assert [{k for k in r if k.endswith("_loss")} for r in log] == [{"gt_loss"}, {"gt_loss", "kd_pt_loss", "kd_st_loss"}]
+    assert "n_no_target" not in log[0]
+
+
+def test_a_failed_instance_learns_from_gt_alone_and_is_counted(world, tmp_path):
+    base = copy_world(world, tmp_path)
+    import zarr
+
+    ok = zarr.open_array(str(base / "store.zarr" / "meta" / "ok"), mode="r+")
+    ok[:3] = 0
+    cfg = parse_config(student_toml(base, stages=TWO_STAGES.replace("epochs = 2", "epochs = 0")))
+    train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=100)
+    assert read_log(tmp_path / "run")[0]["n_no_target"] == 3  # every instance once per epoch
+
+
+def test_warped_cached_target_equals_the_target_cached_under_that_transform(world):
+    """A store holding binarized Gaussians at each instance's stored crop, warped into augmented crops on
+    the device, matches the same Gaussians binarized directly in those crops (what a teacher whose output
+    follows the person would have given if cached under that transform)."""
+    cfg = parse_config(student_toml(world))
+    instances = load_instances(cfg.data, "train")
+    targets = TeacherTargets.open(str(world / "store.zarr"))
+    meta = targets.load(["meta/center", "meta/scale"]).get_batch(np.arange(len(targets)), ["meta/center", "meta/scale"])
+    frames = StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
+    hm, map_size = cfg.data.heatmap_size, frames.map_size
+    data = TopDownDataset(instances, cfg.data, train=True, seed=3, stored_frames=frames)
+
+    def binary_gaussians(inst, frame, size):
+        """Unit Gaussians (sigma 2 map pixels) at the labelled joints, binarized at 0.5, in `frame` at `size`."""
+        xy = affine_transform(inst.joints[:, :2], frame.matrix(size))
+        visible = inst.joints[:, 2] > 0
+        if frame.flip:
+            xy, visible = xy[FLIP_INDEX], visible[FLIP_INDEX]
+        ys, xs = np.mgrid[0:size[1], 0:size[0]]
+        d2 = (xs[None] - xy[:, 0, None, None]) ** 2 + (ys[None] - xy[:, 1, None, None]) ** 2
+        return (np.exp(-d2 / 8.0) >= 0.5) & visible[:, None, None]
+
+    radius = 2.0 * np.sqrt(2 * np.log(2.0))
+    ious, plain_ious, dists, checked, lost = [], [], [], 0, 0
+    for epoch in range(6):
+        for i in range(len(data)):
+            sample = data[(epoch, i)]
+            frame = data.frame(i, epoch)
+            if not (abs(frame.rotation) <= 45 and 0.65 <= frame.scale[0] / instances[i].scale[0] <= 1.35):
+                continue
+            inst = instances[i]
+            stored = binary_gaussians(inst, frames.frame(i), map_size)
+            expected = binary_gaussians(inst, frame, hm)
+            packed, flip = torch.from_numpy(bitpack_maps(stored))[None], torch.tensor([frame.flip])
+            plain = warp_binary_batch(packed, map_size[0], sample["teacher_theta"][None], hm, flip, True)[0].bool()
+            warped = warp_binary_batch(packed, map_size[0], sample["teacher_theta"][None], hm, flip, True,
+                                       blob_radius=radius, zoom=torch.tensor([sample["teacher_zoom"]]))[0].bool()
+            # the cv2 reference warp (warp_maps) agrees with the device warp
+            reference = warp_maps(stored.astype(np.float32), frames.frame(i), map_size, frame, hm) >= 0.5
+            assert (reference != plain.numpy()).mean() < 0.002
+            for k in range(17):
+                e, w = torch.from_numpy(expected[k]), warped[k]
+                if e.sum() < 3:  # a joint outside the crop, or unlabelled
+                    continue
+                ious.append(float((e & w).sum() / (e | w).sum()))
+                plain_ious.append(float((e & plain[k]).sum() / (e | plain[k]).sum()))
+                if not w.any():  # the joint lay outside the stored crop: what a wider margin buys
+                    lost += 1
+                    continue
+                ye, xe = np.argwhere(e.numpy()).mean(0)
+                yw, xw = np.argwhere(w.numpy()).mean(0)
+                dists.append(float(np.hypot(ye - yw, xe - xw)))
+            checked += 1
+    assert checked > 30
+    assert lost / len(ious) < 0.02 and np.mean(dists) <= 0.5, (lost, len(ious), np.mean(dists))
+    # a warp alone scales the blobs with the zoom; moving their edges back keeps the teacher's size
+    assert np.mean(ious) >= 0.8 and np.mean(ious) > np.mean(plain_ious) + 0.05, (np.mean(ious), np.mean(plain_ious))
+
+
+def test_device_warp_equals_cv2_warp_for_soft_maps():
+    rng = np.random.default_rng(0)
+    maps = rng.random((17, 40, 32)).astype(np.float32)
+    src = CropFrame(center=(100.0, 120.0), scale=(1.0, 1.3333))
+    dst = CropFrame(center=(104.0, 118.0), scale=(0.9, 1.2), rotation=30.0, flip=True, image_width=320)
+    theta = torch.from_numpy(grid_sample_theta(src, (32, 40), dst, (24, 32)))[None]
+    out = warp_batch(torch.from_numpy(maps)[None], theta, (24, 32), torch.tensor([True]), True)[0].numpy()
+    ref = warp_maps(maps, src, (32, 40), dst, (24, 32))
+    inner = np.s_[:, 2:-2, 2:-2]  # cv2 and grid_sample differ in how they treat the border pixels
+    # cv2 rounds bilinear weights to 1/32 (INTER_BITS = 5): values in [0, 1] may differ by that much
+    diff = np.abs(out[inner] - ref[inner])
+    assert diff.max() <= 1 / 32 and diff.mean() < 0.005
+
+
+def test_epoch_sampler_keeps_the_dataloader_order_and_splits_ranks():
+    sampler = EpochSampler(10, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    generator = torch.Generator()
+    generator.manual_seed(3 * 100_003 + 2)
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=10, shuffle=True, generator=generator)
+    assert [i for _, i in sampler] == next(iter(loader)).tolist()
+    assert {e for e, _ in sampler} == {2}
+    ranks = [EpochSampler(10, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    seen = [i for r in ranks for _, i in r]
+    assert len(seen) == 12 and set(seen) == set(range(10)) and all(len(list(r)) == 4 for r in ranks)
+
+
+def test_resume_mid_stage_reproduces_an_uninterrupted_run(world, tmp_path):
+    cfg = parse_config(student_toml(world))
+    train_student(cfg, out=str(tmp_path / "straight"), max_steps_per_epoch=2)
+    broken = tmp_path / "broken"
+
+    def interrupt_after_first_epoch():
+        log = broken / "log.jsonl"
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            time.sleep(0.005)
+        _thread.interrupt_main()
+
+    watcher = threading.Thread(target=interrupt_after_first_epoch, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        train_student(cfg, out=str(broken), max_steps_per_epoch=2)
+    watcher.join()
+    assert read_checkpoint(broken / "last.pth").extra["epoch"] == 2  # inside the 2-epoch senior stage
+    with pytest.raises(OdkdError, match="a run already exists here"):
+        train_student(cfg, out=str(broken), max_steps_per_epoch=2)
+    train_student(cfg, out=str(broken), resume=True, max_steps_per_epoch=2)
+    a, b = read_checkpoint(tmp_path / "straight" / "last.pth"), read_checkpoint(broken / "last.pth")
+    assert a.extra["epoch"] == b.extra["epoch"] == 3
+    for key in a.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    assert [r["stage"] for r in read_log(broken)] == ["primary", "senior", "senior"]
+
+    changed = parse_config(student_toml(world, stages=TWO_STAGES.replace("seg_weight = 0.01", "seg_weight = 0.02")))
+    with pytest.raises(OdkdError, match=r"schedule changed .*stages.*seg_weight"):
+        train_student(changed, out=str(broken), resume=True)
+
+
+def run_cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_store_for_another_dataset_is_refused_in_one_line(world, tmp_path):
+    base = copy_world(world, tmp_path)
+    ann = base / "data" / "annotations" / "person_keypoints_train.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["keypoints"][0] += 1.0
+    ann.write_text(json.dumps(data))
+    code, out = run_cli("train-student", "--config", str(write_config(base)))
+    assert code == 1 and len(out.strip().splitlines()) == 1
+    assert "store.zarr: built for dataset fingerprint" in out and "rebuild the cache" in out
+    assert not (base / "runs").exists()
+
+
+@pytest.mark.parametrize("stages, student, message", [
+    (TWO_STAGES.replace('teacher = "senior"', 'teacher = "tertiary"'), "",
+     "student.stages[1].teacher: must be one of primary, senior, both, none, got 'tertiary'"),
+    (TWO_STAGES.replace("epochs = 1", "epochs = 0").replace("epochs = 2", "epochs = 0"), "",
+     "the stages' epochs sum to 0"),
+    (TWO_STAGES, "seg_head = false", "student.stages[1].seg_weight is 0.01 but student.seg_head is false"),
+    (TWO_STAGES.replace('teacher = "senior"', 'teacher = "senior"\ntargets = "soft"'), "",
+     "stage 'senior' needs st/soft_heatmaps (soft ST heatmaps), the store has none; rebuild it with "
+     "[cache] store_soft = true"),
+])
+def test_bad_student_config_is_one_line(world, tmp_path, stages, student, message):
+    base = copy_world(world, tmp_path)
+    code, out = run_cli("train-student", "--config", str(write_config(base, stages=stages, student=student)))
+    assert code == 1 and len(out.strip().splitlines()) == 1 and message in out, out
+    assert not (base / "runs").exists()
+
+
+def test_missing_student_section_and_unreachable_store_are_one_line(world, tmp_path):
+    base = copy_world(world, tmp_path)
+    toml = student_toml(base)
+    (base / "no_student.toml").write_text(toml[: toml.index("[student]")])
+    code, out = run_cli("train-student", "--config", str(base / "no_student.toml"))
+    assert code == 1 and "no [student] section" in out and len(out.strip().splitlines()) == 1
+    code, out = run_cli("train-student", "--config", str(write_config(base)), "--cache", "http://127.0.0.1:9/store.zarr")
+    assert code == 1 and len(out.strip().splitlines()) == 1 and "http://127.0.0.1:9/store.zarr: " in out, out
+    assert not (base / "runs").exists()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_trains_from_a_store_served_over_http(world, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(world)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/store.zarr"
+        cfg = parse_config(student_toml(world, store=url))
+        train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=1)
+    finally:
+        server.shutdown()
+    local = parse_config(student_toml(world))
+    train_student(local, out=str(tmp_path / "local"), max_steps_per_epoch=1)
+    a, b = read_checkpoint(tmp_path / "run" / "last.pth"), read_checkpoint(tmp_path / "local" / "last.pth")
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+NO_TEACHER_PROBE = """
+import json, sys, threading
+from pathlib import Path
+opened, built = [], []
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str) and (args[0].endswith(".pth") or "/teacher_" in args[0]):
+        opened.append(args[0])
+def profile(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and code.co_name == "__init__" and code.co_filename.endswith(("hrnet.py", "mobilenetv2.py")):
+        built.append(type(frame.f_locals.get("self")).__name__)
+sys.addaudithook(audit)
+sys.setprofile(profile)
+threading.setprofile(profile)
+from odkd.config import load_config
+from odkd.train.student import train_student
+train_student(load_config(sys.argv[1]), out=sys.argv[2], max_steps_per_epoch=1)
+sys.setprofile(None)
+teacher_side = [m for m in sys.modules if m in ("odkd.cache.teachers", "odkd.cache.build", "odkd.cache.verify",
+                                                "odkd.train.teacher", "odkd.models.external", "dask", "distributed")]
+print(json.dumps({"opened": opened, "built": sorted(set(built)), "teacher_side": teacher_side}))
+"""
+
+
+def test_no_teacher_is_built_or_read_with_the_teacher_files_deleted(world, tmp_path):
+    base = copy_world(world, tmp_path)  # no runs/teacher_*: the teacher checkpoints do not exist here
+    config = write_config(base)
+    out = base / "runs" / "student"
+    proc = subprocess.run([sys.executable, "-c", NO_TEACHER_PROBE, str(config), str(out)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["teacher_side"] == []
+    assert all(Path(p).parent == out for p in probe["opened"]), probe["opened"]  # only the run's own files
+    hrnet = {"PoseHighResolutionNet", "HighResolutionModule", "BasicBlock", "Bottleneck"}
+    assert "PoseMobileNetV2" in probe["built"] and not hrnet & set(probe["built"])  # the student, no HRNet
+    assert not list(base.glob("runs/teacher_*"))
+
+
+def test_two_process_ddp_keeps_the_ranks_in_sync(world, tmp_path):
+    base = copy_world(world, tmp_path)
+    config = write_config(base)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "odkd", "train-student",
+                           "--config", str(config), "--out", str(base / "ddp")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read_log(base / "ddp")
+    assert [r["ranks_in_sync"] for r in log] == [True, True, True]
+    # 16 instances, 2 ranks of 8, batch 4: two steps a rank, and every instance seen once an epoch
+    assert read_checkpoint(base / "ddp" / "last.pth").extra["epoch"] == 3
