@@ -240,6 +240,19 @@ def teacher_forward(net, images: torch.Tensor, precision: str, *, flip_test: boo
                              autocast_dtype=torch.bfloat16 if bf16 else None)
 
 
+def normalization_table() -> np.ndarray:
+    """normalize_image of every byte value, (3, 256) float32: RGB channel by BGR byte. A lookup in it gives
+    normalize_image's very bits on any device, so crop threads hand over bytes (a quarter of the float
+    crop to move to the GPU) and leave the normalizing, 40% of their work, to the device."""
+    byte = np.arange(256, dtype=np.uint8)
+    return normalize_image(np.repeat(byte[:, None, None], 3, axis=2))[:, :, 0]
+
+
+def normalize_on_device(crops: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """BGR byte crops (N, H, W, 3) -> normalize_image's float32 (N, 3, H, W), by lookup in `table` on their device."""
+    return torch.stack([table[c][crops[..., 2 - c].long()] for c in range(3)], dim=1)
+
+
 @dataclass
 class TeacherProducer:
     """Rows [start, stop) of a store: both teachers, with flip test, on each instance's stored crop."""
@@ -276,6 +289,7 @@ class TeacherProducer:
         nets = {key: loaded_teacher(spec, device) for key, spec in self.teachers.items()}
         for net in nets.values():
             set_precision_layout(net, self.precision)
+        table = torch.from_numpy(normalization_table()).to(device)
         failed: list[dict] = []
         starts = range(0, len(indices), self.batch_size)
         batches = [indices[a:a + self.batch_size] for a in starts]
@@ -283,13 +297,14 @@ class TeacherProducer:
             # the crops of the next PREFETCH_BATCHES batches are made while the teachers run on this one
             queued = deque(self.queue_crops(pool, batch) for batch in batches[:PREFETCH_BATCHES])
             for i, a in enumerate(starts):
-                images, ok, batch_failed = queued.popleft()()
+                crops, ok, batch_failed = queued.popleft()()
                 if i + PREFETCH_BATCHES < len(batches):
                     queued.append(self.queue_crops(pool, batches[i + PREFETCH_BATCHES]))
                 failed += batch_failed
                 if ok.any():
                     rows = np.arange(a, a + len(ok))[ok]
-                    self._fill(out, rows, torch.from_numpy(images if ok.all() else images[ok]).to(device), nets)
+                    sent = torch.from_numpy(crops if ok.all() else crops[ok]).to(device)
+                    self._fill(out, rows, normalize_on_device(sent, table), nets)
         return ShardTargets(out, failed)
 
     @property
@@ -298,23 +313,23 @@ class TeacherProducer:
 
     def queue_crops(self, pool: ThreadPoolExecutor, indices: np.ndarray) -> Callable[[], tuple]:
         """Queue the crops of one batch on `pool`, one job per run of instances from the same image (each
-        image is decoded once); returns the call that waits for them: (images, ok, failed)."""
+        image is decoded once); returns the call that waits for them: (BGR byte crops, ok, failed)."""
         size = tuple(self.settings["teacher_input_size"])
-        images = np.zeros((len(indices), 3, size[1], size[0]), np.float32)
+        crops = np.zeros((len(indices), size[1], size[0], 3), np.uint8)
         ok = np.zeros(len(indices), bool)
         paths = [self.records.image_paths[i] for i in indices]
         firsts = [j for j in range(len(paths)) if j == 0 or paths[j] != paths[j - 1]]
-        jobs = [pool.submit(self._crop_image, paths[j], indices[j:k], images[j:k], ok[j:k], size)
+        jobs = [pool.submit(self._crop_image, paths[j], indices[j:k], crops[j:k], ok[j:k], size)
                 for j, k in zip(firsts, firsts[1:] + [len(paths)])]
 
         def wait() -> tuple[np.ndarray, np.ndarray, list[dict]]:
-            return images, ok, [f for job in jobs for f in job.result()]
+            return crops, ok, [f for job in jobs for f in job.result()]
 
         return wait
 
-    def _crop_image(self, path: str, indices: np.ndarray, images: np.ndarray, ok: np.ndarray, size) -> list[dict]:
-        """Decode one image and write its instances' crops into the views `images` and `ok`; returns
-        the failed instances. Runs on a crop thread: cv2 and numpy release the GIL."""
+    def _crop_image(self, path: str, indices: np.ndarray, crops: np.ndarray, ok: np.ndarray, size) -> list[dict]:
+        """Decode one image and write its instances' crops into the views `crops` and `ok`; returns
+        the failed instances. Runs on a crop thread: cv2 releases the GIL."""
         try:
             image = read_image(path)
         except OdkdError as exc:
@@ -323,7 +338,7 @@ class TeacherProducer:
         for j, idx in enumerate(indices):
             frame = CropFrame(center=tuple(map(float, self.records.centers[idx])),
                               scale=tuple(map(float, self.records.scales[idx])))
-            images[j] = normalize_image(crop_image(image, frame, size))
+            crops[j] = crop_image(image, frame, size)
             ok[j] = True
         return []
 

@@ -21,6 +21,11 @@ REPLAYED_MAPS = ("pt/heatmaps", "st/heatmaps", "st/mask")
 REPLAYED_CONF = ("pt/conf", "st/conf")
 
 
+def differing_bits(a: np.ndarray, b: np.ndarray) -> int:
+    """How many bits differ between two arrays of bit-packed maps."""
+    return int(np.unpackbits(a ^ b).sum())
+
+
 @dataclass
 class VerifyReport:
     ok: bool = True
@@ -86,9 +91,9 @@ def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, r
     fresh = producer.targets_for(chosen).arrays
     stored = targets.get_batch(chosen, REPLAYED_MAPS + REPLAYED_CONF)
     for name in REPLAYED_MAPS:
-        differ = int(np.unpackbits(fresh[name] ^ stored[name]).sum())
+        differ = differing_bits(fresh[name], stored[name])
         bits = stored[name].size * 8
-        line = f"{name}: {differ} of {bits} bits differ on {len(chosen)} re-run instances"
+        line = f"{name}: {differ} of {bits} bits differ on {len(chosen)} instances re-run at {producer.precision}"
         (report.good if differ <= BIT_TOLERANCE * bits else report.bad)(line)
     for name in REPLAYED_CONF:
         gap = float(np.abs(fresh[name].astype(np.float32) - stored[name].astype(np.float32)).max(initial=0.0))
@@ -97,7 +102,8 @@ def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, r
 
 def verify_cache(url: str, cfg=None, sample: int = 16, device: str = "cpu",
                  storage_options: dict | None = None) -> VerifyReport:
-    """Check a store; with a pipeline config, also its dataset fingerprint and a re-run of `sample` instances."""
+    """Check a store; with a pipeline config, also its dataset fingerprint and a re-run of `sample` instances
+    at the precision the store was built with."""
     report = VerifyReport()
     targets = TeacherTargets.open(url, storage_options=storage_options, require_complete=False)
     settings = targets.attrs.get("settings", {})

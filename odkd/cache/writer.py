@@ -29,6 +29,8 @@ from odkd.cache.store import (
 )
 from odkd.errors import OdkdError
 
+WORKER_START_TIMEOUT = "120s"  # a local worker that has not joined by then did not start
+
 
 @dataclass
 class ShardTargets:
@@ -139,8 +141,12 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None, workers: int):
-    """A client on `scheduler`, or on a LocalCluster of `workers` processes of one thread each."""
+def dask_client(scheduler: str | None, workers: int, worker_envs: list[dict] | None = None):
+    """A client on `scheduler`, or on a LocalCluster of `workers` processes of one thread each.
+
+    `worker_envs`, one per local worker (replacing `workers`), are environment variables that its
+    process starts with, e.g. its own CUDA_VISIBLE_DEVICES.
+    """
     import dask
     from distributed import Client, LocalCluster
 
@@ -152,16 +158,24 @@ def dask_client(scheduler: str | None, workers: int):
         with client:
             yield client
         return
+    envs = worker_envs or [{}] * workers
     # dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which sends each of torch's large CPU
     # temporaries through mmap and page faults: teacher forwards ran 2-3x slower in such workers
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        yield client
+            LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.ERROR, memory_limit=1 / len(envs)) as cluster:
+        # the cluster's own worker spec, once per worker with that worker's environment
+        spec = cluster.new_spec
+        cluster.worker_spec.update({i: {"cls": spec["cls"], "options": {**spec["options"], "env": env}}
+                                    for i, env in enumerate(envs)})
+        cluster.scale(len(envs))
+        with Client(cluster) as client:
+            client.wait_for_workers(len(envs), timeout=WORKER_START_TIMEOUT)
+            yield client
 
 
 def _run_shards(todo: list[int], url: str, layout: StoreLayout, produce: Producer, digest: str,
-                storage_options: dict | None, scheduler: str | None, workers: int,
+                storage_options: dict | None, scheduler: str | None, workers: int, worker_envs: list[dict] | None,
                 on_done: Callable[[dict], None]) -> None:
     if not todo:
         return
@@ -171,7 +185,7 @@ def _run_shards(todo: list[int], url: str, layout: StoreLayout, produce: Produce
         return
     from distributed import as_completed
 
-    with dask_client(scheduler, workers) as client:
+    with dask_client(scheduler, workers, worker_envs) as client:
         # shipped once per worker, not once per task: it can carry a whole split's instance list
         [remote_produce] = client.scatter([produce], broadcast=True, hash=False)
         futures = [client.submit(write_shard, url, layout, shard, remote_produce, digest, storage_options,
@@ -185,14 +199,15 @@ def _run_shards(todo: list[int], url: str, layout: StoreLayout, produce: Produce
 
 
 def build_store(url: str, layout: StoreLayout, settings: dict, produce: Producer, *, attrs: dict | None = None,
-                scheduler: str | None = None, workers: int = 1, overwrite: bool = False,
-                storage_options: dict | None = None, progress: bool = True,
+                scheduler: str | None = None, workers: int = 1, worker_envs: list[dict] | None = None,
+                overwrite: bool = False, storage_options: dict | None = None, progress: bool = True,
                 desc: str = "teacher targets") -> BuildSummary:
     """Fill the store at `url` with `produce`, shard by shard, resuming what an earlier run left.
 
     `settings` is everything that decides the contents; a store made with other settings is
     refused unless `overwrite`. `scheduler` is a dask address, "synchronous" (in this process,
-    for memory:// stores and debugging) or None for a LocalCluster of `workers` processes.
+    for memory:// stores and debugging) or None for a LocalCluster of `workers` processes (one per
+    entry of `worker_envs` when given: the environment variables that worker starts with).
     """
     url = str(url).rstrip("/") if is_url(url) else os.path.abspath(url)  # workers may run elsewhere
     if url.startswith("memory://") and scheduler != "synchronous":
@@ -218,7 +233,7 @@ def build_store(url: str, layout: StoreLayout, settings: dict, produce: Producer
 
     with tqdm(total=layout.num_instances, initial=done_rows, unit="inst", desc=desc, disable=not progress,
               dynamic_ncols=True) as bar:
-        _run_shards(todo, url, layout, produce, digest, storage_options, scheduler, workers,
+        _run_shards(todo, url, layout, produce, digest, storage_options, scheduler, workers, worker_envs,
                     lambda marker: bar.update(marker["stop"] - marker["start"]))
 
     markers = read_markers(fs, root, layout.num_shards)
