@@ -223,9 +223,11 @@ def save_checkpoint(
     model_args: dict,
     seg_head: bool,
     extra: dict | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> None:
     """Write an odkd checkpoint that build_from_checkpoint can rebuild the model from.
 
+    `input_size` (width, height) is the crop the model was trained on, recorded for export.
     extra (e.g. optimizer state, epoch) is stored at the top level. The file is written to a
     temporary name and renamed, so an interrupted save never leaves a truncated checkpoint.
     """
@@ -242,6 +244,7 @@ def save_checkpoint(
         "seg_head": seg_head,
         "fingerprint": model_fingerprint(state_dict),
         "odkd_version": __version__,
+        **({"input_size": [int(v) for v in input_size]} if input_size else {}),
     }
     payload = {"format": ODKD_FORMAT, "model": state_dict, "meta": meta, **(extra or {})}
     path = Path(path)

@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ModelSpec:
     name: str
     args: dict
     seg_head: bool
+    input_size: tuple[int, int] | None = dataclasses.field(default=None, compare=False)  # recorded for export
 
     def __str__(self) -> str:
         return f"{self.name} {self.args}" + (" + seg head" if self.seg_head else "")
@@ -141,7 +143,7 @@ def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature
 def save_weights(path: Path, state: TrainState, spec: ModelSpec, **meta) -> None:
     """The weights and what describes them: what best.pth and the stage checkpoints hold."""
     save_checkpoint(path, state.model, model_name=spec.name, model_args=spec.args, seg_head=spec.seg_head,
-                    extra={"epoch": state.epoch, "best_ap": state.best_ap, **meta})
+                    input_size=spec.input_size, extra={"epoch": state.epoch, "best_ap": state.best_ap, **meta})
 
 
 def save_last(path: Path, state: TrainState, spec: ModelSpec, signature: dict) -> None:

@@ -97,7 +97,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         instances = load_instances(cfg.data, "train")
         targets = open_teacher_store(cache or scfg.cache, instances.fingerprint)
         check_store_fits(targets, cfg, plan, len(instances))
-        spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head)
+        spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
+                         input_size=tuple(cfg.data.input_size))
 
         def make_model():
             model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)

@@ -59,7 +59,8 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
     evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=tcfg.seg_head,
                                workers=tcfg.train.workers)
 
-    spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head)
+    spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head,
+                     input_size=tuple(cfg.data.input_size))
     return fit(make_model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
                loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev,
                evaluate_fn=lambda m: evaluator(m).record(),
