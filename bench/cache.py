@@ -542,7 +542,8 @@ def main(argv=None) -> int:
         feed = (f"One crop thread makes {per_thread:,.0f} instances/s; bf16's raw forward takes "
                 f"{raw['bf16']:,.0f}/s, so {int(np.ceil(raw['bf16'] / per_thread))} crop thread(s) keep up "
                 f"with it, if the threads scale as the decode table shows.")
-        text = "\n\n".join([command, machine, "**Decode** (the producer's crop jobs: read, decode, crop, normalize)",
+        text = "\n\n".join([command, machine, "**Decode** (the producer's crop jobs: read, decode, crop; the "
+                             "normalizing runs on the teachers' device)",
                              decode, "**Precision** (build: read, crop, PT and ST with flip test, binarize, pack, "
                              "write; argmax moved: share of keypoints whose heatmap maximum is elsewhere than in fp32, "
                              "and more than one heatmap pixel away)", precision, feed])

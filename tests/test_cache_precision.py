@@ -1,5 +1,5 @@
-"""Teacher precision in the cache: bf16 stays within the tolerance that justifies it, tf32 is fp32 on a
-CPU, and the precision is a store setting that resume and verify honour."""
+"""Teacher precision in the cache: the default tf32 is fp32 bit for bit on a CPU, bf16 stays within the
+tolerance of `cache verify`, and the precision is a store setting that resume and verify honour."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_bf16_agrees_with_fp32_within_the_verify_tolerance(world, stores):
 
 
 def test_tf32_is_fp32_on_a_cpu_even_after_a_bf16_build(stores):
-    """The teachers stay loaded in the process between the builds; bf16's channels-last layout is undone."""
+    """The default precision is the fp32 store itself on a CPU, even with the teachers still loaded in this
+    process from a bf16 build (its channels-last layout is undone)."""
     fp32, tf32 = zarr.open_group(stores["fp32"], mode="r"), zarr.open_group(stores["tf32"], mode="r")
     for name in TeacherTargets.open(stores["fp32"]).layout.arrays():
         assert fp32[name][:].tobytes() == tf32[name][:].tobytes(), name
