@@ -5,6 +5,7 @@ User errors (OdkdError) print as one line ("Error: ...") and exit 1; usage error
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -96,11 +97,13 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, seed):
 @click.option("--boxes", default="gt", show_default=True,
               help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
+@click.option("--decode", type=click.Choice(["argmax", "centroid", "dark"]), default=None,
+              help="Heatmap decoder (default: [eval] decode).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the keypoint results JSON here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, split, boxes, flip_test, out,
+def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, split, boxes, flip_test, decode, out,
              stats_json, device):
     """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints').
 
@@ -116,6 +119,8 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
         from odkd.eval.evaluate import evaluate_checkpoint
 
         cfg = load_config(config_path)
+        if decode:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, decode=decode))
         report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
                                      results_out=out, device=device, model=model_name)
         stats = report.stats
@@ -231,7 +236,8 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
     dev = resolve_device(device or cfg.device)
     model, _ = build_from_checkpoint(checkpoint, dev, model=model_name)
     person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
-    keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test)
+    keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test,
+                               decode=cfg.eval.decode, sigma=cfg.data.sigma)
     click.echo(f"{len(keypoints)} people drawn to {out}")
 
 

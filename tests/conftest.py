@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny hand-made COCO-format dataset (independent of the synthetic generator)."""
+"""Shared fixtures: a tiny hand-made COCO-format dataset (independent of the synthetic generator), and a
+tiny world of synthetic data with two seeded tiny teachers."""
 
 import json
 from pathlib import Path
@@ -6,9 +7,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
+from odkd.data.synth import make_synthetic_dataset
+from odkd.models import build_model, save_checkpoint
+
+# the tiny teacher pair of the cache and student tests: role -> (model_args, seg_head)
+TINY_TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
 
 
 def _person_keypoints(x0: float, y0: float, h: float) -> list[float]:
@@ -74,3 +81,33 @@ def make_tiny_coco(root: Path, n_images: int = 3, size=(160, 120)) -> Path:
 def tiny_coco(tmp_path):
     ann_file = make_tiny_coco(tmp_path / "tiny")
     return ann_file, tmp_path / "tiny" / "images"
+
+
+def tiny_teacher(seg_head: bool, **model_args) -> torch.nn.Module:
+    """hrnet_tiny moved away from its near-zero init, so its maps and masks have structure."""
+    model = build_model("hrnet_tiny", seg_head=seg_head, **model_args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def make_tiny_world(base: Path, val_images: int = 2, val_aps: dict | None = None) -> Path:
+    """A 6-image synthetic dataset (16 train instances) and the two tiny teachers, seeded, at
+    base/runs/teacher_ROLE/best.pth (with `val_aps[role]` recorded as their best_ap)."""
+    make_synthetic_dataset(base / "data", train_images=6, val_images=val_images, seed=0)
+    torch.manual_seed(0)
+    for role, (args, seg) in TINY_TEACHERS.items():
+        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", tiny_teacher(seg, **args),
+                        model_name="hrnet_tiny", model_args=args, seg_head=seg,
+                        extra={"best_ap": val_aps[role]} if val_aps else None)
+    return base
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: two OpenMP threads spin at every barrier when other processes hold the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,9 +21,8 @@ from odkd.cache.teachers import normalization_table, normalize_on_device
 from odkd.cache.writer import dask_client
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
 from odkd.data.transforms import normalize_image
-from odkd.models import build_model, save_checkpoint
+from conftest import make_tiny_world
 
 TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
 START_TIMEOUT = 120.0  # seconds for a CLI scheduler or worker to come up on a loaded machine
@@ -60,16 +59,7 @@ def same_stores(a_url: str, b_url: str) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A synthetic dataset of 16 train instances and two seeded tiny teachers at runs/teacher_*/best.pth."""
-    base = tmp_path_factory.mktemp("cache_cluster")
-    make_synthetic_dataset(base / "data", train_images=6, val_images=1, seed=0)
-    torch.manual_seed(0)
-    for role, (args, seg) in TEACHERS.items():
-        model = build_model("hrnet_tiny", seg_head=seg, **args)
-        with torch.no_grad():  # away from the near-zero init, so maps and masks have structure
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", model, model_name="hrnet_tiny",
-                        model_args=args, seg_head=seg)
+    base = make_tiny_world(tmp_path_factory.mktemp("cache_cluster"), val_images=1)
     return base
 
 

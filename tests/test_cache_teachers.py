@@ -15,14 +15,16 @@ from odkd.cache.binarize import binarize, gate_by_mask
 from odkd.cache.teachers import cache_geometry, stored_frame_scale
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
 from odkd.data.image import read_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, model_fingerprint, save_checkpoint
 from odkd.models.inference import predict_batch
+from conftest import TINY_TEACHERS, make_tiny_world
 
-TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
+TEACHERS = TINY_TEACHERS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_config(root, runs, margin=1.25, primary="", senior="seg_head = true", cache=""):
@@ -53,28 +55,11 @@ batch_size = 5
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two OpenMP threads spin at every barrier when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 6-image synthetic dataset (16 train instances) and two tiny teachers at runs/teacher_*/best.pth."""
-    base = tmp_path_factory.mktemp("cache_teachers")
-    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
-    torch.manual_seed(0)
-    for role, (args, seg) in TEACHERS.items():
-        model = build_model("hrnet_tiny", seg_head=seg, **args)
-        with torch.no_grad():  # away from the near-zero init, so maps and masks have structure
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", model, model_name="hrnet_tiny",
-                        model_args=args, seg_head=seg, extra={"best_ap": 0.25 if role == "senior" else -1.0})
+    base = make_tiny_world(tmp_path_factory.mktemp("cache_teachers"), val_images=2, val_aps={"primary": -1.0, "senior": 0.25})
     return base
 
 

@@ -26,6 +26,8 @@ MAPS = ("pt/heatmaps", "st/heatmaps", "st/mask")
 CONFS = ("pt/conf", "st/conf")
 SUFFIX = {"onnx": "onnx", "torchscript": "pt"}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class Exported(nn.Module):
     """What a foreign framework's export holds: plain tensors, the heatmaps first, then the mask."""
@@ -79,14 +81,6 @@ def crops(n: int = 3) -> torch.Tensor:
 def bit_fraction(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.unpackbits(a ^ b).sum()) / (a.size * 8)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: two OpenMP threads spin at every barrier when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from test_cache_teachers import make_config, one_torch_thread, world  # noqa: F401  (shared fixtures)
+from test_cache_teachers import make_config, world  # noqa: F401  (shared fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from odkd.cache import TeacherTargets, build_cache
 from odkd.config import DataConfig, parse_config

@@ -26,15 +26,15 @@ from odkd.cli import main
 from odkd.config import parse_config
 from odkd.data.dataset import EpochSampler, StoredFrames, TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
 from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
 from odkd.data.keypoints import FLIP_INDEX
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
-from odkd.models import build_model, read_checkpoint, save_checkpoint
+from odkd.models import read_checkpoint
+from conftest import make_tiny_world
 from odkd.train.student import train_student
 
-TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TWO_STAGES = """
 [[student.stages]]
 name = "primary"
@@ -89,27 +89,10 @@ def write_config(base: Path, name: str = "p.toml", **kw) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """6 synthetic images (16 train instances), two tiny teachers, and their store built once."""
-    base = tmp_path_factory.mktemp("student")
-    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
-    torch.manual_seed(0)
-    for role, (args, seg) in TEACHERS.items():
-        model = build_model("hrnet_tiny", seg_head=seg, **args)
-        with torch.no_grad():  # away from the near-zero init, so maps and masks have structure
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", model, model_name="hrnet_tiny",
-                        model_args=args, seg_head=seg)
+    base = make_tiny_world(tmp_path_factory.mktemp("student"), val_images=2)
     build_cache(parse_config(student_toml(base)), "train", scheduler="synchronous", progress=False)
     return base
 

@@ -1,8 +1,7 @@
 """The student's loss, stage by stage: GT heatmaps, the warped teacher heatmaps, and ST's mask.
 
-Per batch the stored rows of the batch's instances are gathered (packed maps sit on the device
-whole: a few hundred bytes an instance), warped into each sample's augmented crop and binarized
-again. An instance the store marks failed (meta/ok = 0) learns from its GT alone; the log counts
+Per batch the stored rows of the batch's instances are gathered from host memory (still packed),
+sent to the device, unpacked, warped into each sample's augmented crop and binarized again. An instance the store marks failed (meta/ok = 0) learns from its GT alone; the log counts
 them as n_no_target.
 """
 
@@ -29,21 +28,19 @@ def teacher_blob_radius(settings: dict) -> float:
 
 
 class StoredRows:
-    """The store arrays a run needs, gathered by instance index: packed maps on the device, soft maps
-    (float16, large) in host memory."""
+    """The store arrays a run needs, held in host memory once (the reader's), gathered per batch by
+    instance index and sent to the device: a batch's packed rows are a few hundred KB, while the
+    whole packed store (13.5 KB an instance at COCO's 48x64) would take GBs of a modest GPU."""
 
     def __init__(self, targets: TeacherTargets, names, device: torch.device):
-        self.device = device
+        self.targets, self.device = targets, device
         self.map_width = targets.layout.map_size[0]
-        targets.load(sorted(names))
-        self.on_device = {n: torch.from_numpy(targets.get_batch(np.arange(len(targets)), [n])[n]).to(device)
-                          for n in names if "soft" not in n}
-        self.on_host = {n: targets.get_batch(np.arange(len(targets)), [n])[n] for n in names if "soft" in n}
+        if names:
+            targets.load(sorted(names))
 
     def gather(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        if name in self.on_device:
-            return self.on_device[name][index.to(self.device)]
-        return torch.from_numpy(self.on_host[name][index.cpu().numpy()]).to(self.device, non_blocking=True)
+        rows = self.targets.get_batch(index.cpu().numpy(), [name])[name]
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
 
 class StudentObjective:
