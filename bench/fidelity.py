@@ -58,6 +58,7 @@ from odkd.data.instances import PersonInstances, load_instances
 from odkd.data.keypoints import FLIP_INDEX, NUM_JOINTS
 from odkd.data.targets import mask_target
 from odkd.data.transforms import CropFrame, affine_transform
+from odkd.distill.objective import teacher_blob_radius
 from odkd.distill.warp import warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.models.inference import flip_back
@@ -222,7 +223,7 @@ def online_targets(producer: TeacherProducer, nets: dict, images: torch.Tensor, 
 
 
 def measure(store: StoreUnderTest, batch: dict, online: dict, ideal: IdealTeacher, heatmap_size,
-            device: torch.device) -> None:
+            device: torch.device, keep_blob_size: bool) -> None:
     """Adds the store's comparisons of one batch: its rows and the ideal teacher's stored maps, warped."""
     map_size, indices = store.frames.map_size, batch["index"].tolist()
     index, flip, theta = batch["index"].to(device), batch["flip"].to(device), batch["teacher_theta"].to(device)
@@ -230,9 +231,12 @@ def measure(store: StoreUnderTest, batch: dict, online: dict, ideal: IdealTeache
     ideal_maps = ideal.targets(indices, [store.frames.frame(i) for i in indices], map_size)
     stored.update({name: torch.from_numpy(bitpack_maps(maps.numpy())).to(device) for name, maps in ideal_maps.items()})
     ok = store.rows["meta/ok"][index].bool().cpu().numpy()  # the trainer gives failed rows no teacher target
+    # as the trainer does with [student] keep_blob_size: keypoint blobs keep the teacher's size under zoom
+    radius = teacher_blob_radius(store.settings) if keep_blob_size else 0.0
     for name in TARGETS:
-        warped = warp_binary_batch(stored[name], map_size[0], theta, heatmap_size, flip,
-                                   keypoint_channels=name not in MASKS)
+        keypoints = name not in MASKS
+        warped = warp_binary_batch(stored[name], map_size[0], theta, heatmap_size, flip, keypoint_channels=keypoints,
+                                   blob_radius=radius if keypoints else 0.0, zoom=batch["teacher_zoom"].to(device))
         store.found[name].add(compare(warped, online[name].to(device)), ok)
 
 
@@ -313,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers cropping the samples")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: where the teachers and the warp run")
+    parser.add_argument("--warp-only", action="store_true",
+                        help="warp without moving the blob edges back ([student] keep_blob_size = false)")
     parser.add_argument("--record", action="store_true", help="write the tables into bench/RESULTS.md")
     args = parser.parse_args(argv)
     try:
@@ -368,7 +374,7 @@ def run(args, tmp: Path, argv: list[str]) -> str:
         online = {**online_targets(producer, nets, first["image"].to(device), cfg.data.heatmap_size),
                   **ideal.targets(first["index"].tolist(), frames, cfg.data.heatmap_size)}
         for store, batch in zip(stores, batches):
-            measure(store, batch, online, ideal, cfg.data.heatmap_size, device)
+            measure(store, batch, online, ideal, cfg.data.heatmap_size, device, not args.warp_only)
         seen.append(first)
     frames = sample_frames(seen, instances)
     buckets = frame_buckets(**frames)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from odkd.cache import build_cache
+from odkd.cache import build_cache, cache_info
 from odkd.cache.bitpack import bitpack_maps
 from odkd.cache.reader import TeacherTargets
 from odkd.cli import main
@@ -30,6 +30,7 @@ from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta,
 from odkd.data.keypoints import FLIP_INDEX
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
+from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
 from conftest import make_tiny_world
 from odkd.train.student import train_student
@@ -48,7 +49,8 @@ seg_weight = 0.01
 """
 
 
-def student_toml(base: Path, stages: str = TWO_STAGES, student: str = "", store: str | None = None) -> str:
+def student_toml(base: Path, stages: str = TWO_STAGES, student: str = "", store: str | None = None,
+                 cache: str = "") -> str:
     return f"""
 runs = "{base}/runs"
 device = "cpu"
@@ -71,6 +73,7 @@ threshold_mode = "relative"
 margin = 1.25
 chunk_instances = 4
 shard_instances = 8
+{cache}
 [student]
 model = "mobilenetv2_tiny"
 cache = "{store or base / 'store.zarr'}"
@@ -126,6 +129,24 @@ def test_stages_switch_with_exactly_their_losses(world, tmp_path):
     last = read_checkpoint(run / "last.pth")
     assert {"optimizer", "scheduler", "rng", "signature"} <= set(last.extra)
     assert last.extra["signature"]["stages"][1]["seg_weight"] == 0.01
+    assert best.meta["input_size"] == [96, 128]
+    # a student checkpoint evaluates like a teacher's, mask IoU included
+    report = evaluate_checkpoint(cfg, str(run / "best.pth"))
+    assert report.stats["AP"] == pytest.approx(best.extra["val"]["AP"]) and report.mask_iou is not None
+
+
+def test_soft_targets_from_a_store_with_raw_maps(world, tmp_path):
+    stages = TWO_STAGES.replace('teacher = "senior"', 'teacher = "senior"\ntargets = "soft"')
+    cfg = parse_config(student_toml(world, stages=stages, store=str(tmp_path / "soft.zarr"), cache="store_soft = true"))
+    build_cache(cfg, "train", out=str(tmp_path / "soft.zarr"), scheduler="synchronous", progress=False)
+    info = cache_info(str(tmp_path / "soft.zarr"))
+    assert "st/soft_heatmaps" in info and "soft maps" in info
+    soft = TeacherTargets.open(str(tmp_path / "soft.zarr")).get_batch(np.arange(3), ["st/soft_heatmaps", "st/conf"])
+    assert soft["st/soft_heatmaps"].dtype == np.float16
+    assert np.allclose(soft["st/soft_heatmaps"].max(axis=(-2, -1)), soft["st/conf"], atol=1e-3)
+    train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=1)
+    log = read_log(tmp_path / "run")
+    assert [r["stage"] for r in log] == ["primary", "senior", "senior"] and all(r["kd_st_loss"] > 0 for r in log[1:])
 
 
 def test_gt_only_and_joint_stages(world, tmp_path):
