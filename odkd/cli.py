@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shlex
+import sys
 
 import click
 
@@ -211,6 +213,34 @@ def train_student_cmd(config_path, cache_url, out, resume, device):
     summary = train_student(cfg, cache=cache_url, out=out, resume=resume, device=device)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@config_option
+@click.option("--seeds", default=3, show_default=True,
+              help="Runs per variant: seeds S, S+1, ... from [student.train] seed.")
+@click.option("--variants", default=None,
+              help="Comma-separated: gt, pt, st, joint, orderly, reverse, soft, no_mask, mask_gate (default: all).")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="Where the runs' last.pth are scored (default: test if [data] test_ann exists, else val).")
+@click.option("--out", type=click.Path(file_okay=False), help="Runs and report (default: RUNS/ablation).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@user_errors
+def ablate(config_path, seeds, variants, split, out, device):
+    """Train every variant of the student from the same teacher store, seeds and total epochs.
+
+    Writes OUT/VARIANT/seedS (finished runs are reused, unfinished ones resumed), then
+    OUT/ablation.md and OUT/ablation.json: AP, AP .5 and AR as mean +- std over the seeds of
+    each run's last.pth, and the method's hypotheses checked against that spread.
+    """
+    from odkd.train.ablate import ablation_table, run_ablation
+
+    cfg = load_config(config_path)
+    names = [name.strip() for name in variants.split(",") if name.strip()] if variants else None
+    summary = run_ablation(cfg, seeds=seeds, variants=names, split=split, out=out, device=device,
+                           command=shlex.join(["odkd", *sys.argv[1:]]))
+    click.echo(ablation_table(summary))
+    click.echo(f"ablation in {summary['out']}/ablation.md and ablation.json")
 
 
 @main.command()

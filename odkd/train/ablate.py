@@ -1,0 +1,257 @@
+"""`odkd ablate`: every variant of the student from one teacher store, with the same seeds and the same
+total epochs, each trained by train_student; the last weights of every run scored on one split, and
+mean ± std over the seeds.
+
+A variant is a stage list made from the config's own [[student.stages]]: every key the user set (the
+loss weights, conf_floor, the ST stage's seg_weight) carries into every variant, and only what the
+variant is about changes. Each run lives in OUT/VARIANT/seedS next to run.json, the configuration it
+was trained under: a finished run is reused, an unfinished one resumed, and one trained under
+another configuration is refused, so an interrupted ablation picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+
+from odkd.cache.schema import first_difference
+from odkd.config import PipelineConfig, StageConfig, StudentConfig, resolve_device
+from odkd.data.instances import load_instances
+from odkd.distill.stages import StagePlan, required_arrays
+from odkd.errors import OdkdError
+from odkd.eval.evaluate import ModelEvaluator
+from odkd.models import build_from_checkpoint, read_checkpoint
+from odkd.train.student import check_store_fits, open_teacher_store, train_student
+
+REPORTED = ("AP", "AP .5", "AR")
+# best.pth is chosen by val AP; scoring it would select on the reported split whenever that is val
+SCORED_WEIGHTS = "last.pth"
+
+
+def only_stage(student: StudentConfig, teacher: str) -> StageConfig:
+    found = [stage for stage in student.stages if stage.teacher == teacher]
+    if len(found) != 1:
+        raise OdkdError(f"student.stages: the ablation needs exactly one stage with teacher = {teacher!r}, "
+                        f"found {len(found)}")
+    return found[0]
+
+
+def orderly(student: StudentConfig) -> tuple[StageConfig, ...]:
+    """The config's own stages, which must be the method's: its PT stage before its ST stage."""
+    pt, st = only_stage(student, "primary"), only_stage(student, "senior")
+    if student.stages.index(pt) > student.stages.index(st):
+        raise OdkdError("student.stages: the ablation needs the method's order in the config, the 'primary' "
+                        "stage before the 'senior' one")
+    return student.stages
+
+
+def single_stage(student: StudentConfig, like: str, name: str, **changes) -> tuple[StageConfig, ...]:
+    """One stage over all the config's epochs, made from its stage with teacher `like`."""
+    return (dataclasses.replace(only_stage(student, like), name=name, epochs=student.epochs, **changes),)
+
+
+def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ...]:
+    st = only_stage(student, "senior")
+    return tuple(dataclasses.replace(stage, **changes) if stage == st else stage for stage in orderly(student))
+
+
+VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
+    "gt": lambda student: single_stage(student, "primary", "gt", teacher="none", seg_weight=0.0),
+    "pt": lambda student: single_stage(student, "primary", "pt"),
+    "st": lambda student: single_stage(student, "senior", "st"),
+    "joint": lambda student: single_stage(student, "senior", "joint", teacher="both"),
+    "orderly": orderly,
+    "reverse": lambda student: orderly(student)[::-1],
+    "soft": lambda student: tuple(dataclasses.replace(stage, targets="soft") for stage in orderly(student)),
+    "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
+    "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
+}
+
+# (A, B, the claim that A's AP is above B's)
+HYPOTHESES = (
+    ("orderly", "joint", "orderly stages beat one joint stage"),
+    ("orderly", "pt", "orderly beats PT alone"),
+    ("orderly", "st", "orderly beats ST alone"),
+    ("orderly", "reverse", "PT then ST beats ST then PT"),
+    ("orderly", "gt", "the teachers beat GT alone"),
+    ("orderly", "soft", "binarized targets beat soft ones"),
+    ("orderly", "no_mask", "the mask loss helps"),
+    ("mask_gate", "orderly", "mask gating helps"),
+)
+
+
+def variant_config(cfg: PipelineConfig, stages: tuple[StageConfig, ...], seed: int) -> PipelineConfig:
+    student = cfg.student
+    train = dataclasses.replace(student.train, seed=seed)
+    return dataclasses.replace(cfg, student=dataclasses.replace(student, stages=stages, train=train))
+
+
+def run_record(cfg: PipelineConfig) -> dict:
+    """What a run was trained under, as run.json holds it."""
+    return json.loads(json.dumps({"student": dataclasses.asdict(cfg.student), "data": dataclasses.asdict(cfg.data)}))
+
+
+def train_or_reuse(cfg: PipelineConfig, run_dir: Path, *, device: str | None,
+                   max_steps_per_epoch: int | None) -> str:
+    """Make sure `run_dir` holds the finished run of `cfg`: 'reused', 'resumed' or 'trained'."""
+    record_path, last = run_dir / "run.json", run_dir / SCORED_WEIGHTS
+    record = run_record(cfg)
+    if record_path.exists():
+        changed = first_difference(json.loads(record_path.read_text()), record)
+        if changed:
+            raise OdkdError(f"{record_path}: this run was trained under another configuration ({changed}, "
+                            f"run != config); choose another --out")
+    elif last.exists():
+        raise OdkdError(f"{last}: not a run of odkd ablate (no run.json beside it); choose another --out")
+    resume = last.exists()
+    if resume and read_checkpoint(last).extra.get("epoch") == cfg.student.epochs:
+        return "reused"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+    train_student(cfg, out=str(run_dir), resume=resume, device=device, max_steps_per_epoch=max_steps_per_epoch)
+    return "resumed" if resume else "trained"
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Mean and sample std (0 for one value) over the seeds."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def check_hypothesis(a: dict, b: dict) -> dict:
+    """Whether A's mean AP exceeds B's by more than twice the larger of their stds."""
+    diff = a["AP"]["mean"] - b["AP"]["mean"]
+    bar = 2 * max(a["AP"]["std"], b["AP"]["std"])
+    if min(a["n"], b["n"]) < 2:
+        verdict = "not tested: one seed gives no spread"
+    elif diff > bar:
+        verdict = "holds: the difference exceeds 2x the larger std"
+    elif diff < -bar:
+        verdict = "reversed: B beats A by more than 2x the larger std"
+    else:
+        verdict = "not shown: the difference is within 2x the larger std"
+    return {"difference": diff, "bar": bar, "verdict": verdict}
+
+
+def default_split(cfg: PipelineConfig) -> str:
+    test_ann = cfg.data.ann_file("test")
+    if test_ann.is_file():
+        return "test"
+    click.echo(f"warning: {test_ann} not found: the ablation reports on val, the split hyper-parameters are "
+               f"chosen on; report a held-out test split", err=True)
+    return "val"
+
+
+def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str] | None = None,
+                 split: str | None = None, out: str | Path | None = None, device: str | None = None,
+                 command: str = "run_ablation() from Python", max_steps_per_epoch: int | None = None) -> dict:
+    """Train (or reuse) every variant x seed from the config's teacher store, score each run's last
+    weights on `split`, and write OUT/ablation.md and OUT/ablation.json; returns what the JSON holds."""
+    started = time.perf_counter()
+    if "student" not in cfg.raw:
+        raise OdkdError(f"{cfg.source}: no [student] section; the ablation varies its stages")
+    if seeds < 1:
+        raise OdkdError(f"--seeds: at least one seed, got {seeds}")
+    names = list(dict.fromkeys(variants or VARIANTS))
+    for name in names:
+        if name not in VARIANTS:
+            raise OdkdError(f"--variants: unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
+    try:
+        stage_lists = {name: VARIANTS[name](cfg.student) for name in names}
+    except OdkdError as exc:
+        raise OdkdError(f"{cfg.source}: {exc}") from None
+    split = split or default_split(cfg)
+    if split not in ("val", "test"):
+        raise OdkdError(f"--split: the ablation reports on val or test, got {split!r}")
+    out = Path(out or Path(cfg.runs) / "ablation")
+    seed_list = [cfg.student.train.seed + i for i in range(seeds)]
+
+    # everything every run needs is checked before the first one starts
+    instances = load_instances(cfg.data, "train")
+    targets = open_teacher_store(cfg.student.cache, instances.fingerprint)
+    skipped = {}
+    for name, stages in stage_lists.items():
+        missing = sorted({array for stage in stages for array in required_arrays(stage)
+                          if array.endswith("soft_heatmaps")} - set(targets.names))
+        if name == "soft" and missing:
+            skipped[name] = (f"{targets.url} has no {', '.join(missing)}; build the store with "
+                             f"[cache] store_soft = true")
+            click.echo(f"warning: variant 'soft' skipped: {skipped[name]}", err=True)
+            continue
+        run_cfg = variant_config(cfg, stages, seed_list[0])
+        check_store_fits(targets, run_cfg, StagePlan(run_cfg.student), len(instances))
+    evaluated = load_instances(cfg.data, split)
+    dev = resolve_device(device or cfg.device)
+    evaluator = ModelEvaluator(evaluated, cfg.data, cfg.eval, evaluated.coco, device=dev, with_mask=False,
+                               workers=cfg.student.train.workers)
+
+    runs: dict[str, list[dict]] = {name: [] for name in stage_lists if name not in skipped}
+    for seed in seed_list:  # seeds outermost: an interrupted ablation has every variant at the first seeds
+        for name in runs:
+            run_dir = out / name / f"seed{seed}"
+            status = train_or_reuse(variant_config(cfg, stage_lists[name], seed), run_dir, device=device,
+                                    max_steps_per_epoch=max_steps_per_epoch)
+            net, _ = build_from_checkpoint(run_dir / SCORED_WEIGHTS, dev)
+            stats = evaluator(net).stats
+            runs[name].append({"seed": seed, "dir": str(run_dir), "status": status,
+                               **{key: stats[key] for key in REPORTED}})
+            click.echo(f"ablate: {name} seed {seed}: {status}; {split} AP {stats['AP']:.4f}")
+
+    results = {name: {"stages": [dataclasses.asdict(stage) for stage in stage_lists[name]], "n": len(rows),
+                      **{key: spread([row[key] for row in rows]) for key in REPORTED}, "runs": rows}
+               for name, rows in runs.items()}
+    summary = {
+        "command": command, "store": targets.url, "split": split, "weights": SCORED_WEIGHTS,
+        "epochs": cfg.student.epochs, "seeds": seed_list, "out": str(out),
+        "variants": results, "skipped": skipped,
+        "hypotheses": [{"a": a, "b": b, "claim": claim, **check_hypothesis(results[a], results[b])}
+                       for a, b, claim in HYPOTHESES if a in results and b in results],
+        "wall_s": time.perf_counter() - started,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (out / "ablation.md").write_text(ablation_markdown(summary))
+    return summary
+
+
+def mean_std(value: dict) -> str:
+    return f"{value['mean']:.4f} ± {value['std']:.4f}"
+
+
+def ablation_table(summary: dict) -> str:
+    """variant | AP | AP .5 | AR | n seeds, as a markdown table."""
+    lines = ["| variant | AP (mean ± std) | AP .5 | AR | n seeds |", "|---|---|---|---|---|"]
+    for name, result in summary["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(mean_std(result[key]) for key in REPORTED) + f" | {result['n']} |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(summary: dict) -> str:
+    counts = [row["status"] for result in summary["variants"].values() for row in result["runs"]]
+    lines = [
+        "# Ablation",
+        "",
+        f"- command: `{summary['command']}`",
+        f"- store: `{summary['store']}`",
+        f"- scored: every run's {summary['weights']} on {summary['split']} (not best.pth, which is chosen by val AP)",
+        f"- {summary['epochs']} epochs per run; seeds {', '.join(map(str, summary['seeds']))}",
+        f"- wall time: {summary['wall_s'] / 60:.1f} min ("
+        + ", ".join(f"{counts.count(s)} {s}" for s in ("trained", "resumed", "reused")) + ")",
+        "",
+        ablation_table(summary),
+        "",
+    ]
+    for name, reason in summary["skipped"].items():
+        lines += [f"Skipped {name}: {reason}.", ""]
+    if summary["hypotheses"]:
+        lines += ["## Hypotheses (AP)", "", "| claim | A | B | A - B | 2x larger std | verdict |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {h['claim']} | {h['a']} | {h['b']} | {h['difference']:+.4f} | {h['bar']:.4f} | {h['verdict']} |"
+                  for h in summary["hypotheses"]]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""odkd ablate: the variants' stage lists, a real tiny ablation scored on the runs' last weights, reuse
+of finished runs, and its one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_tiny_world
+from odkd.cache import build_cache
+from odkd.cli import main
+from odkd.config import StageConfig, parse_config
+from odkd.errors import OdkdError
+from odkd.eval.evaluate import evaluate_checkpoint
+from odkd.models import read_checkpoint
+from odkd.train.ablate import VARIANTS, check_hypothesis, run_ablation, spread
+from test_student import student_toml, write_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ONE_PLUS_ONE = """
+[[student.stages]]
+name = "primary"
+epochs = 1
+teacher = "primary"
+[[student.stages]]
+name = "senior"
+epochs = 1
+teacher = "senior"
+seg_weight = 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny world and its store, built without soft maps."""
+    base = make_tiny_world(tmp_path_factory.mktemp("ablate"), val_images=2)
+    build_cache(parse_config(student_toml(base)), "train", scheduler="synchronous", progress=False)
+    return base
+
+
+def test_variants_are_the_intended_stage_lists(tmp_path):
+    stages = """
+[[student.stages]]
+name = "warm"
+epochs = 2
+teacher = "primary"
+kd_weight = 0.5
+conf_floor = 0.1
+[[student.stages]]
+name = "refine"
+epochs = 3
+teacher = "senior"
+seg_weight = 0.01
+"""
+    student = parse_config(student_toml(tmp_path, stages=stages)).student
+    pt = StageConfig(name="warm", epochs=2, teacher="primary", kd_weight=0.5, conf_floor=0.1)
+    st = StageConfig(name="refine", epochs=3, teacher="senior", seg_weight=0.01)
+    assert {name: build(student) for name, build in VARIANTS.items()} == {
+        "gt": (dataclasses.replace(pt, name="gt", epochs=5, teacher="none"),),
+        "pt": (dataclasses.replace(pt, name="pt", epochs=5),),
+        "st": (dataclasses.replace(st, name="st", epochs=5),),
+        "joint": (dataclasses.replace(st, name="joint", epochs=5, teacher="both"),),
+        "orderly": (pt, st),
+        "reverse": (st, pt),
+        "soft": (dataclasses.replace(pt, targets="soft"), dataclasses.replace(st, targets="soft")),
+        "no_mask": (pt, dataclasses.replace(st, seg_weight=0.0)),
+        "mask_gate": (pt, dataclasses.replace(st, mask_gate=True)),
+    }
+    # a config without the method's PT-then-ST stages builds the variants that do not need them only
+    st_first = parse_config(student_toml(tmp_path, stages="""
+[[student.stages]]
+name = "refine"
+epochs = 3
+teacher = "senior"
+[[student.stages]]
+name = "warm"
+epochs = 2
+teacher = "primary"
+""")).student
+    assert VARIANTS["pt"](st_first)[0].epochs == 5
+    with pytest.raises(OdkdError, match="'primary' stage before the 'senior' one"):
+        VARIANTS["orderly"](st_first)
+    gt_only = parse_config(student_toml(tmp_path, stages='[[student.stages]]\nname = "g"\nepochs = 4\n'
+                                                         'teacher = "none"')).student
+    with pytest.raises(OdkdError, match="exactly one stage with teacher = 'senior', found 0"):
+        VARIANTS["st"](gt_only)
+
+
+def test_hypotheses_are_judged_against_twice_the_larger_std():
+    orderly = {"AP": spread([0.50, 0.52, 0.54]), "n": 3}  # 0.52 ± 0.02
+    assert orderly["AP"] == pytest.approx({"mean": 0.52, "std": 0.02})
+    verdicts = {other: check_hypothesis(orderly, {"AP": {"mean": mean, "std": std}, "n": n})["verdict"].split(":")[0]
+                for other, (mean, std, n) in {"far below": (0.45, 0.01, 3), "near": (0.49, 0.01, 3),
+                                              "far above": (0.60, 0.03, 3), "one seed": (0.10, 0.0, 1)}.items()}
+    assert verdicts == {"far below": "holds", "near": "not shown", "far above": "reversed", "one seed": "not tested"}
+    assert check_hypothesis(orderly, {"AP": {"mean": 0.45, "std": 0.01}, "n": 3})["bar"] == pytest.approx(0.04)
+
+
+def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, capsys):
+    cfg = parse_config(student_toml(world, stages=ONE_PLUS_ONE))
+    out = tmp_path / "ablation"
+    summary = run_ablation(cfg, seeds=2, variants=["gt", "orderly", "soft"], out=out, max_steps_per_epoch=1)
+    err = capsys.readouterr().err
+    assert "warning: variant 'soft' skipped" in err and "store_soft = true" in err
+    assert "reports on val" in err  # the tiny world has no test split
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["split"] == "val" and saved["weights"] == "last.pth" and saved["seeds"] == [0, 1]
+    assert list(saved["variants"]) == ["gt", "orderly"] and "soft" in saved["skipped"]
+    md = (out / "ablation.md").read_text()
+    for name in ("gt", "orderly"):
+        runs = [out / name / f"seed{seed}" for seed in (0, 1)]
+        aps = [evaluate_checkpoint(cfg, str(run / "last.pth")).stats["AP"] for run in runs]
+        result = saved["variants"][name]
+        assert [row["AP"] for row in result["runs"]] == pytest.approx(aps)
+        assert result["AP"]["mean"] == pytest.approx(np.mean(aps))
+        assert result["AP"]["std"] == pytest.approx(np.std(aps, ddof=1))
+        assert f"| {name} | {np.mean(aps):.4f} ± {np.std(aps, ddof=1):.4f} |" in md
+        assert result["n"] == 2 and {row["status"] for row in result["runs"]} == {"trained"}
+    # each run trained its variant's stages under its own seed
+    stages = {run.parent.name + "/" + run.name: [json.loads(line)["stage"] for line in (run / "log.jsonl").open()]
+              for run in out.glob("*/seed*")}
+    assert stages == {"gt/seed0": ["gt", "gt"], "gt/seed1": ["gt", "gt"],
+                      "orderly/seed0": ["primary", "senior"], "orderly/seed1": ["primary", "senior"]}
+    assert json.loads((out / "orderly" / "seed1" / "run.json").read_text())["student"]["train"]["seed"] == 1
+    weights = [read_checkpoint(out / "orderly" / f"seed{seed}" / "last.pth").state_dict for seed in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [h["claim"] for h in saved["hypotheses"]] == ["the teachers beat GT alone"]
+    assert "the teachers beat GT alone" in md and "store.zarr" in md
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")}
+    again = run_ablation(cfg, seeds=2, variants=["gt", "orderly"], out=out, max_steps_per_epoch=1)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")} == mtimes and len(mtimes) == 4
+    assert {row["status"] for result in again["variants"].values() for row in result["runs"]} == {"reused"}
+    assert again["variants"]["orderly"]["AP"] == saved["variants"]["orderly"]["AP"]
+
+    # a run made under another configuration is refused, not reused or overwritten
+    changed = parse_config(student_toml(world, stages=ONE_PLUS_ONE.replace("0.01", "0.02")))
+    with pytest.raises(OdkdError, match=r"orderly/seed0/run.json: this run was trained under another "
+                                        r"configuration \(student.stages "):
+        run_ablation(changed, seeds=1, variants=["orderly"], out=out, max_steps_per_epoch=1)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")} == mtimes
+
+
+def test_unknown_variant_is_one_line_and_writes_nothing(world, tmp_path):
+    config = write_config(tmp_path)
+    result = CliRunner().invoke(main, ["ablate", "--config", str(config), "--variants", "orderly,ordrly",
+                                       "--out", str(tmp_path / "ablation")])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --variants: unknown variant 'ordrly'; the variants are gt, pt, st, "
+                                     "joint, orderly, reverse, soft, no_mask, mask_gate")
+    assert not (tmp_path / "ablation").exists()
