@@ -12,7 +12,7 @@ left out. The variants, each with its own student from the same initial weights:
 1. no KD: the student trainer's objective with one stage of teacher "none" (GT heatmaps only);
 2. ODKD, PT stage and ST stage: the student trainer's objective under the method's two stages,
    reading a real store on disk (synthetic binarized maps at each instance's real stored crop): per
-   step it gathers the packed rows on the device, unpacks, warps them into the augmented crops and
+   step it gathers the packed rows in host memory, sends them to the device, unpacks, warps them into the augmented crops and
    binarizes them again (ST: the mask too, seg_weight > 0);
 3. online KD: both teachers (PT; ST with its seg head) run on every batch, in eval mode, without
    gradients and without flip test, under the student's autocast; their heatmaps and ST's mask are
@@ -29,7 +29,7 @@ the seg head).
 Memory: each variant again in a fresh process for a few steps: on CPU the growth of the resident
 set's high-water mark (VmHWM) over the resident set before the variant was built, on CUDA
 torch.cuda.max_memory_allocated over what was allocated before it. Weights, gradients, optimizer
-state, activations, the store's device-resident arrays and the teachers all count. Weights are
+state, activations, the store's arrays held in memory and the teachers all count. Weights are
 untrained: a step costs the same whatever they hold.
 
 Sizes: demo (pipeline/demo.toml: 96x128 crops, student mobilenetv2_tiny + seg head, teachers
@@ -338,7 +338,7 @@ def measure_peak_in_fresh_process(variant: str, size: Size, world: Path, device:
 
 
 def resident_bytes_per_instance(cfg: PipelineConfig, layout: StoreLayout) -> int:
-    """Bytes per instance of the store arrays the student trainer keeps on the device for the method's stages."""
+    """Bytes per instance of the store arrays the student trainer holds in host memory for the method's stages."""
     names = {name for stage in cfg.student.stages for name in required_arrays(stage)}
     specs = layout.arrays()
     return sum(int(np.prod(specs[n].tail)) * np.dtype(specs[n].dtype).itemsize for n in names if "soft" not in n)
@@ -374,8 +374,8 @@ def bench_size(size: Size, tmp: Path, device: torch.device, timed: int | None) -
             f"{t.senior.model} {t.senior.model_args} + seg head. Step against no KD"
             f"{' (wall / CPU)' if device.type == 'cpu' else ''}: ODKD PT stage {shown[ODKD_PT]}, ST stage "
             f"{shown[ODKD_ST]} (target <= 1.05x); online KD {shown[ONLINE]}. The objective's time beyond GT's, "
-            f"against the no-KD step: PT stage {own[ODKD_PT]:.1%}, ST stage {own[ODKD_ST]:.1%}. The trainer keeps "
-            f"{per_instance:,} B/instance of the store on the device: "
+            f"against the no-KD step: PT stage {own[ODKD_PT]:.1%}, ST stage {own[ODKD_ST]:.1%}. The trainer holds "
+            f"{per_instance:,} B/instance of the store in host memory: "
             f"{per_instance * layout.num_instances / 2**20:.1f} MB for the "
             f"{layout.num_instances} instances here, in the peak column; "
             f"{per_instance * COCO_TRAIN_INSTANCES / 2**20:,.0f} MB for COCO train's {COCO_TRAIN_INSTANCES:,}.")

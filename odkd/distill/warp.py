@@ -41,14 +41,15 @@ def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Te
 
 
 def _blurred(maps: torch.Tensor, width: float) -> torch.Tensor:
-    """A separable Gaussian blur of five taps per axis (the widths in use were measured with five)."""
-    b, c, h, w = maps.shape
-    taps = torch.exp(-torch.arange(-2, 3, dtype=torch.float32, device=maps.device) ** 2 / (2 * width ** 2))
-    taps = taps / taps.sum()
+    """A separable Gaussian blur of five taps per axis (the widths in use were measured with five), as
+    shifted sums: conv2d on thousands of one-channel maps is several times slower on a CPU."""
+    h, w = maps.shape[-2:]
+    taps = torch.exp(-torch.arange(-2, 3, dtype=torch.float32) ** 2 / (2 * width ** 2))
+    taps = (taps / taps.sum()).tolist()
     # the crop's border cuts a blob, it is no edge of it: replicate rather than erode from there
-    x = F.pad(maps.reshape(b * c, 1, h, w), (2, 2, 2, 2), mode="replicate")
-    x = F.conv2d(F.conv2d(x, taps.view(1, 1, 1, 5)), taps.view(1, 1, 5, 1))
-    return x.reshape(b, c, h, w)
+    x = F.pad(maps, (2, 2, 2, 2), mode="replicate")
+    x = sum(t * x[..., :, k:k + w] for k, t in enumerate(taps))
+    return sum(t * x[..., k:k + h, :] for k, t in enumerate(taps))
 
 
 def move_edges(maps: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,9 @@ def stage_spans(records: list[dict]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
-    """Losses (log scale, left) and val AP (right) per epoch; a dashed line where each stage ends."""
-    records = read_log(log_path)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+def _draw_run(ax, records: list[dict]):
+    """Losses (log scale) on `ax`, val AP on a twin axis, a dashed line where each stage ends, a legend;
+    returns the AP axis (None without AP records)."""
     loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
     for key in loss_keys:
         points = [(r["epoch"], r[key]) for r in records if key in r and r[key] > 0]
@@ -43,17 +42,21 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str 
     ax.set_ylabel("loss")
     ap = [(r["epoch"], r["AP"]) for r in records if "AP" in r]
     handles, labels = ax.get_legend_handles_labels()
+    ax2 = None
     if ap:
         ax2 = ax.twinx()
         (line,) = ax2.plot(*zip(*ap), "k-o", ms=3, label="val AP")
         ax2.set_ylabel("val AP")
         handles, labels = handles + [line], labels + ["val AP"]
-    spans = stage_spans(records)
-    for name, first, last in spans:
+    for name, first, last in stage_spans(records):
         ax.axvline(last + 0.5, color="grey", ls="--", lw=0.8)
         ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                 fontsize=8)
     ax.legend(handles, labels, fontsize=7, loc="upper right")
+    return ax2
+
+
+def _save(fig, png_path: str | Path, title: str | None) -> Path:
     if title:
         fig.suptitle(title, fontsize=9, y=0.995)
     fig.tight_layout()
@@ -61,3 +64,27 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str 
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
+    """Losses (log scale, left) and val AP (right) per epoch; a dashed line where each stage ends."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    _draw_run(ax, read_log(log_path))
+    return _save(fig, png_path, title)
+
+
+def plot_runs_side_by_side(logs: dict[str, str | Path], png_path: str | Path, title: str | None = None) -> Path:
+    """One panel per run, named by its key, in a row; the panels share the loss scale and the val AP
+    scale, so runs compare by eye (odkd report: the GT-only and the ODKD student)."""
+    fig, axes = plt.subplots(1, len(logs), figsize=(6 * len(logs), 4.5), dpi=100, sharey=True, squeeze=False)
+    ap_axes = []
+    for ax, (name, log_path) in zip(axes[0], logs.items()):
+        ap_axes.append(_draw_run(ax, read_log(log_path)))
+        ax.set_title(name, fontsize=9, pad=14)  # above the stage names
+    ap_axes = [a for a in ap_axes if a is not None]
+    if ap_axes:
+        low = min(a.get_ylim()[0] for a in ap_axes)
+        high = max(a.get_ylim()[1] for a in ap_axes)
+        for a in ap_axes:
+            a.set_ylim(low, high)
+    return _save(fig, png_path, title)
