@@ -59,6 +59,7 @@ def main():
       odkd evaluate --checkpoint runs/demo/teacher_senior/best.pth
       odkd cache-teachers                        # both teachers once, into cache/demo.zarr
       odkd train-student                         # orderly PT -> ST from the store, no teacher loaded
+      odkd report                                # runs/demo/report.md: every model's AP, size, speed
       odkd export --checkpoint runs/demo/student/best.pth --out student.onnx
     """
 
@@ -213,6 +214,27 @@ def train_student_cmd(config_path, cache_url, out, resume, device):
     summary = train_student(cfg, cache=cache_url, out=out, resume=resume, device=device)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("report")
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for report.md and its PNGs (default: RUNS).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--runs", "extra_runs", multiple=True, metavar="NAME=DIR",
+              help="A row from a run folder (best.pth, log.jsonl); replaces PT, ST, GT-only or ODKD by name, "
+                   "adds any other name. Repeatable.")
+@click.option("--device", default=None, help="Evaluation device (default: the config's); speed is always CPU.")
+@user_errors
+def report_cmd(config_path, out_dir, split, extra_runs, device):
+    """Write RUNS/report.md: AP, size and CPU speed of PT, ST, the GT-only student (RUNS/student_gt)
+    and the ODKD student (RUNS/student), their training curves and predictions on val crops.
+    A model without a checkpoint is a note in the report."""
+    from odkd.eval.report import parse_runs, write_report
+
+    cfg = load_config(config_path)
+    path = write_report(cfg, out_dir, parse_runs(extra_runs), split, device)
+    click.echo(f"report in {path}")
 
 
 @main.command()
