@@ -19,20 +19,10 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
 from odkd.train.ablate import VARIANTS, check_hypothesis, run_ablation, spread
-from test_student import student_toml, write_config
+from test_student import TWO_STAGES, student_toml, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ONE_PLUS_ONE = """
-[[student.stages]]
-name = "primary"
-epochs = 1
-teacher = "primary"
-[[student.stages]]
-name = "senior"
-epochs = 1
-teacher = "senior"
-seg_weight = 0.01
-"""
+ONE_PLUS_ONE = TWO_STAGES.replace("epochs = 2", "epochs = 1")  # one epoch each
 
 
 @pytest.fixture(scope="module")

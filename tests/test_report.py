@@ -26,7 +26,7 @@ from odkd.eval.report import CROP_ROWS, crop_keypoints, pick_instances, write_re
 from odkd.models import build_from_checkpoint
 from odkd.train.student import train_student
 from conftest import make_tiny_world
-from test_student import student_toml
+from test_student import TWO_STAGES, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GT_ONLY = """
@@ -35,17 +35,7 @@ name = "gt"
 epochs = 1
 teacher = "none"
 """
-ODKD = """
-[[student.stages]]
-name = "primary"
-epochs = 1
-teacher = "primary"
-[[student.stages]]
-name = "senior"
-epochs = 1
-teacher = "senior"
-seg_weight = 0.01
-"""
+ODKD = TWO_STAGES.replace("epochs = 2", "epochs = 1")  # one epoch each
 
 
 @pytest.fixture(scope="module")
