@@ -161,7 +161,7 @@ class EvalConfig:
     det_score_thr: float = 0.0
     in_vis_thr: float = 0.2
     batch_size: int = 64
-    decode: str = "argmax"  # "argmax" | "centroid" | "dark": heatmap -> keypoint, see odkd/data/decode.py
+    decode: str = "dark"  # "dark" | "argmax" | "centroid": heatmap -> keypoint, see odkd/data/decode.py
 
 
 @dataclass(frozen=True)
