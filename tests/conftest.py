@@ -16,6 +16,13 @@ from odkd.models import build_model, save_checkpoint
 
 # the tiny teacher pair of the cache and student tests: role -> (model_args, seg_head)
 TINY_TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
+TINY_TEACHERS_TOML = """[teachers.primary]
+model = "hrnet_tiny"
+model_args = { width = 8 }
+[teachers.senior]
+model = "hrnet_tiny"
+model_args = { width = 8 }
+seg_head = true"""
 
 
 def _person_keypoints(x0: float, y0: float, h: float) -> list[float]:

@@ -22,7 +22,7 @@ from odkd.cache.writer import dask_client
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
 from odkd.data.transforms import normalize_image
-from conftest import make_tiny_world
+from conftest import TINY_TEACHERS_TOML, make_tiny_world
 
 TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
 START_TIMEOUT = 120.0  # seconds for a CLI scheduler or worker to come up on a loaded machine
@@ -35,13 +35,7 @@ runs = "{runs}"
 root = "{root}"
 input_size = [96, 128]
 heatmap_size = [24, 32]
-[teachers.primary]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-[teachers.senior]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-seg_head = true
+{TINY_TEACHERS_TOML}
 [cache]
 chunk_instances = 4
 shard_instances = 8

@@ -20,6 +20,7 @@ from odkd.data.targets import gaussian_heatmaps, mask_target
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, save_checkpoint
+from conftest import TINY_TEACHERS_TOML
 
 INPUT, HEATMAP = (96, 128), (24, 32)
 TRAIN_STEPS, TRAIN_BATCH = 60, 8
@@ -37,13 +38,7 @@ runs = "{runs}"
 root = "{root}"
 input_size = {list(INPUT)}
 heatmap_size = {list(HEATMAP)}
-[teachers.primary]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-[teachers.senior]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-seg_head = true
+{TINY_TEACHERS_TOML}
 [cache]
 threshold_mode = "relative"
 mask_threshold = 0.3  # a mask head trained for a few steps stays below 0.5

@@ -32,7 +32,7 @@ from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
-from conftest import make_tiny_world
+from conftest import TINY_TEACHERS_TOML, make_tiny_world
 from odkd.train.student import train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,13 +59,7 @@ root = "{base}/data"
 input_size = [96, 128]
 heatmap_size = [24, 32]
 sigma = 2.0
-[teachers.primary]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-[teachers.senior]
-model = "hrnet_tiny"
-model_args = {{ width = 8 }}
-seg_head = true
+{TINY_TEACHERS_TOML}
 [cache]
 store = "{base}/store.zarr"
 threshold = 0.5
