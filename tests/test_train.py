@@ -180,6 +180,10 @@ def test_resume_under_another_architecture_names_both(synth_root, tmp_path):
                                         r"asks for hrnet_tiny \{'width': 6\}"):
         train_teacher(wider, "primary", resume=True)
     assert read_checkpoint(runs / "teacher_primary" / "last.pth").meta["model_args"] == {"width": 4}
+    # so is one whose schedule changed: the run's lr curve and data order would no longer be its own
+    longer = parse_config(pipeline_toml(synth_root, runs, epochs=3))
+    with pytest.raises(OdkdError, match=r"last\.pth: the schedule changed since this run started \(epochs 2 != 3"):
+        train_teacher(longer, "primary", resume=True)
 
 
 def test_init_checkpoint_without_seg_head_reports_new_head(synth_root, tmp_path, capsys):
