@@ -362,7 +362,8 @@ def cache_info_cmd(store):
 
 @cache.command("verify")
 @click.argument("store")
-@config_option
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Pipeline TOML of the store's dataset and teachers; without it only the shards are checked.")
 @click.option("--sample", default=16, show_default=True, help="Instances to re-run through the teachers.")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
