@@ -69,10 +69,10 @@ from odkd.cache.synthetic import SyntheticTargets  # noqa: E402
 from odkd.cache.teachers import cache_geometry, stored_frame_scale  # noqa: E402
 from odkd.cache.writer import ShardTargets  # noqa: E402
 from odkd.config import CacheConfig, PipelineConfig, StageConfig, load_config  # noqa: E402
-from odkd.data.dataset import EpochSampler, StoredFrames, TopDownDataset, make_loader  # noqa: E402
+from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader  # noqa: E402
 from odkd.data.instances import load_instances  # noqa: E402
 from odkd.data.synth import make_synthetic_dataset  # noqa: E402
-from odkd.distill.objective import StudentObjective  # noqa: E402
+from odkd.distill.objective import StudentObjective, stored_frames  # noqa: E402
 from odkd.distill.stages import StagePlan, required_arrays  # noqa: E402
 from odkd.models import build_model  # noqa: E402
 from odkd.models.inference import predict_batch  # noqa: E402
@@ -161,9 +161,7 @@ def make_world(size: Size, world: Path, device: torch.device) -> StoreLayout:
                 FramedSyntheticTargets(SyntheticTargets(layout, sigma=cfg.data.sigma), centers, scales),
                 scheduler="synchronous", progress=False)
     targets = TeacherTargets.open(store_url(world))
-    meta = targets.get_batch(np.arange(len(targets)), ["meta/center", "meta/scale"])
-    frames = StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
-    dataset = TopDownDataset(instances, cfg.data, train=True, seed=0, stored_frames=frames)
+    dataset = TopDownDataset(instances, cfg.data, train=True, seed=0, stored_frames=stored_frames(targets))
     loader = make_loader(dataset, batch, workers=0, sampler=EpochSampler(len(dataset), shuffle=True, seed=0),
                          drop_last=True)
     torch.save(list(islice(loader, BATCHES)), batches_path(world))

@@ -24,10 +24,11 @@ from odkd.cache.bitpack import bitpack_maps
 from odkd.cache.reader import TeacherTargets
 from odkd.cli import main
 from odkd.config import parse_config
-from odkd.data.dataset import EpochSampler, StoredFrames, TopDownDataset
+from odkd.data.dataset import EpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
 from odkd.data.keypoints import FLIP_INDEX
+from odkd.distill.objective import stored_frames
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
@@ -181,8 +182,7 @@ def test_warped_cached_target_equals_the_target_cached_under_that_transform(worl
     cfg = parse_config(student_toml(world))
     instances = load_instances(cfg.data, "train")
     targets = TeacherTargets.open(str(world / "store.zarr"))
-    meta = targets.load(["meta/center", "meta/scale"]).get_batch(np.arange(len(targets)), ["meta/center", "meta/scale"])
-    frames = StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
+    frames = stored_frames(targets)
     hm, map_size = cfg.data.heatmap_size, frames.map_size
     data = TopDownDataset(instances, cfg.data, train=True, seed=3, stored_frames=frames)
 

@@ -13,6 +13,7 @@ import torch
 from odkd.cache.binarize import gate_by_mask
 from odkd.cache.reader import TeacherTargets
 from odkd.config import StageConfig
+from odkd.data.dataset import StoredFrames
 from odkd.distill.stages import StagePlan, heatmap_array, required_arrays, stage_teachers, stage_uses_mask
 from odkd.distill.warp import flip_keypoint_values, warp_batch, warp_binary_batch
 from odkd.train.losses import joints_mse_loss, mask_loss
@@ -25,6 +26,12 @@ def teacher_blob_radius(settings: dict) -> float:
     if not 0.0 < threshold < 1.0:
         return 0.0
     return float(settings.get("sigma", 2.0)) * float(np.sqrt(2.0 * np.log(1.0 / threshold)))
+
+
+def stored_frames(targets: TeacherTargets) -> StoredFrames:
+    """Where the store's maps sit: every instance's stored crop, from meta/center and meta/scale."""
+    meta = targets.get_batch(np.arange(len(targets)), ["meta/center", "meta/scale"])
+    return StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
 
 
 class StoredRows:

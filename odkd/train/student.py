@@ -12,14 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from odkd.cache.reader import TeacherTargets
 from odkd.config import PipelineConfig, resolve_device
-from odkd.data.dataset import StoredFrames, TopDownDataset
+from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.distill.objective import StudentObjective
+from odkd.distill.objective import StudentObjective, stored_frames
 from odkd.distill.stages import StagePlan, required_arrays
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_training_curves
@@ -114,11 +113,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                     click.echo(f"init from {report.summary()}", err=True)
             return model
 
-        meta = targets.load(["meta/center", "meta/scale"]).get_batch(np.arange(len(targets)),
-                                                                     ["meta/center", "meta/scale"])
-        frames = StoredFrames(meta["meta/center"], meta["meta/scale"], tuple(targets.layout.map_size))
         train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
-                                   stored_frames=frames)
+                                   stored_frames=stored_frames(targets))
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=scfg.seg_loss,
                                      device=dev, keep_blob_size=scfg.keep_blob_size)
         evaluator = None
