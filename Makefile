@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo demo-teachers install clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -14,21 +14,30 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest
 
 ODKD := .venv/bin/odkd
-DEMO_VAL := data/demo/annotations/person_keypoints_val.json
+# The demo data: regenerated bit-identically from its seed on every run (check-teachers verifies it).
+DEMO_DATA := --train-images 1000 --val-images 100 --test-images 200 --difficulty easy --seed 0
+# re-running a step resumes an interrupted run and returns at once from a finished one
+resume_if = $$(test -f $(1)/last.pth && echo --resume)
 
-# The demo pipeline, step by step; each line is a command a user can run by hand.
-# Re-running resumes interrupted teacher runs and skips finished ones.
+# The demo, step by step; each line is a command a user can run by hand. The teachers are the
+# released files in zoo/ (make demo-teachers rebuilds them).
 demo: $(VENV_STAMP)
-	$(ODKD) synth data/demo --train-images 300 --val-images 60 --seed 0
-	$(ODKD) evaluate --ann $(DEMO_VAL) --gt-as-results
-	$(ODKD) browse --split train --augment --out runs/demo/browse -n 16
-	$(ODKD) train-teacher --role primary $$(test -f runs/demo/teacher_primary/last.pth && echo --resume)
-	$(ODKD) train-teacher --role senior $$(test -f runs/demo/teacher_senior/last.pth && echo --resume)
-	$(ODKD) evaluate --checkpoint runs/demo/teacher_primary/best.pth --stats-json runs/demo/teacher_primary/val_stats.json
-	$(ODKD) evaluate --checkpoint runs/demo/teacher_senior/best.pth --stats-json runs/demo/teacher_senior/val_stats.json
+	$(ODKD) synth data/demo $(DEMO_DATA)
+	$(ODKD) check-teachers
 	$(ODKD) cache-teachers --workers 2
 	$(ODKD) cache info cache/demo.zarr
-	$(ODKD) cache verify cache/demo.zarr --config pipeline/demo.toml
+	$(ODKD) train-student --variant gt $(call resume_if,runs/demo/student_gt)
+	$(ODKD) train-student $(call resume_if,runs/demo/student)
+	$(ODKD) report --split test
+
+# Train the two demo teachers from scratch with pipeline/demo.toml's recipe and release them into
+# zoo/ as float16 weights; paste the fingerprints it prints into pipeline/demo.toml.
+demo-teachers: $(VENV_STAMP)
+	$(ODKD) synth data/demo $(DEMO_DATA)
+	$(ODKD) train-teacher --role primary $(call resume_if,runs/demo/teacher_primary)
+	$(ODKD) train-teacher --role senior $(call resume_if,runs/demo/teacher_senior)
+	$(ODKD) release-teacher --role primary
+	$(ODKD) release-teacher --role senior
 
 clean:
 	rm -rf .venv runs data

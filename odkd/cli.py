@@ -10,6 +10,7 @@ import functools
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -193,15 +194,58 @@ def train_teacher_cmd(config_path, role, out, resume, init, device):
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("release-teacher")
+@config_option
+@click.option("--role", type=click.Choice(["primary", "senior"]), required=True)
+@click.option("--from", "source", type=click.Path(dir_okay=False), default=None,
+              help="The trained file (default: RUNS/teacher_ROLE/best.pth).")
+@click.option("--device", default=None, help="Evaluation device (default: the config's).")
+@user_errors
+def release_teacher_cmd(config_path, role, source, device):
+    """Pack a trained teacher as float16 weights into [teachers.ROLE] checkpoint, for sharing.
+
+    The file records the train split's dataset fingerprint and the val stats of the packed weights
+    (GT boxes, [eval] flip_test and decode). Prints the fingerprint to put in [teachers.ROLE] fingerprint.
+    """
+    from odkd.train.release import release_teacher
+    from odkd.train.teacher import default_teacher_dir
+
+    cfg = load_config(config_path)
+    source = source or str(default_teacher_dir(cfg, role) / "best.pth")
+    meta = release_teacher(cfg, role, source, device=device)
+    release = meta["release"]
+    size = Path(getattr(cfg.teachers, role).checkpoint).stat().st_size
+    click.echo(f"{getattr(cfg.teachers, role).checkpoint}: {size / 1e6:.2f} MB, val AP {release['val_stats']['AP']:.3f}, "
+               f"trained on {release['train_data']['dataset_fingerprint']}")
+    click.echo(f'[teachers.{role}] fingerprint = "{meta["fingerprint"]}"')
+
+
+@main.command("check-teachers")
+@config_option
+@user_errors
+def check_teachers_cmd(config_path):
+    """Check both teacher files before use: each has the [teachers.ROLE] fingerprint, and a released
+    file was trained on the dataset that [data] names now (same dataset fingerprint)."""
+    from odkd.train.release import check_teacher
+
+    cfg = load_config(config_path)
+    for role in ("primary", "senior"):
+        click.echo(check_teacher(cfg, role).line())
+
+
 @main.command("train-student")
 @config_option
 @click.option("--cache", "cache_url", default=None,
               help="Teacher store: a path or an fsspec URL (http, s3, gs); default: [student] cache.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: RUNS/student).")
+@click.option("--variant", default=None, metavar="NAME",
+              help="Train an ablation variant (gt, pt, st, joint, orderly, reverse, soft, no_mask, mask_gate) "
+                   "made from [[student.stages]] instead of the stages as written; gt is the GT-only baseline.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run folder (default: RUNS/student, or RUNS/student_VARIANT).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth, mid-stage too.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def train_student_cmd(config_path, cache_url, out, resume, device):
+def train_student_cmd(config_path, cache_url, variant, out, resume, device):
     """Train the [student] from the teacher store, stage by stage ([[student.stages]]).
 
     No teacher is loaded: the targets come from the store that cache-teachers wrote, warped into
@@ -211,6 +255,11 @@ def train_student_cmd(config_path, cache_url, out, resume, device):
     from odkd.train.student import train_student
 
     cfg = load_config(config_path)
+    if variant:
+        from odkd.distill.variants import with_variant
+
+        cfg = with_variant(cfg, variant)
+        out = out or str(Path(cfg.runs) / f"student_{variant}")
     summary = train_student(cfg, cache=cache_url, out=out, resume=resume, device=device)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
@@ -233,7 +282,8 @@ def report_cmd(config_path, out_dir, split, extra_runs, device):
     from odkd.eval.report import parse_runs, write_report
 
     cfg = load_config(config_path)
-    path = write_report(cfg, out_dir, parse_runs(extra_runs), split, device)
+    path, table = write_report(cfg, out_dir, parse_runs(extra_runs), split, device)
+    click.echo("\n".join(table))
     click.echo(f"report in {path}")
 
 

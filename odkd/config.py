@@ -92,6 +92,9 @@ class TeacherConfig:
     seg_weight: float = 0.002
     seg_loss: str = "bce+dice"  # "bce" | "bce+dice"; dice copes with masks that fill a small part of the crop
     checkpoint: str = ""
+    # The weights' fingerprint (an ONNX/TorchScript file's sha256): commands that load this teacher
+    # refuse any other file. Empty: any file.
+    fingerprint: str = ""
     # For model = "onnx" | "torchscript" (checkpoint names the file): the normalization the file
     # expects, RGB order and 0..1 units (ImageNet's, like odkd's crops, by default), the channel
     # order it takes, and what its second output (the mask) holds. odkd's own models take the defaults.

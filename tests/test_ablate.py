@@ -18,7 +18,8 @@ from odkd.config import StageConfig, parse_config
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
-from odkd.train.ablate import VARIANTS, check_hypothesis, run_ablation, spread
+from odkd.distill.variants import VARIANTS
+from odkd.train.ablate import check_hypothesis, run_ablation, spread
 from test_student import TWO_STAGES, student_toml, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

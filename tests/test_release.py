@@ -183,9 +183,6 @@ def test_release_teacher_cli_prints_the_fingerprint_to_configure(world, tmp_path
     assert code == 1 and printed(text)[-1].startswith("Error: teachers.senior.fingerprint: "), text
 
 
-@pytest.mark.xfail(strict=True, reason="release_teacher and check_teacher rebuild the model from the file's "
-                   "meta, not from [teachers.ROLE]: a keypoint-only file released as the senior passes both, "
-                   "and only cache-teachers refuses it")
 def test_release_refuses_a_source_that_does_not_fit_the_role(world, tmp_path):
     dst = tmp_path / "senior.pth"
     config = write(tmp_path / "p.toml", release_toml(world, senior=keys(dst)))
@@ -344,9 +341,6 @@ def test_train_student_variant_refusals_are_one_line(world, tmp_path):
     assert not (base / "runs").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="check_teacher reads every file with build_from_checkpoint, so an ONNX or "
-                   "TorchScript teacher (whose [teachers.ROLE] fingerprint is the file's sha256) cannot be checked, "
-                   "though cache-teachers accepts the same config")
 def test_check_teachers_checks_a_torchscript_teacher_by_its_sha256(world, tmp_path):
     from test_external_teachers import Exported
 

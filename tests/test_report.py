@@ -63,11 +63,12 @@ def assert_image(path: Path, min_width: int, min_height: int):
 
 def test_report_has_every_model_with_evaluates_ap_and_its_pictures(world):
     cfg = parse_config(student_toml(world))
-    path = write_report(cfg, device="cpu", speed_seconds=0.0)
+    path, table = write_report(cfg, device="cpu", speed_seconds=0.0)
     assert path == world / "runs" / "report.md"
     text = path.read_text()
     assert text.splitlines()[2:4] == ["```sh", "odkd report --device cpu"]
     rows = table_rows(text)
+    assert "\n".join(table) in text
     checkpoints = {"PT": "teacher_primary", "ST": "teacher_senior", "GT-only": "student_gt", "ODKD": "student"}
     assert list(rows) == list(checkpoints)
     for name, sub in checkpoints.items():

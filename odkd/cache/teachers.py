@@ -141,6 +141,28 @@ def _check_outputs(net, role: str, path: Path, input_size, map_size, with_mask: 
                             f"{tuple(batch.shape)}; the cache needs {shape}")
 
 
+@dataclass(frozen=True)
+class ConfiguredTeacher:
+    path: Path
+    net: torch.nn.Module | ExternalTeacher
+    fingerprint: str
+    contract: dict
+
+
+def load_configured_teacher(cfg, role: str) -> ConfiguredTeacher:
+    """The [teachers.ROLE] file on the CPU as its config describes it (model, seg head, an external
+    file's contract), refused unless it has the [teachers.ROLE] fingerprint when one is set."""
+    tcfg = getattr(cfg.teachers, role)
+    path = teacher_checkpoint(cfg, role)
+    contract = _teacher_contract(tcfg, role)
+    net = _build_teacher(tcfg.model, dict(tcfg.model_args), tcfg.seg_head, str(path), contract)
+    fingerprint = _fingerprint(tcfg.model, str(path), net)
+    if tcfg.fingerprint and fingerprint != tcfg.fingerprint:
+        raise OdkdError(f"teachers.{role}.fingerprint: {path} has weights {fingerprint}, "
+                        f"the config expects {tcfg.fingerprint}")
+    return ConfiguredTeacher(path, net, fingerprint, contract)
+
+
 def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
     """Load both teachers once on the CPU, check they fit their models and the cache geometry, and
     describe them. Every problem is an OdkdError raised here, before any work starts."""
@@ -149,16 +171,15 @@ def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
         tcfg = getattr(cfg.teachers, role)
         if key == "st" and not tcfg.seg_head:
             raise OdkdError("teachers.senior.seg_head must be true: the cache stores the senior teacher's mask")
-        path = teacher_checkpoint(cfg, role)
-        contract = _teacher_contract(tcfg, role)
-        net = _build_teacher(tcfg.model, dict(tcfg.model_args), tcfg.seg_head, str(path), contract)
-        _check_outputs(net, role, path, input_size, map_size, with_mask=key == "st")
+        teacher = load_configured_teacher(cfg, role)
+        path = teacher.path
+        _check_outputs(teacher.net, role, path, input_size, map_size, with_mask=key == "st")
         best_ap = None if tcfg.model in EXTERNAL_KINDS else read_checkpoint(path).extra.get("best_ap")
         specs[key] = TeacherSpec(
             role=role, model=tcfg.model, model_args=dict(tcfg.model_args), seg_head=tcfg.seg_head,
-            checkpoint=str(path), fingerprint=_fingerprint(tcfg.model, str(path), net),
+            checkpoint=str(path), fingerprint=teacher.fingerprint,
             val_ap=float(best_ap) if isinstance(best_ap, (int, float)) and best_ap >= 0 else None,
-            contract=contract,
+            contract=teacher.contract,
         )
     return specs
 

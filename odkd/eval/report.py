@@ -195,9 +195,10 @@ def _table(results: list[ModelResult], out: Path) -> list[str]:
 
 
 def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | None = None, split: str = "val",
-                 device: str | None = None, *, speed_seconds: float = 1.0) -> Path:
+                 device: str | None = None, *, speed_seconds: float = 1.0) -> tuple[Path, list[str]]:
     """Write OUT/report.md (OUT: the config's runs folder by default) with curves.png and crops.png
-    next to it; return the report's path. A default row without a checkpoint becomes a note line."""
+    next to it; return the report's path and its table of models (markdown lines). A default row
+    without a checkpoint becomes a note line."""
     runs = dict(runs or {})
     out = Path(out_dir or cfg.runs)
     rows, notes = report_rows(cfg, runs)
@@ -209,6 +210,7 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     crop_batch = default_collate([dataset[i] for i in pick_instances(instances, CROP_ROWS)])
     results = [measure(row, cfg, split, device, crop_batch, speed_seconds)
                for row in tqdm(rows, desc="report", unit="model")]
+    table = _table(results, out)
     logs = {r.name: r.log for r in rows if r.log is not None and r.log.is_file()}
     notes += [f"{r.name}: no training curves, {r.log} not found" for r in rows
               if r.log is not None and not r.log.is_file()]
@@ -217,7 +219,7 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     flip = "on" if cfg.eval.flip_test else "off"
     lines = [f"# odkd report: {cfg.runs}", "", "```sh", report_command(cfg, out_dir, runs, split, device), "```", "",
              f"Split `{split}` ({len(instances)} person instances, ground-truth boxes), flip test {flip}, "
-             f"decode `{cfg.eval.decode}`, input {w}x{h}.", "", "## Models", "", *_table(results, out), "",
+             f"decode `{cfg.eval.decode}`, input {w}x{h}.", "", "## Models", "", *table, "",
              "AP and AR: COCOeval (OKS) as `odkd evaluate --checkpoint` gives them. Params and GFLOPs at "
              f"{w}x{h}, a seg head included (`odkd export` drops it). CPU images/s: this machine, "
              f"{torch.get_num_threads()} torch threads, batches of {cfg.eval.batch_size} ([eval] batch_size), "
@@ -237,4 +239,4 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
               "Left limbs orange, right limbs blue.", "", "![predictions](crops.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    return path
+    return path, table

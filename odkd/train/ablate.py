@@ -2,9 +2,7 @@
 total epochs, each trained by train_student; the last weights of every run scored on one split, and
 mean ± std over the seeds.
 
-A variant is a stage list made from the config's own [[student.stages]]: every key the user set (the
-loss weights, conf_floor, the ST stage's seg_weight) carries into every variant, and only what the
-variant is about changes. Each run lives in OUT/VARIANT/seedS next to run.json, the configuration it
+The variants are odkd.distill.variants'. Each run lives in OUT/VARIANT/seedS next to run.json, the configuration it
 was trained under: a finished run is reused, an unfinished one resumed, and one trained under
 another configuration is refused, so an interrupted ablation picks up where it stopped.
 """
@@ -14,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 import numpy as np
 
 from odkd.cache.schema import first_difference
-from odkd.config import PipelineConfig, StageConfig, StudentConfig, resolve_device
+from odkd.config import PipelineConfig, StageConfig, resolve_device
 from odkd.data.instances import load_instances
 from odkd.distill.stages import StagePlan, required_arrays
+from odkd.distill.variants import VARIANTS
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_from_checkpoint, read_checkpoint
@@ -33,45 +32,6 @@ REPORTED = ("AP", "AP .5", "AR")
 # best.pth is chosen by val AP; scoring it would select on the reported split whenever that is val
 SCORED_WEIGHTS = "last.pth"
 
-
-def only_stage(student: StudentConfig, teacher: str) -> StageConfig:
-    found = [stage for stage in student.stages if stage.teacher == teacher]
-    if len(found) != 1:
-        raise OdkdError(f"student.stages: the ablation needs exactly one stage with teacher = {teacher!r}, "
-                        f"found {len(found)}")
-    return found[0]
-
-
-def orderly(student: StudentConfig) -> tuple[StageConfig, ...]:
-    """The config's own stages, which must be the method's: its PT stage before its ST stage."""
-    pt, st = only_stage(student, "primary"), only_stage(student, "senior")
-    if student.stages.index(pt) > student.stages.index(st):
-        raise OdkdError("student.stages: the ablation needs the method's order in the config, the 'primary' "
-                        "stage before the 'senior' one")
-    return student.stages
-
-
-def single_stage(student: StudentConfig, like: str, name: str, **changes) -> tuple[StageConfig, ...]:
-    """One stage over all the config's epochs, made from its stage with teacher `like`."""
-    return (dataclasses.replace(only_stage(student, like), name=name, epochs=student.epochs, **changes),)
-
-
-def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ...]:
-    st = only_stage(student, "senior")
-    return tuple(dataclasses.replace(stage, **changes) if stage == st else stage for stage in orderly(student))
-
-
-VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
-    "gt": lambda student: single_stage(student, "primary", "gt", teacher="none", seg_weight=0.0),
-    "pt": lambda student: single_stage(student, "primary", "pt"),
-    "st": lambda student: single_stage(student, "senior", "st"),
-    "joint": lambda student: single_stage(student, "senior", "joint", teacher="both"),
-    "orderly": orderly,
-    "reverse": lambda student: orderly(student)[::-1],
-    "soft": lambda student: tuple(dataclasses.replace(stage, targets="soft") for stage in orderly(student)),
-    "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
-    "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
-}
 
 # (A, B, the claim that A's AP is above B's)
 HYPOTHESES = (

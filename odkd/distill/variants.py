@@ -1,0 +1,62 @@
+"""The student's variants: stage lists made from the config's own [[student.stages]], for
+`odkd ablate` and `odkd train-student --variant`.
+
+Every key the user set (the loss weights, conf_floor, the ST stage's seg_weight) carries into every
+variant, and only what the variant is about changes; all keep the config's total epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from odkd.config import PipelineConfig, StageConfig, StudentConfig
+from odkd.errors import OdkdError
+
+
+def only_stage(student: StudentConfig, teacher: str) -> StageConfig:
+    found = [stage for stage in student.stages if stage.teacher == teacher]
+    if len(found) != 1:
+        raise OdkdError(f"student.stages: the ablation needs exactly one stage with teacher = {teacher!r}, "
+                        f"found {len(found)}")
+    return found[0]
+
+
+def orderly(student: StudentConfig) -> tuple[StageConfig, ...]:
+    """The config's own stages, which must be the method's: its PT stage before its ST stage."""
+    pt, st = only_stage(student, "primary"), only_stage(student, "senior")
+    if student.stages.index(pt) > student.stages.index(st):
+        raise OdkdError("student.stages: the ablation needs the method's order in the config, the 'primary' "
+                        "stage before the 'senior' one")
+    return student.stages
+
+
+def single_stage(student: StudentConfig, like: str, name: str, **changes) -> tuple[StageConfig, ...]:
+    """One stage over all the config's epochs, made from its stage with teacher `like`."""
+    return (dataclasses.replace(only_stage(student, like), name=name, epochs=student.epochs, **changes),)
+
+
+def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ...]:
+    st = only_stage(student, "senior")
+    return tuple(dataclasses.replace(stage, **changes) if stage == st else stage for stage in orderly(student))
+
+
+VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
+    "gt": lambda student: single_stage(student, "primary", "gt", teacher="none", seg_weight=0.0),
+    "pt": lambda student: single_stage(student, "primary", "pt"),
+    "st": lambda student: single_stage(student, "senior", "st"),
+    "joint": lambda student: single_stage(student, "senior", "joint", teacher="both"),
+    "orderly": orderly,
+    "reverse": lambda student: orderly(student)[::-1],
+    "soft": lambda student: tuple(dataclasses.replace(stage, targets="soft") for stage in orderly(student)),
+    "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
+    "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
+}
+
+
+def with_variant(cfg: PipelineConfig, name: str) -> PipelineConfig:
+    """The config with its student's stages replaced by variant `name`."""
+    if name not in VARIANTS:
+        raise OdkdError(f"unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
+    student = dataclasses.replace(cfg.student, stages=VARIANTS[name](cfg.student))
+    return dataclasses.replace(cfg, student=student)

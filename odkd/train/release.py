@@ -1,0 +1,125 @@
+"""Released teachers: a trained teacher packed as float16 weights with what it was trained on and
+scores, and the check that a released file is the expected one, trained on the data at hand.
+
+A released file is an ordinary odkd checkpoint (weights and meta only), so every command loads it
+like any other. Its meta adds ``release``: the train split's dataset fingerprint and description,
+and the val stats of the packed weights themselves. Its ``fingerprint`` is that of the weights as
+loaded (float32), the one a teacher store records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from odkd.cache.teachers import ROLES, load_configured_teacher
+from odkd.config import resolve_device
+from odkd.data.instances import load_instances
+from odkd.errors import OdkdError
+from odkd.eval.evaluate import evaluate_model
+from odkd.models import build_model
+from odkd.models.checkpoint import (ODKD_FORMAT, apply_checkpoint, build_from_checkpoint, model_fingerprint,
+                                    read_checkpoint)
+from odkd.models.external import EXTERNAL_KINDS
+
+
+@dataclass(frozen=True)
+class TeacherCheck:
+    role: str
+    path: str
+    model: str
+    fingerprint: str
+    data_fingerprint: str | None  # the train split the file says it was trained on; None: not recorded
+    val_ap: float | None
+
+    def line(self) -> str:
+        trained_on = self.data_fingerprint or "not recorded"
+        ap = "unknown" if self.val_ap is None else f"{self.val_ap:.3f}"
+        return (f"{self.role}: {self.path} ({self.model}), fingerprint {self.fingerprint}, "
+                f"trained on {trained_on}, val AP {ap}")
+
+
+def _half_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _loaded_fingerprint(net: torch.nn.Module) -> str:
+    # the weights as a model holds them after loading (float32), which is what a teacher store records
+    return model_fingerprint({k: v.detach().cpu() for k, v in net.state_dict().items()})
+
+
+def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | None = None) -> dict:
+    """Pack `source` (a train-teacher checkpoint) as float16 weights into the role's configured
+    checkpoint path, score the packed weights on val, and record the train data; returns the file's
+    meta. Nothing is left behind if any step fails."""
+    if role not in ROLES.values():
+        raise OdkdError(f"--role must be one of {', '.join(ROLES.values())}, got {role!r}")
+    tcfg = getattr(cfg.teachers, role)
+    if not tcfg.checkpoint:
+        raise OdkdError(f"teachers.{role}.checkpoint: say where the released file goes")
+    if tcfg.model in EXTERNAL_KINDS:
+        raise OdkdError(f"teachers.{role}.model is {tcfg.model!r}: release packs odkd's own models")
+    src = read_checkpoint(source)
+    if src.format != ODKD_FORMAT:
+        raise OdkdError(f"{source}: a {src.format} checkpoint; release packs odkd's own train-teacher files")
+    # the file must be the teacher the config describes, not just any odkd model
+    apply_checkpoint(build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args), src, allow_new_seg_head=False)
+    dst = Path(tcfg.checkpoint)
+    if dst.resolve() == Path(source).resolve():
+        raise OdkdError(f"{dst}: the release would overwrite its own source")
+
+    train, val = load_instances(cfg.data, "train"), load_instances(cfg.data, "val")
+    payload = {"format": ODKD_FORMAT, "model": _half_weights(src.state_dict), "meta": dict(src.meta)}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        torch.save(payload, tmp)
+        dev = resolve_device(device or cfg.device)
+        net, _ = build_from_checkpoint(tmp, dev)
+        report = evaluate_model(net, val, cfg.data, cfg.eval, val.coco, device=dev)
+        payload["meta"] = {**src.meta, "fingerprint": _loaded_fingerprint(net),
+                           "release": _release_record(cfg, source, src.meta, train, report)}
+        payload["best_ap"] = report.stats["AP"]
+        torch.save(payload, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return payload["meta"]
+
+
+def _release_record(cfg, source, source_meta: dict, train, report) -> dict:
+    return {
+        "source": str(source),
+        "source_fingerprint": source_meta.get("fingerprint"),
+        "train_data": {
+            "dataset_fingerprint": train.fingerprint,
+            "annotations": str(cfg.data.ann_file("train")),
+            "description": train.coco.dataset.get("info", {}),
+            "instances": len(train.instances),
+        },
+        "val_stats": report.record(),
+        "eval": {"flip_test": cfg.eval.flip_test, "decode": cfg.eval.decode, "boxes": "gt"},
+    }
+
+
+def check_teacher(cfg, role: str) -> TeacherCheck:
+    """The role's teacher file against the config's expected fingerprint and, when the file records the
+    data it was trained on, against the dataset fingerprint of the config's train split."""
+    teacher = load_configured_teacher(cfg, role)
+    path, fingerprint = teacher.path, teacher.fingerprint
+    model = getattr(cfg.teachers, role).model
+    meta = {} if model in EXTERNAL_KINDS else read_checkpoint(path).meta
+    release = meta.get("release", {})
+    trained_on = release.get("train_data", {}).get("dataset_fingerprint")
+    if trained_on:
+        here = load_instances(cfg.data, "train").fingerprint
+        if here != trained_on:
+            raise OdkdError(f"{cfg.data.ann_file('train')}: dataset fingerprint {here}, but teachers.{role} "
+                            f"({path}) was trained on {trained_on}; regenerate the data it names")
+    val_ap = release.get("val_stats", {}).get("AP")
+    return TeacherCheck(role=role, path=str(path), model=model, fingerprint=fingerprint,
+                        data_fingerprint=trained_on, val_ap=val_ap)
