@@ -1,6 +1,7 @@
 """The shipped pipelines: every key of every pipeline/*.toml parses and names real models, the COCO
 recipe's student takes the ImageNet file it names, and the OCHuman recipe evaluates val and test."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from odkd.cli import main
 from odkd.config import load_config, parse_config
 from odkd.models import MODELS, build_model, load_checkpoint, save_checkpoint
 from odkd.models.registry import override_keys
+from odkd.train.release import check_teacher
 from test_pretrained import TIMM_HRNETS, timm_hrnet_state_dict
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipeline").glob("*.toml"))
@@ -121,3 +123,35 @@ def test_ochuman_recipe_has_no_train_split(ochuman):
     assert res.exit_code != 0
     assert res.output.strip().splitlines() == [f"Error: {config.parent / 'ochuman' / 'images' / 'train'}: "
                                                "image folder not found"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE_LIMIT_BYTES = 10_000_000
+
+
+def makefile_demo_data() -> list[str]:
+    """The synth options `make demo` regenerates the demo data with."""
+    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("DEMO_DATA :=")]
+    assert len(lines) == 1, "the Makefile defines DEMO_DATA once"
+    return lines[0].split(":=", 1)[1].split()
+
+
+def test_the_released_demo_teachers_are_the_ones_the_demo_data_regenerates_for(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["synth", str(out), *makefile_demo_data()])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(ROOT)  # the pipeline's zoo/ paths are relative to the repository
+    cfg = load_config(ROOT / "pipeline" / "demo.toml")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(out)))
+    checks, total = {}, 0
+    for role in ("primary", "senior"):
+        tcfg = getattr(cfg.teachers, role)
+        assert tcfg.checkpoint.startswith("zoo/") and tcfg.fingerprint, "the demo uses released, pinned weights"
+        checks[role] = check_teacher(cfg, role)  # raises unless fingerprint and dataset fingerprint match
+        ckpt = torch.load(ROOT / tcfg.checkpoint, map_location="cpu", weights_only=True)
+        assert set(ckpt) == {"format", "model", "meta", "best_ap"}, "weights and metadata only"
+        assert all(t.dtype == torch.float16 for t in ckpt["model"].values() if t.is_floating_point())
+        assert ckpt["meta"]["release"]["val_stats"]["AP"] == checks[role].val_ap == ckpt["best_ap"]
+        total += (ROOT / tcfg.checkpoint).stat().st_size
+    assert total <= RELEASE_LIMIT_BYTES
+    assert checks["senior"].val_ap >= checks["primary"].val_ap + 0.05, "ST is clearly the stronger teacher"
