@@ -323,7 +323,7 @@ def ablate(config_path, seeds, variants, split, out, device):
 @click.option("--ann", type=click.Path(dir_okay=False), help="Take the person boxes of IMAGE from this COCO file.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output picture (.png).")
 @config_option
-@click.option("--flip-test/--no-flip-test", default=True, show_default=True)
+@click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
 def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_test, device):
@@ -338,6 +338,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
     dev = resolve_device(device or cfg.device)
     model, _ = build_from_checkpoint(checkpoint, dev, model=model_name)
     person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
+    flip_test = cfg.eval.flip_test if flip_test is None else flip_test
     keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test,
                                decode=cfg.eval.decode, sigma=cfg.data.sigma)
     click.echo(f"{len(keypoints)} people drawn to {out}")

@@ -1,10 +1,12 @@
 """The command line as a user meets it: help, one-line errors, and the issue-2 commands end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import make_tiny_world
 from odkd.cli import main
 from odkd.data.synth import make_synthetic_dataset
 
@@ -173,3 +175,23 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     assert res.exit_code == 1 and "Traceback" not in res.output
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert errors == [f"Error: {victim}: cannot decode image (corrupt or not an image)"]
+
+
+def test_predict_takes_flip_test_from_the_config_unless_told(tmp_path):
+    world = make_tiny_world(tmp_path)
+    image = next((world / "data" / "images" / "val").glob("*.jpg"))
+    ann = world / "data" / "annotations" / "person_keypoints_val.json"
+    ckpt = Path(__file__).resolve().parents[1] / "zoo" / "demo_senior.pth"  # trained: confident keypoints
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[data]\nroot = "{world / "data"}"\ninput_size = [96, 128]\nheatmap_size = [24, 32]\n'
+                   '[eval]\nflip_test = false\n')
+
+    def picture(*flags):
+        out = tmp_path / f"pred{len(list(tmp_path.glob('pred*.png')))}.png"
+        res = run("predict", image, "--checkpoint", ckpt, "--ann", ann, "--config", cfg, "--out", out, *flags)
+        assert res.exit_code == 0, res.output
+        return out.read_bytes()
+
+    from_config, without, with_flip = picture(), picture("--no-flip-test"), picture("--flip-test")
+    assert from_config == without
+    assert from_config != with_flip
