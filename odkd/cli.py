@@ -53,15 +53,16 @@ def main():
     """odkd: orderly dual-teacher knowledge distillation for lightweight human-pose networks.
 
     \b
-    A typical run:
-      odkd synth data/demo                       # or point [data] at real COCO
-      odkd train-teacher --role primary          # PT: keypoints
-      odkd train-teacher --role senior           # ST: keypoints + person mask
-      odkd evaluate --checkpoint runs/demo/teacher_senior/best.pth
+    A typical run (make demo, with the released demo teachers in zoo/):
+      odkd synth data/demo --train-images 1000 --val-images 100 --test-images 200 --difficulty easy
+      odkd check-teachers                        # the pinned teacher files, trained on this data
       odkd cache-teachers                        # both teachers once, into cache/demo.zarr
+      odkd train-student --variant gt            # the baseline: ground truth alone
       odkd train-student                         # orderly PT -> ST from the store, no teacher loaded
-      odkd report                                # runs/demo/report.md: every model's AP, size, speed
+      odkd report --split test                   # runs/demo/report.md: every model's AP, size, speed
       odkd export --checkpoint runs/demo/student/best.pth --out student.onnx
+
+    Your own teachers: odkd train-teacher --role primary|senior, then odkd release-teacher.
     """
 
 
