@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import http.server
 import json
 import os
@@ -10,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
 from conftest import TINY_TEACHERS_TOML, make_tiny_world
+import odkd.train.student as student_module
 from odkd.train.student import train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -262,22 +261,23 @@ def test_epoch_sampler_keeps_the_dataloader_order_and_splits_ranks():
     assert len(seen) == 12 and set(seen) == set(range(10)) and all(len(list(r)) == 4 for r in ranks)
 
 
-def test_resume_mid_stage_reproduces_an_uninterrupted_run(world, tmp_path):
+def test_resume_mid_stage_reproduces_an_uninterrupted_run(world, tmp_path, monkeypatch):
     cfg = parse_config(student_toml(world))
     train_student(cfg, out=str(tmp_path / "straight"), max_steps_per_epoch=2)
     broken = tmp_path / "broken"
+    plot = student_module.plot_training_curves
 
-    def interrupt_after_first_epoch():
-        log = broken / "log.jsonl"
-        while not (log.exists() and log.read_text().count("\n") >= 2):
-            time.sleep(0.005)
-        _thread.interrupt_main()
+    def plot_then_interrupt_after_epoch_2(log, png):
+        # Ctrl-C right after epoch 2 is saved, where the trainer's last per-epoch work runs; a watcher
+        # thread polling the log loses that race on a loaded machine
+        plot(log, png)
+        if log.read_text().count("\n") == 2:
+            raise KeyboardInterrupt
 
-    watcher = threading.Thread(target=interrupt_after_first_epoch, daemon=True)
-    watcher.start()
+    monkeypatch.setattr(student_module, "plot_training_curves", plot_then_interrupt_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_student(cfg, out=str(broken), max_steps_per_epoch=2)
-    watcher.join()
+    monkeypatch.setattr(student_module, "plot_training_curves", plot)
     assert read_checkpoint(broken / "last.pth").extra["epoch"] == 2  # inside the 2-epoch senior stage
     with pytest.raises(OdkdError, match="a run already exists here"):
         train_student(cfg, out=str(broken), max_steps_per_epoch=2)
