@@ -31,7 +31,8 @@ demo: $(VENV_STAMP)
 	$(ODKD) report --split test
 
 # Train the two demo teachers from scratch with pipeline/demo.toml's recipe and release them into
-# zoo/ as float16 weights; paste the fingerprints it prints into pipeline/demo.toml.
+# zoo/ as float16 weights; paste the fingerprints it prints into pipeline/demo.toml. The released
+# files were trained with OMP_NUM_THREADS=1 (a CPU run reproduces bit for bit only at one thread count).
 demo-teachers: $(VENV_STAMP)
 	$(ODKD) synth data/demo $(DEMO_DATA)
 	$(ODKD) train-teacher --role primary $(call resume_if,runs/demo/teacher_primary)
