@@ -9,6 +9,7 @@ loaded (float32), the one a teacher store records.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,7 @@ from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
-from odkd.models.checkpoint import (ODKD_FORMAT, apply_checkpoint, build_from_checkpoint, model_fingerprint,
-                                    read_checkpoint)
+from odkd.models.checkpoint import ODKD_FORMAT, apply_checkpoint, model_fingerprint, read_checkpoint
 from odkd.models.external import EXTERNAL_KINDS
 
 
@@ -65,24 +65,24 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     src = read_checkpoint(source)
     if src.format != ODKD_FORMAT:
         raise OdkdError(f"{source}: a {src.format} checkpoint; release packs odkd's own train-teacher files")
-    # the file must be the teacher the config describes, not just any odkd model
-    apply_checkpoint(build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args), src, allow_new_seg_head=False)
     dst = Path(tcfg.checkpoint)
     if dst.resolve() == Path(source).resolve():
         raise OdkdError(f"{dst}: the release would overwrite its own source")
 
+    # the packed weights, loaded into the model the config describes (any other odkd model is refused
+    # here), are exactly what the released file will load as: score them before anything is written
+    half = _half_weights(src.state_dict)
+    net = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
+    apply_checkpoint(net, dataclasses.replace(src, state_dict=half), allow_new_seg_head=False)
+    dev = resolve_device(device or cfg.device)
     train, val = load_instances(cfg.data, "train"), load_instances(cfg.data, "val")
-    payload = {"format": ODKD_FORMAT, "model": _half_weights(src.state_dict), "meta": dict(src.meta)}
+    report = evaluate_model(net.to(dev).eval(), val, cfg.data, cfg.eval, val.coco, device=dev)
+    payload = {"format": ODKD_FORMAT, "model": half, "best_ap": report.stats["AP"],
+               "meta": {**src.meta, "fingerprint": _loaded_fingerprint(net),
+                        "release": _release_record(cfg, source, src.meta, train, report)}}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     try:
-        torch.save(payload, tmp)
-        dev = resolve_device(device or cfg.device)
-        net, _ = build_from_checkpoint(tmp, dev)
-        report = evaluate_model(net, val, cfg.data, cfg.eval, val.coco, device=dev)
-        payload["meta"] = {**src.meta, "fingerprint": _loaded_fingerprint(net),
-                           "release": _release_record(cfg, source, src.meta, train, report)}
-        payload["best_ap"] = report.stats["AP"]
         torch.save(payload, tmp)
         os.replace(tmp, dst)
     except BaseException:
