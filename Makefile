@@ -32,11 +32,13 @@ demo: $(VENV_STAMP)
 
 # Train the two demo teachers from scratch with pipeline/demo.toml's recipe and release them into
 # zoo/ as float16 weights; paste the fingerprints it prints into pipeline/demo.toml. The released
-# files were trained with OMP_NUM_THREADS=1 (a CPU run reproduces bit for bit only at one thread count).
+# files were trained on one H200 (make demo-teachers DEVICE=cuda); a GPU run does not reproduce bit
+# for bit, so a rebuild gives new fingerprints and about the same AP.
+DEVICE ?=
 demo-teachers: $(VENV_STAMP)
 	$(ODKD) synth data/demo $(DEMO_DATA)
-	$(ODKD) train-teacher --role primary $(call resume_if,runs/demo/teacher_primary)
-	$(ODKD) train-teacher --role senior $(call resume_if,runs/demo/teacher_senior)
+	$(ODKD) train-teacher --role primary $(if $(DEVICE),--device $(DEVICE)) $(call resume_if,runs/demo/teacher_primary)
+	$(ODKD) train-teacher --role senior $(if $(DEVICE),--device $(DEVICE)) $(call resume_if,runs/demo/teacher_senior)
 	$(ODKD) release-teacher --role primary
 	$(ODKD) release-teacher --role senior
 
