@@ -35,10 +35,11 @@ demo: $(VENV_STAMP)
 # files were trained on one H200 (make demo-teachers DEVICE=cuda); a GPU run does not reproduce bit
 # for bit, so a rebuild gives new fingerprints and about the same AP.
 DEVICE ?=
+TRAIN_ON := $(if $(DEVICE),--device $(DEVICE))
 demo-teachers: $(VENV_STAMP)
 	$(ODKD) synth data/demo $(DEMO_DATA)
-	$(ODKD) train-teacher --role primary $(if $(DEVICE),--device $(DEVICE)) $(call resume_if,runs/demo/teacher_primary)
-	$(ODKD) train-teacher --role senior $(if $(DEVICE),--device $(DEVICE)) $(call resume_if,runs/demo/teacher_senior)
+	$(ODKD) train-teacher --role primary $(TRAIN_ON) $(call resume_if,runs/demo/teacher_primary)
+	$(ODKD) train-teacher --role senior $(TRAIN_ON) $(call resume_if,runs/demo/teacher_senior)
 	$(ODKD) release-teacher --role primary
 	$(ODKD) release-teacher --role senior
 

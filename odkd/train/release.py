@@ -9,9 +9,8 @@ loaded (float32), the one a teacher store records.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,7 +72,7 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     # here), are exactly what the released file will load as: score them before anything is written
     half = _half_weights(src.state_dict)
     net = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
-    apply_checkpoint(net, dataclasses.replace(src, state_dict=half), allow_new_seg_head=False)
+    apply_checkpoint(net, replace(src, state_dict=half), allow_new_seg_head=False)
     dev = resolve_device(device or cfg.device)
     train, val = load_instances(cfg.data, "train"), load_instances(cfg.data, "val")
     report = evaluate_model(net.to(dev).eval(), val, cfg.data, cfg.eval, val.coco, device=dev)
