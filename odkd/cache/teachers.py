@@ -32,7 +32,7 @@ from odkd.data.image import read_image
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
 from odkd.errors import OdkdError
-from odkd.models import build_model, load_checkpoint, model_fingerprint, read_checkpoint
+from odkd.models import CheckpointFile, apply_checkpoint, build_model, model_fingerprint, read_checkpoint
 from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, load_external_teacher
 from odkd.models.inference import predict_batch
 
@@ -91,14 +91,17 @@ def teacher_checkpoint(cfg, role: str) -> Path:
     return Path(os.path.abspath(path))  # workers need not share the driver's working directory
 
 
-def _build_teacher(model: str, model_args: dict, seg_head: bool, checkpoint: str, contract: dict,
+def _build_teacher(model: str, model_args: dict, seg_head: bool, checkpoint: str | CheckpointFile, contract: dict,
                    device: torch.device | str = "cpu") -> torch.nn.Module | ExternalTeacher:
-    """An odkd model from its checkpoint, or an ONNX or TorchScript file behind the same interface, on `device`."""
+    """An odkd model from its checkpoint (a path, or the file already read), or an ONNX or TorchScript
+    file behind the same interface, on `device`."""
     if model in EXTERNAL_KINDS:
         return load_external_teacher(model, checkpoint, device, **contract)
     net = build_model(model, seg_head=seg_head, **model_args)
+    if not isinstance(checkpoint, CheckpointFile):
+        checkpoint = read_checkpoint(checkpoint)
     # a teacher must be whole: no freshly initialised seg head behind a keypoint-only file
-    load_checkpoint(net, checkpoint, allow_new_seg_head=False)
+    apply_checkpoint(net, checkpoint, allow_new_seg_head=False)
     return net.eval().to(device)
 
 
@@ -147,6 +150,7 @@ class ConfiguredTeacher:
     net: torch.nn.Module | ExternalTeacher
     fingerprint: str
     contract: dict
+    checkpoint: CheckpointFile | None  # the file as read, with its meta and extra; None for an external teacher
 
 
 def load_configured_teacher(cfg, role: str) -> ConfiguredTeacher:
@@ -155,12 +159,13 @@ def load_configured_teacher(cfg, role: str) -> ConfiguredTeacher:
     tcfg = getattr(cfg.teachers, role)
     path = teacher_checkpoint(cfg, role)
     contract = _teacher_contract(tcfg, role)
-    net = _build_teacher(tcfg.model, dict(tcfg.model_args), tcfg.seg_head, str(path), contract)
+    checkpoint = None if tcfg.model in EXTERNAL_KINDS else read_checkpoint(path)
+    net = _build_teacher(tcfg.model, dict(tcfg.model_args), tcfg.seg_head, checkpoint or str(path), contract)
     fingerprint = _fingerprint(tcfg.model, str(path), net)
     if tcfg.fingerprint and fingerprint != tcfg.fingerprint:
         raise OdkdError(f"teachers.{role}.fingerprint: {path} has weights {fingerprint}, "
                         f"the config expects {tcfg.fingerprint}")
-    return ConfiguredTeacher(path, net, fingerprint, contract)
+    return ConfiguredTeacher(path, net, fingerprint, contract, checkpoint)
 
 
 def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
@@ -174,7 +179,7 @@ def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
         teacher = load_configured_teacher(cfg, role)
         path = teacher.path
         _check_outputs(teacher.net, role, path, input_size, map_size, with_mask=key == "st")
-        best_ap = None if tcfg.model in EXTERNAL_KINDS else read_checkpoint(path).extra.get("best_ap")
+        best_ap = None if teacher.checkpoint is None else teacher.checkpoint.extra.get("best_ap")
         specs[key] = TeacherSpec(
             role=role, model=tcfg.model, model_args=dict(tcfg.model_args), seg_head=tcfg.seg_head,
             checkpoint=str(path), fingerprint=teacher.fingerprint,

@@ -110,8 +110,7 @@ def check_teacher(cfg, role: str) -> TeacherCheck:
     data it was trained on, against the dataset fingerprint of the config's train split."""
     teacher = load_configured_teacher(cfg, role)
     path, fingerprint = teacher.path, teacher.fingerprint
-    model = getattr(cfg.teachers, role).model
-    meta = {} if model in EXTERNAL_KINDS else read_checkpoint(path).meta
+    meta = {} if teacher.checkpoint is None else teacher.checkpoint.meta
     release = meta.get("release", {})
     trained_on = release.get("train_data", {}).get("dataset_fingerprint")
     if trained_on:
@@ -120,5 +119,5 @@ def check_teacher(cfg, role: str) -> TeacherCheck:
             raise OdkdError(f"{cfg.data.ann_file('train')}: dataset fingerprint {here}, but teachers.{role} "
                             f"({path}) was trained on {trained_on}; regenerate the data it names")
     val_ap = release.get("val_stats", {}).get("AP")
-    return TeacherCheck(role=role, path=str(path), model=model, fingerprint=fingerprint,
+    return TeacherCheck(role=role, path=str(path), model=getattr(cfg.teachers, role).model, fingerprint=fingerprint,
                         data_fingerprint=trained_on, val_ap=val_ap)
