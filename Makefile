@@ -30,10 +30,14 @@ demo: $(VENV_STAMP)
 	$(ODKD) report --split test
 
 # The two students train side by side at one torch thread each: faster on 2 cores than one after the
-# other at two threads, and a one-thread CPU run gives the same weights on any machine. The GT-only
-# student prints its per-epoch lines (stage=gt) without a progress bar, which would garble the other's.
+# other at two threads, and a one-thread CPU run gives the same weights run after run. The GT-only
+# student logs to a file, so that the ODKD student's progress bar stays readable, and prints its
+# summary when it ends.
 demo-student-gt:
-	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(ODKD) train-student --variant gt $(call resume_if,runs/demo/student_gt)
+	mkdir -p runs/demo
+	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(ODKD) train-student --variant gt $(call resume_if,runs/demo/student_gt) \
+		> runs/demo/student_gt.log 2>&1 || { tail -n 20 runs/demo/student_gt.log; exit 1; }
+	@echo "GT-only student (log: runs/demo/student_gt.log):" && sed -n '/^{/,$$p' runs/demo/student_gt.log
 
 demo-student:
 	OMP_NUM_THREADS=1 $(ODKD) train-student $(call resume_if,runs/demo/student)
