@@ -75,9 +75,12 @@ def main():
 @click.option("--difficulty", default="medium", show_default=True,
               help="easy, medium, hard or a number in [0, 1] (easy 0, medium 0.5, hard 1): crowding, "
                    "occlusion, clutter and how small people are.")
+@click.option("--label-noise", default=0.0, show_default=True, type=float,
+              help="Annotator noise on the train split's keypoints, in COCO's per-keypoint sigmas (1: as far "
+                   "apart as COCO's annotators); val and test stay exact, the images do not change.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
-def synth(out_dir, train_images, val_images, test_images, difficulty, seed):
+def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, seed):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
@@ -86,7 +89,8 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, seed):
     from odkd.data.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
-                                     progress=True, test_images=test_images, difficulty=difficulty)
+                                     progress=True, test_images=test_images, difficulty=difficulty,
+                                     label_noise=label_noise)
     click.echo(json.dumps(summary, indent=2))
 
 

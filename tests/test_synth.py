@@ -325,3 +325,46 @@ def test_synth_command_writes_the_test_split_and_rejects_a_bad_difficulty(tmp_pa
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [
         "Error: synth.difficulty: expected easy, medium, hard or a number in [0, 1], got 'brutal'"]
+
+
+def test_label_noise_moves_train_keypoints_as_cocos_annotators_and_nothing_else(tmp_path):
+    exact, noisy = tmp_path / "exact", tmp_path / "noisy"
+    args = dict(train_images=24, val_images=2, test_images=2, seed=4, difficulty="easy")
+    synth.make_synthetic_dataset(exact, **args)
+    synth.make_synthetic_dataset(noisy, label_noise=1.0, **args)
+    a, b = _tree_digest(exact), _tree_digest(noisy)
+    changed = sorted(k for k in a if a[k] != b[k])
+    assert changed == ["annotations/person_keypoints_train.json"]  # images, val and test untouched
+
+    load = lambda root: json.loads((root / "annotations" / "person_keypoints_train.json").read_text())
+    truth, labels = load(exact), load(noisy)
+    assert labels["info"]["label_noise"] == 1.0 and "label_noise" not in truth["info"]
+    normalized = []
+    for t, n in zip(truth["annotations"], labels["annotations"]):
+        assert {k: v for k, v in t.items() if k != "keypoints"} == {k: v for k, v in n.items() if k != "keypoints"}
+        kt, kn = np.array(t["keypoints"]).reshape(-1, 3), np.array(n["keypoints"]).reshape(-1, 3)
+        assert (kt[:, 2] == kn[:, 2]).all()  # the flags are the annotators' too
+        if t["iscrowd"]:
+            assert (kt == kn).all()
+            continue
+        image = next(i for i in truth["images"] if i["id"] == t["image_id"])
+        assert (kn[:, 0] < image["width"]).all() and (kn[:, 1] < image["height"]).all() and (kn >= 0).all()
+        labelled = kt[:, 2] > 0
+        assert (kn[~labelled] == 0).all()
+        d2 = ((kn[:, :2] - kt[:, :2]) ** 2).sum(axis=1)
+        normalized += list(d2[labelled] / (synth.COCO_SIGMAS[labelled] ** 2 * t["area"]))
+    # COCO's sigmas: E[d^2 / (sigma^2 area)] = 1 at scale 1; rounding to pixels adds a little
+    assert len(normalized) > 400
+    assert 0.8 < np.mean(normalized) < 1.4
+    assert np.mean(np.array(normalized) > 0) > 0.8
+
+
+def test_label_noise_is_checked_and_reaches_the_command(tmp_path):
+    with pytest.raises(OdkdError, match="synth.label_noise"):
+        synth.make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, label_noise=-0.5)
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "d"), "--train-images", "2", "--val-images", "1",
+                                    "--label-noise", "0.5"])
+    assert res.exit_code == 0, res.output
+    train = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_train.json").read_text())
+    val = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_val.json").read_text())
+    assert train["info"]["label_noise"] == 0.5 and "label_noise" not in val["info"]

@@ -9,6 +9,10 @@ with the pixels.
 
 A difficulty in [0, 1] sets how crowded, occluded, small and cluttered the scenes are; 0.5
 ("medium") is the default.
+
+The labels are exact unless label_noise is set: then the train split's keypoints carry annotator
+noise like COCO's, whose per-keypoint sigmas were measured from how far annotators' clicks fall
+apart. Val and test stay exact, so a model is scored against where the joints are.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
+from odkd.eval.metrics import COCO_SIGMAS
 
 PERSON_CATEGORY = {
     "supercategory": "person",
@@ -222,6 +227,7 @@ def make_synthetic_dataset(
     progress: bool = False,
     test_images: int = 0,
     difficulty: str | float = "medium",
+    label_noise: float = 0.0,
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
@@ -229,6 +235,8 @@ def make_synthetic_dataset(
     the test split only when test_images > 0. Image and annotation ids run on across the splits.
     image_size is (width, height); each image varies within +-20% of it. difficulty is easy (0),
     medium (0.5), hard (1) or a number between; a non-medium one is recorded as info.difficulty.
+    label_noise > 0 moves the train split's labelled keypoints as annotators would (see
+    add_annotator_noise) and is recorded in its info.label_noise; the images stay the same bytes.
     The same arguments give byte-identical files, and train and val do not depend on test_images.
     Returns {split: {"images", "annotations", "crowd_annotations"}}.
     """
@@ -238,6 +246,9 @@ def make_synthetic_dataset(
             raise OdkdError(f"synth.{name}: expected an integer >= 0, got {value!r}")
     level = difficulty_value(difficulty)
     scene = scene_for(level)
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise <= 5:
+        raise OdkdError(f"synth.label_noise: expected a number in [0, 5] (COCO's annotator noise is 1), "
+                        f"got {label_noise!r}")
     if len(image_size) != 2 or min(image_size) < 32:
         raise OdkdError(f"synth image_size: expected (width, height) both >= 32, got {image_size!r}")
     out_dir = Path(out_dir)
@@ -260,6 +271,9 @@ def make_synthetic_dataset(
             width = int(round(image_size[0] * rng.uniform(0.8, 1.2)))
             height = int(round(image_size[1] * rng.uniform(0.8, 1.2)))
             image, anns = render_image(rng, width, height, scene)
+            if split == "train" and label_noise > 0:
+                # its own stream, so the noise leaves every image and every other label as they were
+                add_annotator_noise(np.random.default_rng([seed, split_no, i, 1]), anns, label_noise, width, height)
             file_name = f"{next_image_id:012d}.jpg"
             if not cv2.imwrite(str(image_dir / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
                 raise OdkdError(f"{image_dir / file_name}: could not write the JPEG")
@@ -278,6 +292,8 @@ def make_synthetic_dataset(
         }
         if level != DIFFICULTY_LEVELS["medium"]:
             info["difficulty"] = level
+        if split == "train" and label_noise > 0:
+            info["label_noise"] = float(label_noise)
         dataset = {
             "info": info,
             "licenses": [LICENSE],
@@ -294,6 +310,23 @@ def make_synthetic_dataset(
             "crowd_annotations": sum(a["iscrowd"] for a in annotations),
         }
     return summary
+
+
+def add_annotator_noise(rng: np.random.Generator, anns: list[dict], scale: float, width: int, height: int) -> None:
+    """Move every labelled keypoint of the non-crowd annotations in place by a 2D Gaussian whose mean
+    squared distance is (scale * sigma_k)^2 * area: COCO's definition of the per-keypoint sigmas, so
+    at scale 1 the labels disagree with the truth as much as COCO's annotators disagree with each
+    other. The points stay integer pixels inside the image, with their visibility flags."""
+    for ann in anns:
+        if ann["iscrowd"]:
+            continue
+        keypoints = ann["keypoints"]
+        spread = scale * COCO_SIGMAS * math.sqrt(ann["area"] / 2.0)  # per axis
+        offsets = rng.normal(0.0, 1.0, (len(COCO_SIGMAS), 2)) * spread[:, None]
+        for k, (dx, dy) in enumerate(offsets):
+            if keypoints[3 * k + 2] > 0:
+                keypoints[3 * k] = int(min(max(round(keypoints[3 * k] + dx), 0), width - 1))
+                keypoints[3 * k + 1] = int(min(max(round(keypoints[3 * k + 1] + dy), 0), height - 1))
 
 
 def _image_entry(image_id: int, file_name: str, width: int, height: int) -> dict:
