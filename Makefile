@@ -37,7 +37,7 @@ demo-student-gt:
 	mkdir -p runs/demo
 	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(ODKD) train-student --variant gt $(call resume_if,runs/demo/student_gt) \
 		> runs/demo/student_gt.log 2>&1 || { tail -n 20 runs/demo/student_gt.log; exit 1; }
-	@echo "GT-only student (log: runs/demo/student_gt.log):" && sed -n '/^{/,$$p' runs/demo/student_gt.log
+	@printf '\nGT-only student (log: runs/demo/student_gt.log):\n' && sed -n '/^{/,$$p' runs/demo/student_gt.log
 
 demo-student:
 	OMP_NUM_THREADS=1 $(ODKD) train-student $(call resume_if,runs/demo/student)
