@@ -320,13 +320,13 @@ def add_annotator_noise(rng: np.random.Generator, anns: list[dict], scale: float
     for ann in anns:
         if ann["iscrowd"]:
             continue
-        keypoints = ann["keypoints"]
+        keypoints = np.array(ann["keypoints"]).reshape(-1, 3)
         spread = scale * COCO_SIGMAS * math.sqrt(ann["area"] / 2.0)  # per axis
         offsets = rng.normal(0.0, 1.0, (len(COCO_SIGMAS), 2)) * spread[:, None]
-        for k, (dx, dy) in enumerate(offsets):
-            if keypoints[3 * k + 2] > 0:
-                keypoints[3 * k] = int(min(max(round(keypoints[3 * k] + dx), 0), width - 1))
-                keypoints[3 * k + 1] = int(min(max(round(keypoints[3 * k + 1] + dy), 0), height - 1))
+        moved = np.clip(np.rint(keypoints[:, :2] + offsets), 0, [width - 1, height - 1])
+        labelled = keypoints[:, 2] > 0
+        keypoints[labelled, :2] = moved[labelled]
+        ann["keypoints"] = keypoints.ravel().tolist()
 
 
 def _image_entry(image_id: int, file_name: str, width: int, height: int) -> dict:

@@ -119,5 +119,5 @@ def check_teacher(cfg, role: str) -> TeacherCheck:
             raise OdkdError(f"{cfg.data.ann_file('train')}: dataset fingerprint {here}, but teachers.{role} "
                             f"({path}) was trained on {trained_on}; regenerate the data it names")
     val_ap = release.get("val_stats", {}).get("AP")
-    return TeacherCheck(role=role, path=str(path), model=getattr(cfg.teachers, role).model, fingerprint=fingerprint,
-                        data_fingerprint=trained_on, val_ap=val_ap)
+    return TeacherCheck(role=role, path=str(path), model=getattr(cfg.teachers, role).model,
+                        fingerprint=fingerprint, data_fingerprint=trained_on, val_ap=val_ap)
