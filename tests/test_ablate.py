@@ -82,14 +82,24 @@ teacher = "primary"
         VARIANTS["st"](gt_only)
 
 
+def variant_result(aps):
+    return {"AP": spread(aps), "n": len(aps), "runs": [{"seed": seed, "AP": ap} for seed, ap in enumerate(aps)]}
+
+
 def test_hypotheses_are_judged_against_twice_the_larger_std():
-    orderly = {"AP": spread([0.50, 0.52, 0.54]), "n": 3}  # 0.52 ± 0.02
+    orderly = variant_result([0.50, 0.52, 0.54])
     assert orderly["AP"] == pytest.approx({"mean": 0.52, "std": 0.02})
-    verdicts = {other: check_hypothesis(orderly, {"AP": {"mean": mean, "std": std}, "n": n})["verdict"].split(":")[0]
-                for other, (mean, std, n) in {"far below": (0.45, 0.01, 3), "near": (0.49, 0.01, 3),
-                                              "far above": (0.60, 0.03, 3), "one seed": (0.10, 0.0, 1)}.items()}
-    assert verdicts == {"far below": "holds", "near": "not shown", "far above": "reversed", "one seed": "not tested"}
-    assert check_hypothesis(orderly, {"AP": {"mean": 0.45, "std": 0.01}, "n": 3})["bar"] == pytest.approx(0.04)
+    others = {"far below": [0.44, 0.45, 0.46], "near": [0.48, 0.49, 0.50], "far above": [0.57, 0.60, 0.63]}
+    checked = {name: check_hypothesis(orderly, variant_result(aps)) for name, aps in others.items()}
+    assert {name: h["verdict"].split(":")[0] for name, h in checked.items()} == {
+        "far below": "holds", "near": "not shown", "far above": "reversed"}
+    assert checked["far below"]["bar"] == pytest.approx(0.04)
+    assert check_hypothesis(variant_result([0.5]), variant_result([0.1]))["verdict"].startswith("not tested")
+    # beside the verdict: A - B paired by seed
+    assert checked["near"]["per_seed"] == pytest.approx({"mean": 0.03, "std": 0.01, "n": 3, "ahead": 3})
+    assert checked["far above"]["per_seed"]["ahead"] == 0
+    mixed = check_hypothesis(orderly, variant_result([0.51, 0.50, 0.55]))["per_seed"]
+    assert mixed["ahead"] == 1 and mixed["mean"] == pytest.approx(0.0)
 
 
 def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, capsys):
@@ -122,6 +132,11 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, capsys)
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert [h["claim"] for h in saved["hypotheses"]] == ["the teachers beat GT alone"]
     assert "the teachers beat GT alone" in md and "store.zarr" in md
+    gt_aps, orderly_aps = ([row["AP"] for row in saved["variants"][name]["runs"]] for name in ("gt", "orderly"))
+    assert f"| gt | {gt_aps[0]:.4f} | {gt_aps[1]:.4f} |" in md  # the per-seed table
+    paired = saved["hypotheses"][0]["per_seed"]
+    assert paired["mean"] == pytest.approx(np.mean(np.subtract(orderly_aps, gt_aps)))
+    assert f"{paired['mean']:+.4f} ± {paired['std']:.4f} ({paired['ahead']} of 2)" in md
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")}
     again = run_ablation(cfg, seeds=2, variants=["gt", "orderly"], out=out, max_steps_per_epoch=1)

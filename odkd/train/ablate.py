@@ -95,7 +95,15 @@ def check_hypothesis(a: dict, b: dict) -> dict:
         verdict = "reversed: B beats A by more than 2x the larger std"
     else:
         verdict = "not shown: the difference is within 2x the larger std"
-    return {"difference": diff, "bar": bar, "verdict": verdict}
+    return {"difference": diff, "bar": bar, "verdict": verdict, "per_seed": per_seed_difference(a, b)}
+
+
+def per_seed_difference(a: dict, b: dict) -> dict:
+    """A - B seed by seed. A seed fixes the initial weights and the data order for every variant, so
+    this pairs runs that differ only in the variant; it sits beside the verdict, which stays the
+    unpaired rule above."""
+    diffs = [ra["AP"] - rb["AP"] for ra, rb in zip(a["runs"], b["runs"], strict=True)]
+    return {**spread(diffs), "n": len(diffs), "ahead": sum(d > 0 for d in diffs)}
 
 
 def default_split(cfg: PipelineConfig) -> str:
@@ -209,9 +217,26 @@ def ablation_markdown(summary: dict) -> str:
     for name, reason in summary["skipped"].items():
         lines += [f"Skipped {name}: {reason}.", ""]
     if summary["hypotheses"]:
-        lines += ["## Hypotheses (AP)", "", "| claim | A | B | A - B | 2x larger std | verdict |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {h['claim']} | {h['a']} | {h['b']} | {h['difference']:+.4f} | {h['bar']:.4f} | {h['verdict']} |"
-                  for h in summary["hypotheses"]]
-        lines.append("")
+        lines += ["## Hypotheses (AP)", "",
+                  "| claim | A | B | A - B | 2x larger std | verdict | A - B per seed (A ahead) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {h['claim']} | {h['a']} | {h['b']} | {h['difference']:+.4f} | {h['bar']:.4f} | {h['verdict']} | "
+                  f"{paired_cell(h['per_seed'])} |" for h in summary["hypotheses"]]
+        lines += ["", "A claim holds when A's mean exceeds B's by more than twice the larger of their stds. The last "
+                  "column pairs the runs of each seed (the same initial weights and data order): mean ± std of "
+                  "A - B, and at how many seeds A is ahead.", ""]
+    lines += ["## Per seed (AP)", "", per_seed_table(summary), ""]
+    return "\n".join(lines)
+
+
+def paired_cell(per_seed: dict) -> str:
+    return f"{per_seed['mean']:+.4f} ± {per_seed['std']:.4f} ({per_seed['ahead']} of {per_seed['n']})"
+
+
+def per_seed_table(summary: dict) -> str:
+    """variant | AP at each seed."""
+    lines = ["| variant | " + " | ".join(f"seed {seed}" for seed in summary["seeds"]) + " |",
+             "|---" * (len(summary["seeds"]) + 1) + "|"]
+    for name, result in summary["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row['AP']:.4f}" for row in result["runs"]) + " |")
     return "\n".join(lines)
