@@ -266,14 +266,15 @@ def make_synthetic_dataset(
         image_dir.mkdir(parents=True, exist_ok=True)
         ann_path.parent.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
+        noise = float(label_noise) if split == "train" else 0.0
         for i in tqdm(range(counts[split]), desc=f"synth {split}", disable=not progress):
             rng = np.random.default_rng([seed, split_no, i])
             width = int(round(image_size[0] * rng.uniform(0.8, 1.2)))
             height = int(round(image_size[1] * rng.uniform(0.8, 1.2)))
             image, anns = render_image(rng, width, height, scene)
-            if split == "train" and label_noise > 0:
+            if noise:
                 # its own stream, so the noise leaves every image and every other label as they were
-                add_annotator_noise(np.random.default_rng([seed, split_no, i, 1]), anns, label_noise, width, height)
+                add_annotator_noise(np.random.default_rng([seed, split_no, i, 1]), anns, noise, width, height)
             file_name = f"{next_image_id:012d}.jpg"
             if not cv2.imwrite(str(image_dir / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
                 raise OdkdError(f"{image_dir / file_name}: could not write the JPEG")
@@ -292,8 +293,8 @@ def make_synthetic_dataset(
         }
         if level != DIFFICULTY_LEVELS["medium"]:
             info["difficulty"] = level
-        if split == "train" and label_noise > 0:
-            info["label_noise"] = float(label_noise)
+        if noise:
+            info["label_noise"] = noise
         dataset = {
             "info": info,
             "licenses": [LICENSE],
