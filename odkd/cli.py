@@ -308,7 +308,8 @@ def ablate(config_path, seeds, variants, split, out, device):
 
     Writes OUT/VARIANT/seedS (finished runs are reused, unfinished ones resumed), then
     OUT/ablation.md and OUT/ablation.json: AP, AP .5 and AR as mean +- std over the seeds of
-    each run's last.pth, and the method's hypotheses checked against that spread.
+    each run's last.pth, the method's hypotheses checked against that spread with the runs also
+    paired by seed, and AP per seed.
     """
     from odkd.train.ablate import ablation_table, run_ablation
 
