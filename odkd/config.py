@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from odkd.errors import OdkdError
@@ -92,6 +92,9 @@ class TeacherConfig:
     seg_weight: float = 0.002
     seg_loss: str = "bce+dice"  # "bce" | "bce+dice"; dice copes with masks that fill a small part of the crop
     checkpoint: str = ""
+    # The dataset this teacher is trained on, laid out as [data] says; empty: [data].root. Another
+    # root is how released teachers work: trained on one dataset, cached over the student's.
+    data_root: str = ""
     # The weights' fingerprint (an ONNX/TorchScript file's sha256): commands that load this teacher
     # refuse any other file. Empty: any file.
     fingerprint: str = ""
@@ -199,6 +202,12 @@ class PipelineConfig:
     runs: str = "runs"
     source: str = ""  # the file this config was read from; set by load_config
     raw: dict = field(default_factory=dict)  # the TOML as read, recorded as provenance
+
+
+def teacher_data(cfg: PipelineConfig, role: str) -> DataConfig:
+    """The [data] section the role's teacher is trained and released on."""
+    root = getattr(cfg.teachers, role).data_root
+    return replace(cfg.data, root=root) if root else cfg.data
 
 
 _CHOICES = {

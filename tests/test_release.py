@@ -354,3 +354,35 @@ def test_check_teachers_checks_a_torchscript_teacher_by_its_sha256(world, tmp_pa
     code, out = run_cli("check-teachers", "--config", str(write(tmp_path / "p.toml", toml)))
     assert code == 0, out
     assert printed(out)[0].startswith(f"primary: {path} (torchscript), fingerprint {sha}, trained on not recorded")
+
+
+def with_data_root(toml: str, root: Path) -> str:
+    for role in ROLES:
+        toml = toml.replace(f"[teachers.{role}]\n", f'[teachers.{role}]\ndata_root = "{root}"\n', 1)
+    return toml
+
+
+def test_teachers_released_on_their_own_data_are_checked_against_their_data_root(world, released, tmp_path):
+    """The demo's arrangement: [data] is the student's dataset (other images, half the keypoints
+    unlabelled); the teachers were trained on another, which data_root names."""
+    out, metas, _ = released
+    student_data = tmp_path / "student"
+    make_synthetic_dataset(student_data, train_images=6, val_images=2, seed=1, missing_labels=0.5)
+    plain = checked_toml(world, released, data=student_data)
+    code, text = run_cli("check-teachers", "--config", str(write(tmp_path / "plain.toml", plain)))
+    assert code == 1 and text.startswith(f"Error: {student_data / 'annotations' / 'person_keypoints_train.json'}: "
+                                         "dataset fingerprint "), text
+
+    config = write(tmp_path / "p.toml", with_data_root(plain, world / "data"))
+    code, text = run_cli("check-teachers", "--config", str(config))
+    assert code == 0, text
+    trained_on = metas["primary"]["release"]["train_data"]["dataset_fingerprint"]
+    assert [line.split(", trained on ")[1].split(",")[0] for line in text.strip().splitlines()] == [trained_on] * 2
+
+    # a release under this config records and scores the data_root, not [data]
+    cfg = parse_config(config.read_text().replace(str(out / "primary.pth"), str(tmp_path / "again.pth")))
+    meta = release_teacher(cfg, "primary", str(source(world, "primary")))
+    assert meta["release"]["train_data"]["dataset_fingerprint"] == trained_on
+    assert meta["release"]["train_data"]["annotations"] == str(world / "data" / "annotations" /
+                                                               "person_keypoints_train.json")
+    assert meta["release"]["val_stats"] == pytest.approx(metas["primary"]["release"]["val_stats"])

@@ -368,3 +368,44 @@ def test_label_noise_is_checked_and_reaches_the_command(tmp_path):
     train = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_train.json").read_text())
     val = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_val.json").read_text())
     assert train["info"]["label_noise"] == 0.5 and "label_noise" not in val["info"]
+
+
+def test_missing_labels_unlabels_a_share_of_train_keypoints_as_coco_stores_them(tmp_path):
+    complete, sparse = tmp_path / "complete", tmp_path / "sparse"
+    args = dict(train_images=24, val_images=2, test_images=2, seed=4, difficulty="easy")
+    synth.make_synthetic_dataset(complete, **args)
+    synth.make_synthetic_dataset(sparse, missing_labels=0.5, **args)
+    a, b = _tree_digest(complete), _tree_digest(sparse)
+    assert sorted(k for k in a if a[k] != b[k]) == ["annotations/person_keypoints_train.json"]
+
+    load = lambda root: json.loads((root / "annotations" / "person_keypoints_train.json").read_text())
+    truth, labels = load(complete), load(sparse)
+    assert labels["info"]["missing_labels"] == 0.5 and "missing_labels" not in truth["info"]
+    kept = dropped = 0
+    for t, s in zip(truth["annotations"], labels["annotations"]):
+        same = ("keypoints", "num_keypoints")
+        assert {k: v for k, v in t.items() if k not in same} == {k: v for k, v in s.items() if k not in same}
+        kt, ks = np.array(t["keypoints"]).reshape(-1, 3), np.array(s["keypoints"]).reshape(-1, 3)
+        if t["iscrowd"]:
+            assert (kt == ks).all()
+            continue
+        labelled, still = kt[:, 2] > 0, ks[:, 2] > 0
+        assert not (still & ~labelled).any()
+        assert (ks[still] == kt[still]).all()  # a kept label is the exact one, flag included
+        assert (ks[labelled & ~still] == 0).all()  # a dropped one is stored as COCO's (0, 0, 0)
+        assert s["num_keypoints"] == still.sum()
+        kept, dropped = kept + still.sum(), dropped + (labelled & ~still).sum()
+    assert kept + dropped > 400
+    assert 0.4 < dropped / (kept + dropped) < 0.6
+
+
+def test_missing_labels_is_checked_and_reaches_the_command(tmp_path):
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(OdkdError, match=r"synth.missing_labels: expected a share in \[0, 1\)"):
+            synth.make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, missing_labels=bad)
+    res = CliRunner().invoke(main, ["synth", str(tmp_path / "d"), "--train-images", "2", "--val-images", "1",
+                                    "--missing-labels", "0.25"])
+    assert res.exit_code == 0, res.output
+    train = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_train.json").read_text())
+    val = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_val.json").read_text())
+    assert train["info"]["missing_labels"] == 0.25 and "missing_labels" not in val["info"]

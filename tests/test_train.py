@@ -194,3 +194,16 @@ def test_init_checkpoint_without_seg_head_reports_new_head(synth_root, tmp_path,
     save_checkpoint(tmp_path / "plain.pth", plain, model_name="hrnet_tiny", model_args={"width": 8}, seg_head=False)
     train_teacher(cfg, "senior", init=str(tmp_path / "plain.pth"), max_steps_per_epoch=1)
     assert "newly initialized: seg_head" in capsys.readouterr().err
+
+
+def test_a_teacher_trains_and_is_scored_on_its_data_root_not_on_data(synth_root, tmp_path):
+    """[teachers.ROLE] data_root: the teacher's own dataset, as released weights come from theirs."""
+    toml = pipeline_toml(tmp_path / "nowhere", tmp_path / "runs", epochs=1)
+    with pytest.raises(OdkdError, match="nowhere"):
+        train_teacher(parse_config(toml), "primary", max_steps_per_epoch=1)
+    cfg = parse_config(toml.replace("[teachers.primary]\n", f'[teachers.primary]\ndata_root = "{synth_root}"\n'))
+    summary = train_teacher(cfg, "primary", max_steps_per_epoch=1)
+    log = [json.loads(line) for line in (tmp_path / "runs" / "teacher_primary" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["AP"] == pytest.approx(summary["best_ap"])
+    on_root = parse_config(pipeline_toml(synth_root, tmp_path / "runs", epochs=1))
+    assert evaluate_checkpoint(on_root, summary["last"], split="val").stats["AP"] == pytest.approx(log[0]["AP"])

@@ -12,7 +12,9 @@ A difficulty in [0, 1] sets how crowded, occluded, small and cluttered the scene
 
 The labels are exact unless label_noise is set: then the train split's keypoints carry annotator
 noise like COCO's, whose per-keypoint sigmas were measured from how far annotators' clicks fall
-apart. Val and test stay exact, so a model is scored against where the joints are.
+apart. missing_labels leaves a share of the train split's keypoints unlabelled, as COCO leaves the
+joints its annotators skipped. Val and test stay exact and complete, so a model is scored against
+where the joints are.
 """
 
 from __future__ import annotations
@@ -228,6 +230,7 @@ def make_synthetic_dataset(
     test_images: int = 0,
     difficulty: str | float = "medium",
     label_noise: float = 0.0,
+    missing_labels: float = 0.0,
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
@@ -236,7 +239,9 @@ def make_synthetic_dataset(
     image_size is (width, height); each image varies within +-20% of it. difficulty is easy (0),
     medium (0.5), hard (1) or a number between; a non-medium one is recorded as info.difficulty.
     label_noise > 0 moves the train split's labelled keypoints as annotators would (see
-    add_annotator_noise) and is recorded in its info.label_noise; the images stay the same bytes.
+    add_annotator_noise) and is recorded in its info.label_noise; missing_labels in [0, 1) unlabels
+    each of its labelled keypoints with that probability (see unlabel_keypoints), recorded in
+    info.missing_labels. Neither changes an image or another split.
     The same arguments give byte-identical files, and train and val do not depend on test_images.
     Returns {split: {"images", "annotations", "crowd_annotations"}}.
     """
@@ -249,6 +254,9 @@ def make_synthetic_dataset(
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise <= 5:
         raise OdkdError(f"synth.label_noise: expected a number in [0, 5] (COCO's annotator noise is 1), "
                         f"got {label_noise!r}")
+    if isinstance(missing_labels, bool) or not isinstance(missing_labels, (int, float)) or not 0 <= missing_labels < 1:
+        raise OdkdError(f"synth.missing_labels: expected a share in [0, 1) of the train keypoints to leave "
+                        f"unlabelled, got {missing_labels!r}")
     if len(image_size) != 2 or min(image_size) < 32:
         raise OdkdError(f"synth image_size: expected (width, height) both >= 32, got {image_size!r}")
     out_dir = Path(out_dir)
@@ -266,7 +274,7 @@ def make_synthetic_dataset(
         image_dir.mkdir(parents=True, exist_ok=True)
         ann_path.parent.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        noise = float(label_noise) if split == "train" else 0.0
+        noise, missing = (float(label_noise), float(missing_labels)) if split == "train" else (0.0, 0.0)
         for i in tqdm(range(counts[split]), desc=f"synth {split}", disable=not progress):
             rng = np.random.default_rng([seed, split_no, i])
             width = int(round(image_size[0] * rng.uniform(0.8, 1.2)))
@@ -275,6 +283,8 @@ def make_synthetic_dataset(
             if noise:
                 # its own stream, so the noise leaves every image and every other label as they were
                 add_annotator_noise(np.random.default_rng([seed, split_no, i, 1]), anns, noise, width, height)
+            if missing:
+                unlabel_keypoints(np.random.default_rng([seed, split_no, i, 2]), anns, missing)
             file_name = f"{next_image_id:012d}.jpg"
             if not cv2.imwrite(str(image_dir / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
                 raise OdkdError(f"{image_dir / file_name}: could not write the JPEG")
@@ -295,6 +305,8 @@ def make_synthetic_dataset(
             info["difficulty"] = level
         if noise:
             info["label_noise"] = noise
+        if missing:
+            info["missing_labels"] = missing
         dataset = {
             "info": info,
             "licenses": [LICENSE],
@@ -328,6 +340,19 @@ def add_annotator_noise(rng: np.random.Generator, anns: list[dict], scale: float
         labelled = keypoints[:, 2] > 0
         keypoints[labelled, :2] = moved[labelled]
         ann["keypoints"] = keypoints.ravel().tolist()
+
+
+def unlabel_keypoints(rng: np.random.Generator, anns: list[dict], share: float) -> None:
+    """Leave each labelled keypoint of the non-crowd annotations unlabelled with probability share,
+    in place: stored as COCO stores a joint its annotator skipped, (0, 0, 0), with num_keypoints
+    recounted. Box, area and mask stay, so a person left with no keypoint is still a person."""
+    for ann in anns:
+        if ann["iscrowd"]:
+            continue
+        keypoints = np.array(ann["keypoints"]).reshape(-1, 3)
+        keypoints[(keypoints[:, 2] > 0) & (rng.random(len(keypoints)) < share)] = 0
+        ann["keypoints"] = keypoints.ravel().tolist()
+        ann["num_keypoints"] = int((keypoints[:, 2] > 0).sum())
 
 
 def _image_entry(image_id: int, file_name: str, width: int, height: int) -> dict:

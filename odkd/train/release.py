@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from odkd.cache.teachers import ROLES, load_configured_teacher
-from odkd.config import resolve_device
+from odkd.config import resolve_device, teacher_data
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_model
@@ -74,11 +74,12 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     net = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
     apply_checkpoint(net, replace(src, state_dict=half), allow_new_seg_head=False)
     dev = resolve_device(device or cfg.device)
-    train, val = load_instances(cfg.data, "train"), load_instances(cfg.data, "val")
-    report = evaluate_model(net.to(dev).eval(), val, cfg.data, cfg.eval, val.coco, device=dev)
+    data = teacher_data(cfg, role)
+    train, val = load_instances(data, "train"), load_instances(data, "val")
+    report = evaluate_model(net.to(dev).eval(), val, data, cfg.eval, val.coco, device=dev)
     payload = {"format": ODKD_FORMAT, "model": half, "best_ap": report.stats["AP"],
                "meta": {**src.meta, "fingerprint": _loaded_fingerprint(net),
-                        "release": _release_record(cfg, source, src.meta, train, report)}}
+                        "release": _release_record(cfg, data, source, src.meta, train, report)}}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     try:
@@ -90,13 +91,13 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     return payload["meta"]
 
 
-def _release_record(cfg, source, source_meta: dict, train, report) -> dict:
+def _release_record(cfg, data, source, source_meta: dict, train, report) -> dict:
     return {
         "source": str(source),
         "source_fingerprint": source_meta.get("fingerprint"),
         "train_data": {
             "dataset_fingerprint": train.fingerprint,
-            "annotations": str(cfg.data.ann_file("train")),
+            "annotations": str(data.ann_file("train")),
             "description": train.coco.dataset.get("info", {}),
             "instances": len(train.instances),
         },
@@ -107,16 +108,17 @@ def _release_record(cfg, source, source_meta: dict, train, report) -> dict:
 
 def check_teacher(cfg, role: str) -> TeacherCheck:
     """The role's teacher file against the config's expected fingerprint and, when the file records the
-    data it was trained on, against the dataset fingerprint of the config's train split."""
+    data it was trained on, against the dataset fingerprint of the train split it names (teacher_data)."""
     teacher = load_configured_teacher(cfg, role)
     path, fingerprint = teacher.path, teacher.fingerprint
     meta = {} if teacher.checkpoint is None else teacher.checkpoint.meta
     release = meta.get("release", {})
     trained_on = release.get("train_data", {}).get("dataset_fingerprint")
     if trained_on:
-        here = load_instances(cfg.data, "train").fingerprint
+        data = teacher_data(cfg, role)
+        here = load_instances(data, "train").fingerprint
         if here != trained_on:
-            raise OdkdError(f"{cfg.data.ann_file('train')}: dataset fingerprint {here}, but teachers.{role} "
+            raise OdkdError(f"{data.ann_file('train')}: dataset fingerprint {here}, but teachers.{role} "
                             f"({path}) was trained on {trained_on}; regenerate the data it names")
     val_ap = release.get("val_stats", {}).get("AP")
     return TeacherCheck(role=role, path=str(path), model=getattr(cfg.teachers, role).model,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from odkd.config import resolve_device
+from odkd.config import resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
@@ -52,11 +52,12 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
             click.echo(f"init from {report.summary()}", err=True)
         return model
 
-    train_set = TopDownDataset(load_instances(cfg.data, "train"), cfg.data, train=True, with_mask=tcfg.seg_head,
+    data = teacher_data(cfg, role)
+    train_set = TopDownDataset(load_instances(data, "train"), data, train=True, with_mask=tcfg.seg_head,
                                seed=tcfg.train.seed)
-    val = load_instances(cfg.data, "val")
+    val = load_instances(data, "val")
 
-    evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=tcfg.seg_head,
+    evaluator = ModelEvaluator(val, data, cfg.eval, val.coco, device=dev, with_mask=tcfg.seg_head,
                                workers=tcfg.train.workers)
 
     spec = ModelSpec(name=tcfg.model, args=dict(tcfg.model_args), seg_head=tcfg.seg_head,
