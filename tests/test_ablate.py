@@ -40,6 +40,7 @@ def test_variants_are_the_intended_stage_lists(tmp_path):
 name = "warm"
 epochs = 2
 teacher = "primary"
+gt_weight = 2.0
 kd_weight = 0.5
 conf_floor = 0.1
 [[student.stages]]
@@ -49,10 +50,11 @@ teacher = "senior"
 seg_weight = 0.01
 """
     student = parse_config(student_toml(tmp_path, stages=stages)).student
-    pt = StageConfig(name="warm", epochs=2, teacher="primary", kd_weight=0.5, conf_floor=0.1)
+    pt = StageConfig(name="warm", epochs=2, teacher="primary", gt_weight=2.0, kd_weight=0.5, conf_floor=0.1)
     st = StageConfig(name="refine", epochs=3, teacher="senior", seg_weight=0.01)
     assert {name: build(student) for name, build in VARIANTS.items()} == {
-        "gt": (dataclasses.replace(pt, name="gt", epochs=5, teacher="none"),),
+        # the baseline keeps the GT weight only: no teacher key can change the run
+        "gt": (StageConfig(name="gt", epochs=5, teacher="none", gt_weight=2.0, kd_weight=0.0),),
         "pt": (dataclasses.replace(pt, name="pt", epochs=5),),
         "st": (dataclasses.replace(st, name="st", epochs=5),),
         "joint": (dataclasses.replace(st, name="joint", epochs=5, teacher="both"),),

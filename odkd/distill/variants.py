@@ -2,7 +2,9 @@
 `odkd ablate` and `odkd train-student --variant`.
 
 Every key the user set (the loss weights, conf_floor, the ST stage's seg_weight) carries into every
-variant, and only what the variant is about changes; all keep the config's total epochs.
+variant, and only what the variant is about changes; all keep the config's total epochs. The GT-only
+baseline is the exception: it keeps only the PT stage's gt_weight, so that tuning a teacher key
+(kd_weight, conf_floor, targets) leaves it the same run, which odkd ablate then reuses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def orderly(student: StudentConfig) -> tuple[StageConfig, ...]:
     return student.stages
 
 
+def gt_only(student: StudentConfig) -> tuple[StageConfig, ...]:
+    gt_weight = only_stage(student, "primary").gt_weight
+    return (StageConfig(name="gt", epochs=student.epochs, teacher="none", gt_weight=gt_weight, kd_weight=0.0),)
+
+
 def single_stage(student: StudentConfig, like: str, name: str, **changes) -> tuple[StageConfig, ...]:
     """One stage over all the config's epochs, made from its stage with teacher `like`."""
     return (dataclasses.replace(only_stage(student, like), name=name, epochs=student.epochs, **changes),)
@@ -42,7 +49,7 @@ def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ..
 
 
 VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
-    "gt": lambda student: single_stage(student, "primary", "gt", teacher="none", seg_weight=0.0),
+    "gt": gt_only,
     "pt": lambda student: single_stage(student, "primary", "pt"),
     "st": lambda student: single_stage(student, "senior", "st"),
     "joint": lambda student: single_stage(student, "senior", "joint", teacher="both"),
