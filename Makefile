@@ -14,14 +14,18 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest
 
 ODKD := .venv/bin/odkd
-# The demo data: regenerated bit-identically from its seed on every run (check-teachers verifies it).
-DEMO_DATA := --train-images 1000 --val-images 100 --test-images 200 --difficulty easy --seed 0
+# The demo's two datasets, regenerated bit-identically from their seeds on every run: the teachers'
+# (check-teachers verifies it against the released files) and the student's, other images with half
+# of the train keypoints unlabelled.
+TEACHER_DATA := --train-images 1000 --val-images 100 --difficulty easy --seed 0
+DEMO_DATA := --train-images 1000 --val-images 100 --test-images 200 --difficulty easy --seed 1 --missing-labels 0.5
 # re-running a step resumes an interrupted run and returns at once from a finished one
 resume_if = $$(test -f $(1)/last.pth && echo --resume)
 
 # The demo, step by step; each line is a command a user can run by hand. The teachers are the
 # released files in zoo/ (make demo-teachers rebuilds them).
 demo: $(VENV_STAMP)
+	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
 	$(ODKD) synth data/demo $(DEMO_DATA)
 	$(ODKD) check-teachers
 	$(ODKD) cache-teachers --workers 2
@@ -49,7 +53,7 @@ demo-student:
 DEVICE ?=
 TRAIN_ON := $(if $(DEVICE),--device $(DEVICE))
 demo-teachers: $(VENV_STAMP)
-	$(ODKD) synth data/demo $(DEMO_DATA)
+	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
 	$(ODKD) train-teacher --role primary $(TRAIN_ON) $(call resume_if,runs/demo/teacher_primary)
 	$(ODKD) train-teacher --role senior $(TRAIN_ON) $(call resume_if,runs/demo/teacher_senior)
 	$(ODKD) release-teacher --role primary

@@ -54,8 +54,10 @@ def main():
 
     \b
     A typical run (make demo, with the released demo teachers in zoo/):
+      odkd synth data/demo-teachers --train-images 1000 --val-images 100 --difficulty easy --seed 0
       odkd synth data/demo --train-images 1000 --val-images 100 --test-images 200 --difficulty easy
-      odkd check-teachers                        # the pinned teacher files, trained on this data
+          --seed 1 --missing-labels 0.5          # the student's data: other images, half the labels
+      odkd check-teachers                        # the pinned teacher files, trained on data/demo-teachers
       odkd cache-teachers                        # both teachers once, into cache/demo.zarr
       odkd train-student --variant gt            # the baseline: ground truth alone
       odkd train-student                         # orderly PT -> ST from the store, no teacher loaded
@@ -78,9 +80,12 @@ def main():
 @click.option("--label-noise", default=0.0, show_default=True, type=float,
               help="Annotator noise on the train split's keypoints, in COCO's per-keypoint sigmas (1: as far "
                    "apart as COCO's annotators); val and test stay exact, the images do not change.")
+@click.option("--missing-labels", default=0.0, show_default=True, type=float,
+              help="Share of the train split's keypoints left unlabelled (v=0, as COCO stores a skipped joint); "
+                   "val and test stay complete, the images do not change.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
-def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, seed):
+def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, missing_labels, seed):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
@@ -90,7 +95,7 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
                                      progress=True, test_images=test_images, difficulty=difficulty,
-                                     label_noise=label_noise)
+                                     label_noise=label_noise, missing_labels=missing_labels)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -129,22 +129,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RELEASE_LIMIT_BYTES = 10_000_000
 
 
-def makefile_demo_data() -> list[str]:
-    """The synth options `make demo` regenerates the demo data with."""
-    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("DEMO_DATA :=")]
-    assert len(lines) == 1, "the Makefile defines DEMO_DATA once"
+def makefile_synth_options(name: str) -> list[str]:
+    """The synth options `make demo` regenerates one of its datasets with (TEACHER_DATA, DEMO_DATA)."""
+    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith(f"{name} :=")]
+    assert len(lines) == 1, f"the Makefile defines {name} once"
     return lines[0].split(":=", 1)[1].split()
 
 
-def test_the_released_demo_teachers_are_the_ones_the_demo_data_regenerates_for(tmp_path, monkeypatch):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["synth", str(out), *makefile_demo_data()])
+def test_the_released_demo_teachers_are_the_ones_the_teacher_data_regenerates_for(tmp_path, monkeypatch):
+    out = tmp_path / "demo-teachers"
+    result = CliRunner().invoke(main, ["synth", str(out), *makefile_synth_options("TEACHER_DATA")])
     assert result.exit_code == 0, result.output
     monkeypatch.chdir(ROOT)  # the pipeline's zoo/ paths are relative to the repository
     cfg = load_config(ROOT / "pipeline" / "demo.toml")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(out)))
     checks, total = {}, 0
     for role in ("primary", "senior"):
+        assert getattr(cfg.teachers, role).data_root == "data/demo-teachers"
+        cfg = dataclasses.replace(cfg, teachers=dataclasses.replace(
+            cfg.teachers, **{role: dataclasses.replace(getattr(cfg.teachers, role), data_root=str(out))}))
         tcfg = getattr(cfg.teachers, role)
         assert tcfg.checkpoint.startswith("zoo/") and tcfg.fingerprint, "the demo uses released, pinned weights"
         checks[role] = check_teacher(cfg, role)  # raises unless fingerprint and dataset fingerprint match
