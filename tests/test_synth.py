@@ -327,17 +327,21 @@ def test_synth_command_writes_the_test_split_and_rejects_a_bad_difficulty(tmp_pa
         "Error: synth.difficulty: expected easy, medium, hard or a number in [0, 1], got 'brutal'"]
 
 
-def test_label_noise_moves_train_keypoints_as_cocos_annotators_and_nothing_else(tmp_path):
-    exact, noisy = tmp_path / "exact", tmp_path / "noisy"
+def train_labels_beside_exact(tmp_path, **label_change) -> tuple[dict, dict]:
+    """The train annotations of one small easy dataset made as is and with `label_change`, after
+    checking that the change touched that file only (images, val and test untouched)."""
+    exact, changed = tmp_path / "exact", tmp_path / "changed"
     args = dict(train_images=24, val_images=2, test_images=2, seed=4, difficulty="easy")
     synth.make_synthetic_dataset(exact, **args)
-    synth.make_synthetic_dataset(noisy, label_noise=1.0, **args)
-    a, b = _tree_digest(exact), _tree_digest(noisy)
-    changed = sorted(k for k in a if a[k] != b[k])
-    assert changed == ["annotations/person_keypoints_train.json"]  # images, val and test untouched
-
+    synth.make_synthetic_dataset(changed, **label_change, **args)
+    a, b = _tree_digest(exact), _tree_digest(changed)
+    assert sorted(k for k in a if a[k] != b[k]) == ["annotations/person_keypoints_train.json"]
     load = lambda root: json.loads((root / "annotations" / "person_keypoints_train.json").read_text())
-    truth, labels = load(exact), load(noisy)
+    return load(exact), load(changed)
+
+
+def test_label_noise_moves_train_keypoints_as_cocos_annotators_and_nothing_else(tmp_path):
+    truth, labels = train_labels_beside_exact(tmp_path, label_noise=1.0)
     assert labels["info"]["label_noise"] == 1.0 and "label_noise" not in truth["info"]
     normalized = []
     for t, n in zip(truth["annotations"], labels["annotations"]):
@@ -371,15 +375,7 @@ def test_label_noise_is_checked_and_reaches_the_command(tmp_path):
 
 
 def test_missing_labels_unlabels_a_share_of_train_keypoints_as_coco_stores_them(tmp_path):
-    complete, sparse = tmp_path / "complete", tmp_path / "sparse"
-    args = dict(train_images=24, val_images=2, test_images=2, seed=4, difficulty="easy")
-    synth.make_synthetic_dataset(complete, **args)
-    synth.make_synthetic_dataset(sparse, missing_labels=0.5, **args)
-    a, b = _tree_digest(complete), _tree_digest(sparse)
-    assert sorted(k for k in a if a[k] != b[k]) == ["annotations/person_keypoints_train.json"]
-
-    load = lambda root: json.loads((root / "annotations" / "person_keypoints_train.json").read_text())
-    truth, labels = load(complete), load(sparse)
+    truth, labels = train_labels_beside_exact(tmp_path, missing_labels=0.5)
     assert labels["info"]["missing_labels"] == 0.5 and "missing_labels" not in truth["info"]
     kept = dropped = 0
     for t, s in zip(truth["annotations"], labels["annotations"]):
