@@ -174,15 +174,23 @@ def browse(config_path, split, out_dir, augment, count, seed):
 @config_option
 @user_errors
 def models(config_path):
-    """List every model with its parameters and GFLOPs at the configured input size."""
-    from odkd.models import list_models
+    """List every model with its parameters and GFLOPs at the configured input size, then the config's
+    teachers and student as configured (model_args and seg heads included)."""
+    from odkd.models.complexity import configured_models, list_models
 
     cfg = load_config(config_path)
-    rows = list_models(cfg.data.input_size)
     w, h = cfg.data.input_size
-    click.echo(f"{'model':<18} {'params (M)':>11} {'GFLOPs @' + f'{w}x{h}':>16}")
-    for row in rows:
+    flops = f"GFLOPs @{w}x{h}"
+    click.echo(f"{'model':<18} {'params (M)':>11} {flops:>16}")
+    for row in list_models(cfg.data.input_size):
         click.echo(f"{row['name']:<18} {row['params'] / 1e6:>11.2f} {row['gflops']:>16.3f}")
+    click.echo(f"\nconfigured in {cfg.source} (seg heads included; export drops them)")
+    click.echo(f"{'role':<8} {'model':<18} {'params (M)':>11} {flops:>16}  model_args")
+    for row in configured_models(cfg):
+        args = ", ".join(f"{k}={v}" for k, v in row["model_args"].items()) or "-"
+        size = (f"{'(its file)':>11} {'':>16}" if row["params"] is None
+                else f"{row['params'] / 1e6:>11.2f} {row['gflops']:>16.3f}")
+        click.echo(f"{row['role']:<8} {row['name']:<18} {size}  {args}")
 
 
 @main.command("train-teacher")

@@ -100,12 +100,33 @@ def test_browse_writes_pngs(dataset, tmp_path):
     assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
 
 
+def models_tables(res) -> tuple[dict, dict]:
+    """`odkd models`' two tables: {model: [params, GFLOPs]} of the registry, {role: [model, params, GFLOPs,
+    model_args...]} of the config."""
+    assert res.exit_code == 0, res.output
+    registry, configured = res.output.split("\n\n")
+    rows = {line.split()[0]: line.split()[1:] for line in registry.splitlines()[1:]}
+    return rows, {line.split()[0]: line.split()[1:] for line in configured.splitlines()[2:]}
+
+
 def test_models_lists_with_complexity(dataset):
-    res = run("models", "--config", dataset / "pipe.toml")
-    assert res.exit_code == 0
-    rows = {line.split()[0]: line.split()[1:] for line in res.output.splitlines()[1:]}
+    rows, configured = models_tables(run("models", "--config", dataset / "pipe.toml"))
     assert {"hrnet_w32", "hrnet_w48", "hrnet_w16", "mobilenetv2", "hrnet_tiny"} <= rows.keys()
     assert float(rows["hrnet_w32"][0]) == pytest.approx(28.5, abs=0.1)
+    assert configured["primary"] == ["hrnet_w32", *rows["hrnet_w32"], "-"]
+
+
+def test_models_lists_the_configured_student_with_its_model_args(dataset, tmp_path):
+    """The COCO recipe's student: hrnet_w16 made small by model_args, not the registry's hrnet_w16."""
+    cfg = tmp_path / "w16.toml"
+    cfg.write_text((dataset / "pipe.toml").read_text() + '[student]\nmodel = "hrnet_w16"\n'
+                   "model_args = { num_modules = [1, 1, 1], num_blocks = 2, layer1_blocks = 1, layer1_planes = 32 }\n")
+    rows, configured = models_tables(run("models", "--config", cfg))
+    name, params, gflops, *args = configured["student"]
+    assert name == "hrnet_w16"
+    assert " ".join(args) == "num_modules=[1, 1, 1], num_blocks=2, layer1_blocks=1, layer1_planes=32"
+    assert float(params) == pytest.approx(1.29, abs=0.01) and float(params) < float(rows["hrnet_w16"][0]) / 5
+    assert float(gflops) < float(rows["hrnet_w16"][1]) / 4
 
 
 def test_wrong_checkpoint_is_one_line(dataset, tmp_path):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from odkd.models.external import EXTERNAL_KINDS
 from odkd.models.registry import MODELS, build_model
 
 
@@ -30,12 +31,30 @@ def model_complexity(model: nn.Module, input_size: tuple[int, int] = (192, 256))
     return params, counter.get_total_flops() / 2 / 2**30
 
 
+def _meta_complexity(name: str, input_size, seg_head: bool = False, **model_args) -> tuple[int, float]:
+    """model_complexity of a model built on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        model = build_model(name, seg_head=seg_head, **model_args)
+    return model_complexity(model, input_size)
+
+
 def list_models(input_size: tuple[int, int] = (192, 256)) -> list[dict]:
-    """One row per registered model: name, params, gflops (built on the meta device: no memory, no compute)."""
+    """One row per registered model, as registered: name, params, gflops."""
     rows = []
     for name in MODELS:
-        with torch.device("meta"):
-            model = build_model(name)
-        params, gflops = model_complexity(model, input_size)
+        params, gflops = _meta_complexity(name, input_size)
         rows.append({"name": name, "params": params, "gflops": gflops})
+    return rows
+
+
+def configured_models(cfg) -> list[dict]:
+    """One row per model a pipeline configures (the two teachers and the student), built as configured
+    (model_args, seg head): role, name, model_args, params, gflops at [data] input_size. An ONNX or
+    TorchScript teacher's params and gflops are None: its file fixes them."""
+    rows = []
+    for role, mcfg in (("primary", cfg.teachers.primary), ("senior", cfg.teachers.senior), ("student", cfg.student)):
+        params, gflops = (None, None) if mcfg.model in EXTERNAL_KINDS else _meta_complexity(
+            mcfg.model, cfg.data.input_size, mcfg.seg_head, **mcfg.model_args)
+        rows.append({"role": role, "name": mcfg.model, "model_args": dict(mcfg.model_args), "params": params,
+                     "gflops": gflops})
     return rows
