@@ -2,6 +2,7 @@
 tiny world of synthetic data with two seeded tiny teachers."""
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from odkd.cache.local import LOCAL_COPIES_ENV
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.data.synth import make_synthetic_dataset
 from odkd.models import build_model, save_checkpoint
@@ -82,6 +84,15 @@ def make_tiny_coco(root: Path, n_images: int = 3, size=(160, 120)) -> Path:
     ann_file = root / "annotations" / "person_keypoints_val.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
     return ann_file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_copies(tmp_path_factory):
+    """Local copies of stores go to a folder of the session's own, never the user's ~/.cache; subprocesses
+    (torchrun, the CLI) inherit it."""
+    folder = tmp_path_factory.mktemp("local-copies")
+    os.environ[LOCAL_COPIES_ENV] = str(folder)
+    return folder
 
 
 @pytest.fixture

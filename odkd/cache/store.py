@@ -112,6 +112,21 @@ def clear_shard(fs, root: str, group: zarr.Group, layout: StoreLayout, shard: in
             pass
 
 
+class ShardError(Exception):
+    """Why one array's part of a shard cannot be trusted."""
+
+
+def read_checked_shard(group: zarr.Group, layout: StoreLayout, shard: int, marker: dict, name: str) -> np.ndarray:
+    """A shard's rows of `name`, decoded (crc32c included) and matched against the digest its writer recorded."""
+    try:
+        values = group[name][layout.shard_rows(shard)]
+    except Exception as exc:  # any codec or I/O failure: a flipped byte, a truncated object
+        raise ShardError(f"does not decode ({type(exc).__name__}: {exc})") from None
+    if array_digest(values) != marker.get("digests", {}).get(name):
+        raise ShardError("differs from what its writer recorded")
+    return values
+
+
 def check_shard(group: zarr.Group, layout: StoreLayout, shard: int, marker: dict) -> str | None:
     """Why a marked shard is not sound (None when it is): it must decode, crc32c included, and match
     the digests its writer recorded."""
@@ -121,9 +136,7 @@ def check_shard(group: zarr.Group, layout: StoreLayout, shard: int, marker: dict
                 f"expected {start}..{stop}")
     for name in layout.arrays():
         try:
-            values = group[name][layout.shard_rows(shard)]
-        except Exception as exc:  # any codec or I/O failure means the shard must be redone
-            return f"shard {shard}: {name} does not decode ({type(exc).__name__}: {exc})"
-        if array_digest(values) != marker.get("digests", {}).get(name):
-            return f"shard {shard}: {name} differs from what its writer recorded"
+            read_checked_shard(group, layout, shard, marker, name)
+        except ShardError as exc:
+            return f"shard {shard}: {name} {exc}"
     return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,16 +35,13 @@ def frame_from_batch(batch: dict, i: int) -> CropFrame:
                      image_width=int(batch["image_width"][i]))
 
 
-@dataclass(frozen=True)
-class StoredFrames:
-    """Where a teacher store's maps sit: each instance's stored crop (center, scale), at map_size (w, h)."""
+class StoredRows(Protocol):
+    """A teacher store's rows, one instance at a time (odkd.cache.local.LocalRows): `row(i)` holds at least
+    meta/center and meta/scale, the crop its maps were stored in, at `map_size` (w, h)."""
 
-    centers: np.ndarray  # (N, 2)
-    scales: np.ndarray  # (N, 2)
     map_size: tuple[int, int]
 
-    def frame(self, index: int) -> CropFrame:
-        return CropFrame(center=tuple(map(float, self.centers[index])), scale=tuple(map(float, self.scales[index])))
+    def row(self, index: int) -> dict[str, np.ndarray]: ...
 
 
 class TopDownDataset(Dataset):
@@ -53,19 +50,21 @@ class TopDownDataset(Dataset):
     A sample is addressed by (epoch, index), as EpochSampler yields it, or by a plain index for
     epoch 0. Augmentation draws from a generator seeded by (seed, epoch, index), so a sample is the
     same whichever worker makes it, workers can live across epochs, and a resumed run sees exactly
-    the samples it would have seen. With `stored_frames`, each sample also carries `teacher_theta`:
-    the grid_sample matrix that moves that instance's stored teacher maps into this sample's crop,
-    and `teacher_zoom`, stored-map pixels per heatmap pixel.
+    the samples it would have seen. With `stored_rows`, each sample also carries its instance's stored
+    rows under their store names ("pt/heatmaps", "meta/ok", ...), so they travel with the image through
+    the loader's workers, collation and pinned memory, and `teacher_theta`: the grid_sample matrix that
+    moves the stored teacher maps into this sample's crop, and `teacher_zoom`, stored-map pixels per
+    heatmap pixel.
     """
 
     def __init__(self, instances: PersonInstances, data_cfg, train: bool, with_mask: bool = False, seed: int = 0,
-                 stored_frames: StoredFrames | None = None):
+                 stored_rows: StoredRows | None = None):
         self.instances = instances
         self.cfg = data_cfg
         self.train = train
         self.with_mask = with_mask
         self.seed = seed
-        self.stored_frames = stored_frames
+        self.stored_rows = stored_rows
         self.aspect_ratio = data_cfg.input_size[0] / data_cfg.input_size[1]
 
     def __len__(self) -> int:
@@ -102,8 +101,11 @@ class TopDownDataset(Dataset):
         }
         if self.with_mask:
             sample["mask"] = torch.from_numpy(mask_target(self.instances.mask(inst), frame, self.cfg.heatmap_size))
-        if self.stored_frames is not None:
-            stored, map_size = self.stored_frames.frame(index), self.stored_frames.map_size
+        if self.stored_rows is not None:
+            rows = self.stored_rows.row(index)
+            stored = CropFrame(center=tuple(map(float, rows["meta/center"])), scale=tuple(map(float, rows["meta/scale"])))
+            map_size = self.stored_rows.map_size
+            sample.update({name: torch.from_numpy(value) for name, value in rows.items()})
             sample["teacher_theta"] = torch.from_numpy(grid_sample_theta(stored, map_size, frame, self.cfg.heatmap_size))
             sample["teacher_zoom"] = np.float32(map_zoom(stored, map_size, frame, self.cfg.heatmap_size))
         return sample

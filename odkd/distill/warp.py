@@ -8,19 +8,30 @@ samples swap their left/right channels, and binary maps are binarized again at 0
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from odkd.data.keypoints import FLIP_INDEX
 
-_FLIP = torch.tensor(FLIP_INDEX.tolist())
 ERODE_BLUR, DILATE_BLUR = 1.4, 0.7  # pixels: the edge ramps of move_edges
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # numpy packbits is big-endian: MSB first
+
+
+@functools.cache
+def _flip_index(device: torch.device) -> torch.Tensor:
+    # made once per device: a copy from pageable host memory would make every step wait for the device
+    return torch.tensor(FLIP_INDEX.tolist(), device=device)
+
+
+@functools.cache
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(7, -1, -1, dtype=torch.uint8, device=device)  # numpy packbits is big-endian: MSB first
 
 
 def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
     """uint8 (..., H, ceil(W/8)) packed as odkd.cache.bitpack does -> float32 0/1 (..., H, W)."""
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
+    bits = (packed.unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
     return bits.flatten(-2)[..., :width].float()
 
 
@@ -35,7 +46,7 @@ def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Te
     grid = F.affine_grid(theta.float(), [b, c, int(out_size[1]), int(out_size[0])], align_corners=True)
     out = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if keypoint_channels:
-        swapped = out[:, _FLIP.to(out.device)]
+        swapped = out[:, _flip_index(out.device)]
         out = torch.where(flip.view(-1, 1, 1, 1).bool(), swapped, out)
     return out
 
@@ -60,11 +71,12 @@ def move_edges(maps: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     Below a third of a pixel a sample is only thresholded: the blur's rounding of corners would cost
     more than the move gains."""
     out = (maps >= 0.5).float()
-    shift = shift.float().to(maps.device)
+    shift = shift.float().to(maps.device).view(-1, 1, 1, 1)
+    # every sample through both blurs and a select, rather than the chosen ones by boolean index: the same
+    # values, and the device never waits for the host to learn which samples those are
     for chosen, width in ((shift >= 1 / 3, ERODE_BLUR), (shift <= -1 / 3, DILATE_BLUR)):
-        if chosen.any():
-            level = torch.special.ndtr(shift[chosen] / width).clamp(0.02, 0.98).view(-1, 1, 1, 1)
-            out[chosen] = (_blurred(maps[chosen], width) >= level).float()
+        level = torch.special.ndtr(shift / width).clamp(0.02, 0.98)
+        out = torch.where(chosen, (_blurred(maps, width) >= level).float(), out)
     return out
 
 
@@ -86,5 +98,5 @@ def warp_binary_batch(packed: torch.Tensor, width: int, theta: torch.Tensor, out
 
 def flip_keypoint_values(values: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Per-keypoint values (B, K) of mirrored samples reordered by the flip pairs, as their maps are."""
-    swapped = values[:, _FLIP.to(values.device)]
+    swapped = values[:, _flip_index(values.device)]
     return torch.where(flip.view(-1, 1).bool(), swapped, values)

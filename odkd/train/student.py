@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 import torch
 
+from odkd.cache.local import LocalRows
 from odkd.cache.reader import TeacherTargets
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.distill.objective import StudentObjective, stored_frames
+from odkd.distill.objective import StudentObjective, stored_arrays
 from odkd.distill.stages import StagePlan, required_arrays
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_training_curves
@@ -113,10 +114,12 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                     click.echo(f"init from {report.summary()}", err=True)
             return model
 
+        # every rank asks; the first on this machine copies, under a lock, and the others map its files
+        rows = LocalRows.fetch(targets, stored_arrays(plan))
         train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
-                                   stored_frames=stored_frames(targets))
+                                   stored_rows=rows)
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=scfg.seg_loss,
-                                     device=dev, keep_blob_size=scfg.keep_blob_size)
+                                     keep_blob_size=scfg.keep_blob_size)
         evaluator = None
         if ranks.is_main:
             val = load_instances(cfg.data, "val")

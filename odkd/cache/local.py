@@ -1,0 +1,210 @@
+"""A store's rows, copied once per machine into read-only files that every rank and loader worker maps.
+
+A student run reads a few rows per sample, in the loader worker that makes the sample. zarr answers a
+row by decoding its whole chunk, and holding the unpacked arrays in each process costs 13.5 KB an
+instance per rank (2 GB for COCO train, times the GPUs of a machine). So the first run on a machine
+reads the store once, shard by shard (a URL is fetched once, with plain GETs), checks every shard
+against the digests its writer recorded, and writes the arrays a run needs into a folder keyed by the
+store's identity: the packed maps compressed row by row (zstd: a row decodes in ~15 us and keeps the
+store's few hundred bytes an instance), the small arrays as they are. Every process maps those files
+read-only, so the page cache holds them once per machine, and later runs start at once.
+
+A copy is written into a temporary folder and renamed into place under a lock, so an interrupted copy
+is never read and concurrent ranks copy once. A store rebuilt under the same path has other
+attributes and digests, so it gets another folder: a copy never serves stale rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+from tqdm import tqdm
+
+from odkd.cache.reader import TeacherTargets
+from odkd.cache.store import ShardError, open_group, read_checked_shard, read_markers, shard_paths, store_fs
+from odkd.errors import OdkdError
+
+log = logging.getLogger(__name__)
+
+LOCAL_COPIES_ENV = "ODKD_LOCAL_COPIES"
+# arrays of this many bytes a row or more are compressed row by row; smaller ones (conf, meta) stay raw
+COMPRESS_ROW_BYTES = 256
+_ZSTD = numcodecs.Zstd(level=3)
+
+
+def local_copies_root() -> Path:
+    """Where local copies live: $ODKD_LOCAL_COPIES, else $XDG_CACHE_HOME/odkd/local-copies (~/.cache/...)."""
+    if os.environ.get(LOCAL_COPIES_ENV):
+        return Path(os.environ[LOCAL_COPIES_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "odkd" / "local-copies"
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def store_identity(targets: TeacherTargets, markers: dict[int, dict] | None = None) -> dict:
+    """Who taught from this store: its URL, dataset fingerprint, teachers' fingerprints, a digest of its
+    settings and one of its contents (the digests its writer recorded for every shard)."""
+    if markers is None:
+        fs, root = store_fs(targets.url, targets.storage_options)
+        markers = read_markers(fs, root, targets.layout.num_shards)
+    attrs = targets.attrs
+    return {
+        "url": targets.url,
+        "dataset_fingerprint": attrs.get("settings", {}).get("dataset_fingerprint"),
+        "teachers": {key: t.get("fingerprint") for key, t in sorted(attrs.get("teachers", {}).items())},
+        "settings_digest": attrs.get("settings_digest"),
+        "content_digest": _digest({str(s): m.get("digests") for s, m in sorted(markers.items())}),
+    }
+
+
+def _array_folder(name: str) -> str:
+    return name.replace("/", "-")
+
+
+class LocalRows:
+    """Rows of the named arrays of one store, from its local copy: `row(i)` is instance i's rows."""
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], str]], map_size: tuple[int, int],
+                 identity: dict):
+        self.folder = Path(folder)
+        self.identity = identity  # store_identity of the store copied
+        self.specs = specs  # name -> (row shape, dtype)
+        self.map_size = tuple(map_size)  # (width, height) of the stored maps
+        self._files: dict[str, tuple[np.ndarray, ...]] = {}
+
+    @classmethod
+    def fetch(cls, targets: TeacherTargets, names, root: Path | None = None) -> "LocalRows":
+        """The local copy of `names` from the store `targets`, made first if this machine has none."""
+        specs = targets.layout.arrays()
+        unknown = sorted(set(names) - set(specs))
+        if unknown:
+            raise OdkdError(f"{targets.url}: no arrays {unknown}; it has {sorted(specs)}")
+        fs, store_root = store_fs(targets.url, targets.storage_options)
+        markers = read_markers(fs, store_root, targets.layout.num_shards)
+        identity = store_identity(targets, markers)
+        key = _digest({"identity": {**identity, "url": None}, "layout": targets.attrs["layout"]})
+        root = Path(root) if root is not None else local_copies_root()
+        folder = root / f"{Path(store_root).name}-{key}"
+        wanted = sorted(set(names))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / f"{folder.name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                missing = [n for n in wanted if not (folder / _array_folder(n)).is_dir()]
+                if missing:
+                    _copy(targets, markers, missing, folder, identity)
+        except OSError as exc:
+            raise OdkdError(f"{root}: cannot write the local copy of {targets.url} ({exc.strerror or exc}); "
+                            f"set {LOCAL_COPIES_ENV} to a writable local folder") from None
+        return cls(folder, {n: (specs[n].tail, specs[n].dtype) for n in wanted}, targets.layout.map_size, identity)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    def _open(self, name: str) -> tuple[np.ndarray, ...]:
+        if name not in self._files:
+            sub = self.folder / _array_folder(name)
+            if (sub / "rows.npy").exists():
+                self._files[name] = (np.load(sub / "rows.npy", mmap_mode="r"),)
+            else:
+                self._files[name] = (np.load(sub / "offsets.npy", mmap_mode="r"),
+                                     np.memmap(sub / "rows.zst", dtype=np.uint8, mode="r"))
+        return self._files[name]
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name, (tail, dtype) in self.specs.items():
+            files = self._open(name)
+            if len(files) == 1:
+                out[name] = np.array(files[0][index])
+            else:
+                offsets, blob = files
+                raw = _ZSTD.decode(blob[offsets[index]:offsets[index + 1]])
+                out[name] = np.frombuffer(raw, dtype=dtype).reshape(tail).copy()
+        return out
+
+    def __getstate__(self):
+        # a loader worker maps the files itself rather than receiving them pickled
+        return {**self.__dict__, "_files": {}}
+
+
+def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], folder: Path, identity: dict) -> None:
+    """Write `names` into `folder`, each array through a temporary folder renamed into place."""
+    layout, url = targets.layout, targets.url
+    for stale in folder.glob("*.partial-*"):  # left by a copy that was killed: the lock says none is running
+        shutil.rmtree(stale, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "store.json").write_text(json.dumps(identity, indent=1) + "\n")
+    group = open_group(url, "r", targets.storage_options)
+    fs, root = store_fs(url, targets.storage_options)
+    specs = layout.arrays()
+    n = layout.num_instances
+    log.info("copying %s (%s) into %s, once for this machine", url, ", ".join(names), folder)
+    partial = {name: Path(tempfile.mkdtemp(prefix=f"{_array_folder(name)}.partial-", dir=folder)) for name in names}
+    try:
+        writers = {}
+        for name in names:
+            tail, dtype = specs[name].tail, np.dtype(specs[name].dtype)
+            if int(np.prod(tail)) * dtype.itemsize >= COMPRESS_ROW_BYTES:
+                writers[name] = _CompressedRows(partial[name], n)
+            else:
+                writers[name] = np.lib.format.open_memmap(partial[name] / "rows.npy", mode="w+", dtype=dtype,
+                                                          shape=(n, *tail))
+        for shard in tqdm(range(layout.num_shards), desc="local copy", unit="shard", leave=False):
+            start, stop = layout.shard_range(shard)
+            for name in names:
+                try:
+                    values = read_checked_shard(group, layout, shard, markers.get(shard, {}), name)
+                except ShardError as exc:
+                    obj = shard_paths(root, group, layout, shard)[name]
+                    raise OdkdError(f"{url}: {name} shard {shard} ({obj}) is damaged: {exc}; "
+                                    f"`odkd cache verify {url}` lists every damaged shard") from None
+                values = values[: stop - start]
+                if isinstance(writers[name], _CompressedRows):
+                    writers[name].extend(values)
+                else:
+                    writers[name][start:stop] = values
+        for name in names:
+            writer = writers[name]
+            if isinstance(writer, _CompressedRows):
+                writer.close()
+            else:
+                writer.flush()
+                del writer
+            os.rename(partial[name], folder / _array_folder(name))
+    finally:
+        for path in partial.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _CompressedRows:
+    """rows.zst (every row zstd-compressed, end to end) and offsets.npy (row i is bytes offsets[i]:offsets[i+1])."""
+
+    def __init__(self, folder: Path, rows: int):
+        self.folder = folder
+        self.file = open(folder / "rows.zst", "wb")
+        self.offsets = np.zeros(rows + 1, np.int64)
+        self.count = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        for value in values:
+            blob = _ZSTD.encode(np.ascontiguousarray(value))
+            self.file.write(blob)
+            self.offsets[self.count + 1] = self.offsets[self.count] + len(blob)
+            self.count += 1
+
+    def close(self) -> None:
+        self.file.close()
+        np.save(self.folder / "offsets.npy", self.offsets)
