@@ -4,7 +4,7 @@
     .venv/bin/python bench/fidelity.py --store cache/demo.zarr [--config pipeline/demo.toml]
     .venv/bin/python bench/fidelity.py --tiny [--record]
 
-Samples are TopDownDataset(train=True, stored_frames=...) draws, (epoch, index) for --epochs epochs of the
+Samples are TopDownDataset(train=True, stored_rows=...) draws, (epoch, index) for --epochs epochs of the
 first instances, --samples in all; every store sees the same draws. Per sample and map:
 
 - warped: the store's rows through odkd.distill.warp.warp_binary_batch with the sample's teacher_theta, as the
@@ -53,7 +53,7 @@ from odkd.cache.reader import MAP_ARRAYS, TeacherTargets
 from odkd.cache.schema import StoreLayout
 from odkd.cache.teachers import TeacherProducer, loaded_teacher, resolve_teachers, set_precision_layout
 from odkd.config import load_config, resolve_device
-from odkd.data.dataset import StoredFrames, TopDownDataset, frame_from_batch
+from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import PersonInstances, load_instances
 from odkd.data.keypoints import FLIP_INDEX, NUM_JOINTS
 from odkd.data.targets import mask_target
@@ -180,6 +180,22 @@ class IdealTeacher:
                 "ideal mask": torch.stack(masks) >= s["mask_threshold"]}
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredFrames:
+    """The stored crop of each of a store's first rows, as the dataset's stored_rows (only the crop travels:
+    this bench takes the maps from its own rows on the device)."""
+
+    centers: np.ndarray
+    scales: np.ndarray
+    map_size: tuple[int, int]
+
+    def frame(self, index: int) -> CropFrame:
+        return CropFrame(center=tuple(map(float, self.centers[index])), scale=tuple(map(float, self.scales[index])))
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        return {"meta/center": self.centers[index], "meta/scale": self.scales[index]}
+
+
 @dataclasses.dataclass
 class StoreUnderTest:
     """One store, its rows on the device, and the comparisons found so far."""
@@ -211,7 +227,7 @@ def open_store(url: str, instances, cfg, specs, count: int, device: torch.device
 
 
 def loader(store: StoreUnderTest, instances, cfg, keys: list, batch_size: int, workers: int) -> DataLoader:
-    dataset = TopDownDataset(instances, cfg.data, train=True, stored_frames=store.frames)
+    dataset = TopDownDataset(instances, cfg.data, train=True, stored_rows=store.frames)
     return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers)
 
 

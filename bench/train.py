@@ -11,8 +11,9 @@ left out. The variants, each with its own student from the same initial weights:
 
 1. no KD: the student trainer's objective with one stage of teacher "none" (GT heatmaps only);
 2. ODKD, PT stage and ST stage: the student trainer's objective under the method's two stages,
-   reading a real store on disk (synthetic binarized maps at each instance's real stored crop): per
-   step it gathers the packed rows in host memory, sends them to the device, unpacks, warps them into the augmented crops and
+   reading a real store on disk (synthetic binarized maps at each instance's real stored crop): the
+   batch carries its samples' packed rows, as the loader delivers them from the store's local copy, and
+   per step the objective unpacks them on the device, warps them into the augmented crops and
    binarizes them again (ST: the mask too, seg_weight > 0);
 3. online KD: both teachers (PT; ST with its seg head) run on every batch, in eval mode, without
    gradients and without flip test, under the student's autocast; their heatmaps and ST's mask are
@@ -64,6 +65,7 @@ import torch  # noqa: E402
 
 from odkd.cache import StoreLayout, TeacherTargets, build_store  # noqa: E402
 from odkd.cache.binarize import binarize  # noqa: E402
+from odkd.cache.local import LocalRows  # noqa: E402
 from odkd.cache.build import cache_settings  # noqa: E402
 from odkd.cache.synthetic import SyntheticTargets  # noqa: E402
 from odkd.cache.teachers import cache_geometry, stored_frame_scale  # noqa: E402
@@ -72,8 +74,8 @@ from odkd.config import CacheConfig, PipelineConfig, StageConfig, load_config  #
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader  # noqa: E402
 from odkd.data.instances import load_instances  # noqa: E402
 from odkd.data.synth import make_synthetic_dataset  # noqa: E402
-from odkd.distill.objective import StudentObjective, stored_frames  # noqa: E402
-from odkd.distill.stages import StagePlan, required_arrays  # noqa: E402
+from odkd.distill.objective import StudentObjective, stored_arrays  # noqa: E402
+from odkd.distill.stages import StagePlan  # noqa: E402
 from odkd.models import build_model  # noqa: E402
 from odkd.models.inference import predict_batch  # noqa: E402
 from odkd.train.losses import joints_mse_loss, mask_loss  # noqa: E402
@@ -160,8 +162,9 @@ def make_world(size: Size, world: Path, device: torch.device) -> StoreLayout:
     build_store(store_url(world), layout, settings,
                 FramedSyntheticTargets(SyntheticTargets(layout, sigma=cfg.data.sigma), centers, scales),
                 scheduler="synchronous", progress=False)
-    targets = TeacherTargets.open(store_url(world))
-    dataset = TopDownDataset(instances, cfg.data, train=True, seed=0, stored_frames=stored_frames(targets))
+    rows = LocalRows.fetch(TeacherTargets.open(store_url(world)), stored_arrays(StagePlan(cfg.student)),
+                           root=world / "local-copies")
+    dataset = TopDownDataset(instances, cfg.data, train=True, seed=0, stored_rows=rows)
     loader = make_loader(dataset, batch, workers=0, sampler=EpochSampler(len(dataset), shuffle=True, seed=0),
                          drop_last=True)
     torch.save(list(islice(loader, BATCHES)), batches_path(world))
@@ -221,7 +224,7 @@ def objective(variant: str, cfg: PipelineConfig, world: Path, device: torch.devi
     if variant == NO_KD:
         plan = StagePlan(dataclasses.replace(scfg, stages=(StageConfig(name="gt", epochs=1, teacher="none"),)))
     loss_fn = StudentObjective(plan, TeacherTargets.open(store_url(world)), heatmap_size=cfg.data.heatmap_size,
-                               seg_loss=scfg.seg_loss, device=device)
+                               seg_loss=scfg.seg_loss)
     loss_fn.begin_epoch(plan.start(1) if variant == ODKD_ST else 0)
     return loss_fn
 
@@ -335,11 +338,10 @@ def measure_peak_in_fresh_process(variant: str, size: Size, world: Path, device:
     return json.loads(proc.stdout.strip().splitlines()[-1])["bytes"]
 
 
-def resident_bytes_per_instance(cfg: PipelineConfig, layout: StoreLayout) -> int:
-    """Bytes per instance of the store arrays the student trainer holds in host memory for the method's stages."""
-    names = {name for stage in cfg.student.stages for name in required_arrays(stage)}
-    specs = layout.arrays()
-    return sum(int(np.prod(specs[n].tail)) * np.dtype(specs[n].dtype).itemsize for n in names if "soft" not in n)
+def local_copy_bytes_per_instance(world: Path, layout: StoreLayout) -> float:
+    """Bytes per instance of the store's local copy, which every process of a machine maps and shares."""
+    files = [f for f in (world / "local-copies").rglob("*") if f.is_file() and f.suffix in (".npy", ".zst")]
+    return sum(f.stat().st_size for f in files) / layout.num_instances
 
 
 def header(device: torch.device) -> list[str]:
@@ -365,18 +367,18 @@ def bench_size(size: Size, tmp: Path, device: torch.device, timed: int | None) -
     # the objective's time beyond GT's is the store's own cost, apart from what a stage adds to backward
     own = {variant: (times[variant][2] - times[NO_KD][2]) / times[NO_KD][0] for variant in (ODKD_PT, ODKD_ST)}
     t = cfg.teachers
-    per_instance = resident_bytes_per_instance(cfg, layout)
+    per_instance = local_copy_bytes_per_instance(world, layout)
     note = (f"{size.name}: batch {size.batch[device.type]}, {warmup} warm-up + {timed} timed rounds, crops "
             f"{cfg.data.input_size[0]}x{cfg.data.input_size[1]}, maps {layout.map_size[0]}x{layout.map_size[1]}; "
             f"student {cfg.student.model} + seg head, PT {t.primary.model} {t.primary.model_args}, ST "
             f"{t.senior.model} {t.senior.model_args} + seg head. Step against no KD"
             f"{' (wall / CPU)' if device.type == 'cpu' else ''}: ODKD PT stage {shown[ODKD_PT]}, ST stage "
             f"{shown[ODKD_ST]} (target <= 1.05x); online KD {shown[ONLINE]}. The objective's time beyond GT's, "
-            f"against the no-KD step: PT stage {own[ODKD_PT]:.1%}, ST stage {own[ODKD_ST]:.1%}. The trainer holds "
-            f"{per_instance:,} B/instance of the store in host memory: "
-            f"{per_instance * layout.num_instances / 2**20:.1f} MB for the "
-            f"{layout.num_instances} instances here, in the peak column; "
-            f"{per_instance * COCO_TRAIN_INSTANCES / 2**20:,.0f} MB for COCO train's {COCO_TRAIN_INSTANCES:,}.")
+            f"against the no-KD step: PT stage {own[ODKD_PT]:.1%}, ST stage {own[ODKD_ST]:.1%}. The store's rows "
+            f"reach the step with the batch (the loader reads them from the local copy, not timed here); that "
+            f"copy takes {per_instance:,.0f} B/instance on disk, mapped once per machine: "
+            f"{per_instance * COCO_TRAIN_INSTANCES / 2**20:,.0f} MB for COCO train's {COCO_TRAIN_INSTANCES:,} "
+            f"(bench/scale.py measures it at scale).")
     return rows, note
 
 

@@ -26,7 +26,7 @@ from odkd.data.dataset import EpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
 from odkd.data.keypoints import FLIP_INDEX
-from odkd.distill.objective import stored_frames
+from odkd.cache.local import LocalRows
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
@@ -181,9 +181,13 @@ def test_warped_cached_target_equals_the_target_cached_under_that_transform(worl
     cfg = parse_config(student_toml(world))
     instances = load_instances(cfg.data, "train")
     targets = TeacherTargets.open(str(world / "store.zarr"))
-    frames = stored_frames(targets)
-    hm, map_size = cfg.data.heatmap_size, frames.map_size
-    data = TopDownDataset(instances, cfg.data, train=True, seed=3, stored_frames=frames)
+    rows = LocalRows.fetch(targets, ["meta/center", "meta/scale"])
+    hm, map_size = cfg.data.heatmap_size, rows.map_size
+    data = TopDownDataset(instances, cfg.data, train=True, seed=3, stored_rows=rows)
+
+    def stored_frame(i: int) -> CropFrame:
+        row = rows.row(i)
+        return CropFrame(center=tuple(map(float, row["meta/center"])), scale=tuple(map(float, row["meta/scale"])))
 
     def binary_gaussians(inst, frame, size):
         """Unit Gaussians (sigma 2 map pixels) at the labelled joints, binarized at 0.5, in `frame` at `size`."""
@@ -204,14 +208,14 @@ def test_warped_cached_target_equals_the_target_cached_under_that_transform(worl
             if not (abs(frame.rotation) <= 45 and 0.65 <= frame.scale[0] / instances[i].scale[0] <= 1.35):
                 continue
             inst = instances[i]
-            stored = binary_gaussians(inst, frames.frame(i), map_size)
+            stored = binary_gaussians(inst, stored_frame(i), map_size)
             expected = binary_gaussians(inst, frame, hm)
             packed, flip = torch.from_numpy(bitpack_maps(stored))[None], torch.tensor([frame.flip])
             plain = warp_binary_batch(packed, map_size[0], sample["teacher_theta"][None], hm, flip, True)[0].bool()
             warped = warp_binary_batch(packed, map_size[0], sample["teacher_theta"][None], hm, flip, True,
                                        blob_radius=radius, zoom=torch.tensor([sample["teacher_zoom"]]))[0].bool()
             # the cv2 reference warp (warp_maps) agrees with the device warp
-            reference = warp_maps(stored.astype(np.float32), frames.frame(i), map_size, frame, hm) >= 0.5
+            reference = warp_maps(stored.astype(np.float32), stored_frame(i), map_size, frame, hm) >= 0.5
             assert (reference != plain.numpy()).mean() < 0.002
             for k in range(17):
                 e, w = torch.from_numpy(expected[k]), warped[k]
