@@ -407,12 +407,15 @@ def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, 
     Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
     builds resume: finished shards are kept and skipped.
     """
-    from odkd.cache import build_cache
+    from odkd.cache.build import build_teacher_store
+    from odkd.cache.info import store_precision_line
 
     cfg = load_config(config_path)
-    url = build_cache(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
-                      device=device or cfg.device, overwrite=overwrite, limit=limit, decode_threads=decode_threads)
-    click.echo(f"teacher targets in {url}")
+    summary = build_teacher_store(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
+                                  device=device or cfg.device, overwrite=overwrite, limit=limit,
+                                  decode_threads=decode_threads)
+    click.echo(f"teacher targets in {summary.url}")
+    click.echo(f"precision: {store_precision_line(summary.url)}")
 
 
 @main.group()

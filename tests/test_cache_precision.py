@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from odkd.cache import TeacherTargets, build_cache, verify_cache
+from odkd.cache import TeacherTargets, build_cache, cache_info, verify_cache
 from odkd.cache.teachers import set_precision_layout, teacher_forward
 from odkd.cache.verify import BIT_TOLERANCE, REPLAYED_MAPS, differing_bits
 from odkd.config import parse_config
@@ -158,3 +158,16 @@ def test_verify_reruns_at_the_stores_precision(world, stores):
     assert report.ok, str(report)
     assert any(line.startswith("ok    st/heatmaps: 0 of") and line.endswith("re-run at bf16") for line in report.lines)
     assert "ok    st/conf: re-run differs by at most 0.0000" in report.lines
+
+
+def test_the_precision_that_ran_is_recorded_and_verified_against(world, stores):
+    """tf32 asked for on a CPU runs fp32: every shard records so, `cache info` says so, and verify re-runs at
+    fp32 without claiming tf32; bf16 runs as asked."""
+    base, _, _ = world
+    shards = TeacherTargets.open(stores["tf32"]).layout.num_shards
+    assert f"precision    tf32 requested; ran fp32 on cpu ({shards} shards)" in cache_info(stores["tf32"]).splitlines()
+    assert f"precision    bf16 requested; ran bf16 on cpu ({shards} shards)" in cache_info(stores["bf16"]).splitlines()
+    report = verify_cache(stores["tf32"], make_config(base / "data", base / "runs", "tf32"), sample=12)
+    assert report.ok, str(report)
+    replayed = [line for line in report.lines if "bits differ" in line]
+    assert len(replayed) == len(REPLAYED_MAPS) and all(line.endswith("re-run at fp32") for line in replayed), replayed

@@ -163,10 +163,13 @@ shard_instances = 8
 """)
     res = run("cache-teachers", "--config", cfg, "--split", "val", "--scheduler", "synchronous", "--device", "cpu")
     assert res.exit_code == 0, res.output
+    ran = "tf32 requested; ran fp32 on cpu"  # the default precision, on a CPU, which has no TF32
+    assert f"precision: {ran}" in res.output
     info = run("cache", "info", tmp_path / "store.zarr")
-    assert info.exit_code == 0 and "bytes" in info.output.lower()
+    assert info.exit_code == 0 and "bytes" in info.output.lower() and f"precision    {ran}" in info.output
     ok = run("cache", "verify", tmp_path / "store.zarr", "--config", cfg, "--sample", 4)
     assert ok.exit_code == 0 and ok.output.strip().endswith("verified"), ok.output
+    assert "re-run at fp32" in ok.output and "tf32" not in ok.output
     # another dataset: the fingerprint check fails verify with exit 1
     other = tmp_path / "other.toml"
     other.write_text(cfg.read_text().replace('input_size = [96, 128]', 'input_size = [96, 128]\nval_ann = '

@@ -10,7 +10,7 @@ from odkd.cache.schema import StoreLayout
 from odkd.cache.teachers import (
     InstanceRecords, TeacherProducer, cache_geometry, default_torch_threads, resolve_teachers,
 )
-from odkd.cache.writer import build_store, utc_now
+from odkd.cache.writer import BuildSummary, build_store, utc_now
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.instances import load_instances
 from odkd.data.keypoints import NUM_JOINTS
@@ -53,11 +53,17 @@ def gpu_worker_envs(workers: int, gpus: list[str]) -> list[dict]:
     return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers)]
 
 
-def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = None, *, workers: int | None = None,
-                scheduler: str | None = None, batch_size: int | None = None, device: str = "cpu",
-                overwrite: bool = False, progress: bool = True, limit: int | None = None,
-                torch_threads: int | None = None, decode_threads: int | None = None) -> str:
-    """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns its URL.
+def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = None, **options) -> str:
+    """build_teacher_store with the same arguments; returns the store's URL."""
+    return build_teacher_store(cfg, split, out, **options).url
+
+
+def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | None = None, *,
+                        workers: int | None = None, scheduler: str | None = None, batch_size: int | None = None,
+                        device: str = "cpu", overwrite: bool = False, progress: bool = True, limit: int | None = None,
+                        torch_threads: int | None = None, decode_threads: int | None = None) -> BuildSummary:
+    """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns what the
+    run did (shards written and skipped, the store's URL).
 
     `scheduler` is a dask scheduler address (each of its workers loads the teachers once, on
     `device`), "synchronous" to run in this process, or None for a LocalCluster of `workers`
@@ -102,7 +108,6 @@ def build_cache(cfg: PipelineConfig, split: str = "train", out: str | None = Non
         torch_threads=torch_threads or (default_torch_threads(workers) if scheduler is None else None),
     )
     gpus = visible_gpus() if scheduler is None and device in ("cuda", "auto") else []
-    summary = build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
-                          worker_envs=gpu_worker_envs(workers, gpus) if gpus else None,
-                          overwrite=overwrite, progress=progress, desc=f"caching {split}")
-    return summary.url
+    return build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
+                       worker_envs=gpu_worker_envs(workers, gpus) if gpus else None,
+                       overwrite=overwrite, progress=progress, desc=f"caching {split}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from odkd.cache.reader import MAP_ARRAYS
@@ -21,6 +23,29 @@ def _size(n: float) -> str:
 
 def _sizes(v) -> str:
     return "x".join(str(s) for s in v)
+
+
+def ran_precision_of(markers: dict) -> str | None:
+    """The one precision every written shard ran at, or None when they differ or one did not record it."""
+    ran = {m.get("ran", {}).get("precision") for m in markers.values()}
+    return ran.pop() if len(ran) == 1 else None
+
+
+def precision_line(requested: str, markers: dict) -> str:
+    """The precision a store asked for and what its written shards ran at, e.g.
+    'tf32 requested; ran fp32 on cpu (16 shards)': a CPU runs tf32 as fp32."""
+    ran = Counter((m.get("ran", {}).get("precision"), m.get("ran", {}).get("device")) for m in markers.values())
+    parts = [(f"ran {precision} on {device}" if precision else "not recorded (built before odkd recorded it)")
+             + f" ({count} shard{'s' if count > 1 else ''})" for (precision, device), count in ran.most_common()]
+    return f"{requested} requested; " + (", ".join(parts) if parts else "no shard written yet")
+
+
+def store_precision_line(url: str, storage_options: dict | None = None) -> str:
+    """precision_line of the store at `url`."""
+    attrs = read_attrs(url, storage_options)
+    fs, root = store_fs(url, storage_options)
+    markers = read_markers(fs, root, StoreLayout.from_dict(attrs["layout"]).num_shards)
+    return precision_line(attrs.get("settings", {}).get("precision", "fp32"), markers)
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> str:
@@ -84,6 +109,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
                 settings["threshold"], settings["threshold_mode"], settings["mask_threshold"],
                 f"on (dilation {settings['mask_gate_dilation']})" if settings["mask_gate"] else "off",
                 "on" if settings["flip_test"] else "off"),
+            f"precision    {precision_line(settings.get('precision', 'fp32'), markers)}",
         ]
     if attrs.get("pipeline", {}).get("source"):
         lines.append(f"pipeline     {attrs['pipeline']['source']}")

@@ -244,6 +244,11 @@ def cuda_tf32(allowed: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def ran_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic that `precision` gets on `device`: a CPU has no TF32, so tf32 runs there as fp32."""
+    return "fp32" if precision == "tf32" and device.type != "cuda" else precision
+
+
 def set_precision_layout(net, precision: str) -> None:
     """Channels-last weights for bf16 (tensor cores and oneDNN's bf16 kernels want NHWC), the default
     layout otherwise, so that an fp32 build stays bit-identical. In place: a process loads each
@@ -331,7 +336,8 @@ class TeacherProducer:
                     rows = np.arange(a, a + len(ok))[ok]
                     sent = torch.from_numpy(crops if ok.all() else crops[ok]).to(device)
                     self._fill(out, rows, normalize_on_device(sent, table), nets)
-        return ShardTargets(out, failed)
+        return ShardTargets(out, failed,
+                            ran={"precision": ran_precision(self.precision, device), "device": device.type})
 
     @property
     def precision(self) -> str:

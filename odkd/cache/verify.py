@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from odkd.cache.info import ran_precision_of
 from odkd.cache.reader import TeacherTargets
 from odkd.cache.schema import settings_digest
 from odkd.cache.store import check_shard, open_group, read_markers, store_fs
@@ -82,18 +83,23 @@ def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, r
     ok_rows = np.flatnonzero(targets.get_batch(np.arange(len(targets)), ["meta/ok"])["meta/ok"])
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(ok_rows, size=min(sample, len(ok_rows)), replace=False))
+    # what the shards ran at, not what the config asked for: a CPU build asked for tf32 ran fp32
+    fs, root = store_fs(targets.url, targets.storage_options)
+    built = ran_precision_of(read_markers(fs, root, targets.layout.num_shards)) or settings.get("precision", "fp32")
     producer = TeacherProducer(
         layout=targets.layout, teachers=teachers,
         records=InstanceRecords.from_instances(instances, len(targets), settings["heatmap_size"],
                                                settings["map_size"]),
-        settings=settings, batch_size=max(1, len(chosen)), device=device,
+        settings={**settings, "precision": built}, batch_size=max(1, len(chosen)), device=device,
     )
-    fresh = producer.targets_for(chosen).arrays
+    replay = producer.targets_for(chosen)
+    fresh, rerun = replay.arrays, replay.ran["precision"]
+    against = f"re-run at {rerun}" + ("" if rerun == built else f" (the store ran {built})")
     stored = targets.get_batch(chosen, REPLAYED_MAPS + REPLAYED_CONF)
     for name in REPLAYED_MAPS:
         differ = differing_bits(fresh[name], stored[name])
         bits = stored[name].size * 8
-        line = f"{name}: {differ} of {bits} bits differ on {len(chosen)} instances re-run at {producer.precision}"
+        line = f"{name}: {differ} of {bits} bits differ on {len(chosen)} instances {against}"
         (report.good if differ <= BIT_TOLERANCE * bits else report.bad)(line)
     for name in REPLAYED_CONF:
         gap = float(np.abs(fresh[name].astype(np.float32) - stored[name].astype(np.float32)).max(initial=0.0))
@@ -103,7 +109,7 @@ def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, r
 def verify_cache(url: str, cfg=None, sample: int = 16, device: str = "cpu",
                  storage_options: dict | None = None) -> VerifyReport:
     """Check a store; with a pipeline config, also its dataset fingerprint and a re-run of `sample` instances
-    at the precision the store was built with."""
+    at the precision the store's shards ran at."""
     report = VerifyReport()
     targets = TeacherTargets.open(url, storage_options=storage_options, require_complete=False)
     settings = targets.attrs.get("settings", {})

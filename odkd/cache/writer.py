@@ -34,10 +34,12 @@ WORKER_START_TIMEOUT = "120s"  # a local worker that has not joined by then did 
 
 @dataclass
 class ShardTargets:
-    """What a producer returns for rows [start, stop): every layout array, and the instances it had to skip."""
+    """What a producer returns for rows [start, stop): every layout array, the instances it had to skip, and
+    how it ran them (for teachers: the precision they got on the worker's device), kept in the shard's marker."""
 
     arrays: dict[str, np.ndarray]
     failed: list[dict] = field(default_factory=list)
+    ran: dict = field(default_factory=dict)
 
 
 Producer = Callable[[int, int], ShardTargets]
@@ -129,7 +131,7 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
             "shard": shard, "start": start, "stop": stop, "settings_digest": digest,
             "digests": {name: array_digest(values) for name, values in padded.items()},
             "bytes": shard_sizes(fs, root, group, layout, shard),
-            "failed": out.failed, "written_at": utc_now(), "started_at": started,
+            "failed": out.failed, "ran": out.ran, "written_at": utc_now(), "started_at": started,
             "seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu,
             "writer": f"{socket.gethostname()}:{os.getpid()}",
         }
