@@ -213,9 +213,11 @@ def test_info_reports_counts_sizes_and_progress(tmp_path):
         build(url, FailAfter({1, 2, 3}))
     text = cache_info(str(url))
     assert "1/4 shards, 64/200 instances (32.0%), not finished" in text
+    assert "instances    200 (64 with targets, 0 failed, 136 not built yet)" in text  # what is built, not planned
     build(url)
     text = cache_info(str(url))
     assert "4/4 shards, 200/200 instances (100.0%)" in text and "not finished" not in text
+    assert "instances    200 (200 with targets, 0 failed)" in text
     stored = sum(p.stat().st_size for name in ("pt/heatmaps", "st/heatmaps", "st/mask")
                  for p in (url / name / "c").rglob("*") if p.is_file())
     assert f"maps {stored / 200:.1f} B/instance" in text

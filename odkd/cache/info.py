@@ -67,8 +67,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
         f"schema       v{attrs['schema_version']}, written by odkd {attrs.get('odkd_version', '?')} "
         f"at {attrs.get('created_at', '?')}",
         f"dataset      split {settings.get('split', '?')}, fingerprint {settings.get('dataset_fingerprint', '?')}",
-        f"instances    {layout.num_instances} ({layout.num_instances - len(failed)} with targets, "
-        f"{len(failed)} failed)",
+        f"instances    {layout.num_instances} ({done - len(failed)} with targets, {len(failed)} failed"
+        + (f", {layout.num_instances - done} not built yet)" if done < layout.num_instances else ")"),
         f"build        {len(markers)}/{layout.num_shards} shards, {done}/{layout.num_instances} instances "
         f"({100.0 * done / layout.num_instances:.1f}%)" + ("" if attrs.get("complete") else ", not finished"),
         f"layout       maps {w}x{h} packed to {specs['pt/heatmaps'].tail[-1]} bytes a row, chunks of "
