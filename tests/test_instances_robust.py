@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from odkd.cache import TeacherTargets, build_cache
 from odkd.config import DataConfig, parse_config
 from odkd.data.dataset import TopDownDataset
-from odkd.data.instances import PersonInstances, load_instances
+from odkd.data.instances import DetectedPersons, PersonInstances, load_instances
 from odkd.data.targets import gaussian_heatmaps
 from odkd.errors import OdkdError
 
@@ -88,6 +88,37 @@ def test_strict_makes_a_bad_box_an_error_naming_the_file_and_annotation(tiny_coc
     assert "lies outside its 160x120 image" in message and "\n" not in message
     assert capsys.readouterr().err == ""
     assert len(load_instances(DataConfig(root=cfg.root, val_images=cfg.val_images), "val")) == 3
+
+
+def write_detections(path, image_ids) -> None:
+    path.write_text(json.dumps([{"image_id": i, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": 0.9}
+                                for i in image_ids]))
+
+
+def test_detections_on_images_not_annotated_are_skipped_and_counted_in_one_line(tiny_coco, tmp_path, capsys):
+    """A full val2017 detections file on a val subset: the other images' boxes are skipped, the rest kept."""
+    ann_file, image_dir = tiny_coco
+    coco = PersonInstances(ann_file, image_dir).coco
+    dets = tmp_path / "dets.json"
+    write_detections(dets, [1, 999999, 2, 999999, 3, 424242])
+    capsys.readouterr()
+    kept = DetectedPersons(dets, coco, image_dir)
+    assert [inst.image_id for inst in kept.instances] == [1, 2, 3]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"warning: {dets}: skipped 3 detection(s) on 2 image(s) not in the annotations "
+                    f"(image ids 999999, 424242); [data] strict = true makes this an error")
+
+
+def test_strict_makes_a_detection_on_an_unknown_image_an_error(tiny_coco, tmp_path, capsys):
+    ann_file, image_dir = tiny_coco
+    coco = PersonInstances(ann_file, image_dir).coco
+    dets = tmp_path / "dets.json"
+    write_detections(dets, [1, 999999])
+    capsys.readouterr()
+    with pytest.raises(OdkdError) as exc:
+        DetectedPersons(dets, coco, image_dir, strict=True)
+    assert str(exc.value) == f"{dets}: detection [1] image_id 999999 is not in the annotations ([data] strict = true)"
+    assert capsys.readouterr().err == ""
 
 
 def test_strict_is_a_data_key():

@@ -96,11 +96,15 @@ def _box_problem(bbox, box, area, img) -> str:
     return ""
 
 
+def _first_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:SKIPPED_IDS_SHOWN])) + (", ..." if len(ids) > SKIPPED_IDS_SHOWN else "")
+
+
 def _skipped_warning(ann_file: Path, ann_ids: list[int]) -> str:
     """The one line that reports the labelled persons dropped by the box cleaning."""
-    shown = ", ".join(map(str, ann_ids[:SKIPPED_IDS_SHOWN])) + (", ..." if len(ann_ids) > SKIPPED_IDS_SHOWN else "")
     return (f"warning: {ann_file}: skipped {len(ann_ids)} labelled person(s) with an empty box or area, as the "
-            f"official HRNet box cleaning does (annotation ids {shown}); [data] strict = true makes this an error")
+            f"official HRNet box cleaning does (annotation ids {_first_ids(ann_ids)}); [data] strict = true "
+            f"makes this an error")
 
 
 class _InstanceList:
@@ -196,11 +200,13 @@ class DetectedPersons(_InstanceList):
     """Person crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
 
     Follows the official HRNet detection path: only category 1, boxes with score above
-    `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes.
+    `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes. Boxes on images
+    the annotations do not have (a full val2017 detections file on a val subset) are skipped and
+    counted in one warning line on stderr; with `strict` the first is an error.
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 score_thr: float = 0.0):
+                 score_thr: float = 0.0, strict: bool = False):
         self.det_file = Path(det_file)
         self.image_dir = Path(image_dir)
         self.coco = coco
@@ -213,6 +219,7 @@ class DetectedPersons(_InstanceList):
         if not isinstance(dets, list):
             raise OdkdError(f"{self.det_file}: must be a list of detections")
         self.instances: list[Instance] = []
+        unknown_image_ids: list[int] = []
         for i, det in enumerate(dets):
             if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
                 raise OdkdError(f"{self.det_file}: detection [{i}] needs image_id, bbox and score")
@@ -220,7 +227,11 @@ class DetectedPersons(_InstanceList):
                 continue
             img = coco.imgs.get(det["image_id"])
             if img is None:
-                raise OdkdError(f"{self.det_file}: detection [{i}] image_id {det['image_id']} is not in the annotations")
+                if strict:
+                    raise OdkdError(f"{self.det_file}: detection [{i}] image_id {det['image_id']} is not in the "
+                                    f"annotations ([data] strict = true)")
+                unknown_image_ids.append(det["image_id"])
+                continue
             center, scale = box_to_center_scale(det["bbox"], aspect_ratio)
             self.instances.append(Instance(
                 index=len(self.instances), image_id=int(det["image_id"]), ann_id=-1, file_name=img["file_name"],
@@ -229,6 +240,11 @@ class DetectedPersons(_InstanceList):
                 joints=np.zeros((NUM_JOINTS, 3), np.float32), area=float(det["bbox"][2] * det["bbox"][3]),
                 score=float(det["score"]),
             ))
+        if unknown_image_ids:
+            images = list(dict.fromkeys(unknown_image_ids))
+            click.echo(f"warning: {self.det_file}: skipped {len(unknown_image_ids)} detection(s) on {len(images)} "
+                       f"image(s) not in the annotations (image ids {_first_ids(images)}); [data] strict = true "
+                       f"makes this an error", err=True)
 
 
 def load_instances(data_cfg, split: str) -> PersonInstances:

@@ -108,7 +108,8 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str 
         instances = gt
     else:
         aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
-        instances = DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr)
+        instances = DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr,
+                                    strict=cfg.data.strict)
     report = evaluate_model(net, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
     if results_out:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)

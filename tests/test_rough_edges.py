@@ -1,0 +1,53 @@
+"""What a first user of the COCO recipe meets on the command line (issue 21): detections on images the
+annotations lack, errors that name where a relative path was looked for, and output that says what it did."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from odkd.cli import main
+from odkd.data.synth import make_synthetic_dataset
+from odkd.models import build_model, save_checkpoint
+
+PIPELINE = 'device = "cpu"\n[data]\nroot = "{root}"\ninput_size = [96, 128]\nheatmap_size = [24, 32]\nstrict = {strict}\n'
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic dataset, a tiny model's checkpoint, and the pipeline TOML, lenient and strict."""
+    base = tmp_path_factory.mktemp("rough")
+    make_synthetic_dataset(base / "data", train_images=1, val_images=2, seed=3)
+    save_checkpoint(base / "model.pth", build_model("hrnet_tiny", width=4), model_name="hrnet_tiny",
+                    model_args={"width": 4}, seg_head=False)
+    for strict in ("false", "true"):
+        (base / f"strict_{strict}.toml").write_text(PIPELINE.format(root=base / "data", strict=strict))
+    return base
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def evaluate(world, *args, strict="false"):
+    return run("evaluate", "--config", world / f"strict_{strict}.toml", "--checkpoint", world / "model.pth", *args)
+
+
+def val_image_ids(world) -> list[int]:
+    ann = json.loads((world / "data" / "annotations" / "person_keypoints_val.json").read_text())
+    return [img["id"] for img in ann["images"]]
+
+
+def test_detections_on_unannotated_images_are_skipped_by_evaluate_unless_strict(world, tmp_path):
+    dets, known = tmp_path / "dets.json", val_image_ids(world)
+    dets.write_text(json.dumps([{"image_id": i, "category_id": 1, "bbox": [10.0, 10.0, 40.0, 80.0], "score": 0.9}
+                                for i in [*known, 999999]]))
+    res = evaluate(world, "--boxes", dets)
+    assert res.exit_code == 0, res.output
+    assert (f"warning: {dets}: skipped 1 detection(s) on 1 image(s) not in the annotations (image ids 999999); "
+            f"[data] strict = true makes this an error") in res.stderr.splitlines()
+    assert "| AP " in res.stdout
+    strict = evaluate(world, "--boxes", dets, strict="true")
+    assert strict.exit_code == 1
+    assert strict.output.strip().splitlines() == [
+        f"Error: {dets}: detection [{len(known)}] image_id 999999 is not in the annotations ([data] strict = true)"]
