@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("demo", "coco", "both"), default="both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default: the size's, per device)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size (default: the size's, per device); smaller for a quick smoke run")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)  # the memory probe's process
@@ -399,6 +401,8 @@ def main(argv=None) -> int:
         print(json.dumps({"bytes": peak_growth(args.peak_of, SIZES[args.size], args.world, device)}))
         return 0
     sizes = list(SIZES.values()) if args.size == "both" else [SIZES[args.size]]
+    if args.batch_size:
+        sizes = [dataclasses.replace(size, batch={**size.batch, device.type: args.batch_size}) for size in sizes]
     started, load = time.perf_counter(), os.getloadavg()[0]
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="odkd-bench-train-") as tmp:
