@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -343,16 +343,8 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     """Read a pipeline TOML; with no path, the embedded demo pipeline."""
     path = Path(path) if path is not None else DEMO_CONFIG
     if not path.is_file():
-        raise OdkdError(f"{path}: pipeline config not found")
+        raise not_found(path, "pipeline config")
     return parse_config(path.read_text(), str(path))
-
-
-def require_file(path: str | Path, key: str) -> Path:
-    """A path named by config key `key` that must exist: one clear error if it does not."""
-    p = Path(path)
-    if not p.exists():
-        raise OdkdError(f"{p}: not found (from {key})")
-    return p
 
 
 def resolve_device(name: str):
@@ -368,5 +360,5 @@ def resolve_device(name: str):
 __all__ = [
     "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
     "ScheduleConfig", "StageConfig", "StudentConfig", "TeacherConfig", "TeachersConfig",
-    "load_config", "parse_config", "require_file", "resolve_device",
+    "load_config", "parse_config", "resolve_device",
 ]

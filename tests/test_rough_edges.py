@@ -51,3 +51,19 @@ def test_detections_on_unannotated_images_are_skipped_by_evaluate_unless_strict(
     assert strict.exit_code == 1
     assert strict.output.strip().splitlines() == [
         f"Error: {dets}: detection [{len(known)}] image_id 999999 is not in the annotations ([data] strict = true)"]
+
+
+def test_a_relative_path_not_found_names_where_it_was_looked_for(world, tmp_path, monkeypatch):
+    """The COCO recipe run from another folder: the error names the absolute path searched and what it is
+    relative to."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coco.toml").write_text(PIPELINE.format(root="data/coco", strict="false"))
+    res = run("browse", "--config", "coco.toml", "--out", tmp_path / "crops")
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: data/coco/images/train: image folder not found (looked for {tmp_path}/data/coco/images/train, "
+        f"relative to the working directory)"]
+    missing = run("evaluate", "--config", world / "strict_false.toml", "--checkpoint", "checkpoints/w32.pth")
+    assert missing.output.strip().splitlines() == [
+        f"Error: checkpoints/w32.pth: checkpoint file not found (looked for {tmp_path}/checkpoints/w32.pth, "
+        f"relative to the working directory)"]

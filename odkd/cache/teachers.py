@@ -31,7 +31,7 @@ from odkd.config import TeacherConfig, resolve_device
 from odkd.data.image import read_image
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 from odkd.models import CheckpointFile, apply_checkpoint, build_model, model_fingerprint, read_checkpoint
 from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, load_external_teacher
 from odkd.models.inference import predict_batch
@@ -87,7 +87,7 @@ def teacher_checkpoint(cfg, role: str) -> Path:
     tcfg = getattr(cfg.teachers, role)
     path = Path(tcfg.checkpoint) if tcfg.checkpoint else Path(cfg.runs) / f"teacher_{role}" / "best.pth"
     if not path.is_file():
-        raise OdkdError(f"{path}: teacher checkpoint not found (teachers.{role}.checkpoint)")
+        raise not_found(path, "teacher checkpoint", f"teachers.{role}.checkpoint")
     return Path(os.path.abspath(path))  # workers need not share the driver's working directory
 
 

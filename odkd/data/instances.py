@@ -30,7 +30,7 @@ from pycocotools.coco import COCO
 
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.data.transforms import box_to_center_scale
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 
 SKIPPED_IDS_SHOWN = 5
 
@@ -53,7 +53,7 @@ class Instance:
 
 def _load_coco(ann_file: Path) -> COCO:
     if not ann_file.is_file():
-        raise OdkdError(f"{ann_file}: annotation file not found")
+        raise not_found(ann_file, "annotation file")
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
@@ -129,7 +129,7 @@ class PersonInstances(_InstanceList):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
-            raise OdkdError(f"{self.image_dir}: image folder not found")
+            raise not_found(self.image_dir, "image folder")
         self.coco = _load_coco(self.ann_file)
         self.aspect_ratio = aspect_ratio
         self.strict = strict
@@ -211,7 +211,7 @@ class DetectedPersons(_InstanceList):
         self.image_dir = Path(image_dir)
         self.coco = coco
         if not self.det_file.is_file():
-            raise OdkdError(f"{self.det_file}: detections file not found")
+            raise not_found(self.det_file, "detections file")
         try:
             dets = json.loads(self.det_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -13,7 +13,7 @@ from odkd.data.decode import decode_heatmaps
 from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, box_to_center_scale, crop_image, invert_affine, normalize_image
 from odkd.data.visualize import draw_pose, tint_mask
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 from odkd.models.inference import predict_batch
 from odkd.eval.metrics import load_gt
 
@@ -24,7 +24,7 @@ def boxes_from_file(path: str | Path) -> list[list[float]]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OdkdError(f"{path}: boxes file not found") from None
+        raise not_found(path, "boxes file") from None
     except json.JSONDecodeError as exc:
         raise OdkdError(f"{path}: not valid JSON ({exc})") from None
     boxes = [d["bbox"] if isinstance(d, dict) and "bbox" in d else d for d in data] if isinstance(data, list) else None

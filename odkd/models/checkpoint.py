@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from odkd import __version__
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 from odkd.models.pretrained import IMAGENET_FORMATS, POSE_HEAD_PREFIXES, read_imagenet
 from odkd.models.registry import build_model
 
@@ -96,7 +96,7 @@ def _top_level_names(keys: list[str]) -> str:
 
 def _torch_load(path: Path):
     if not path.is_file():
-        raise OdkdError(f"{path}: checkpoint file not found")
+        raise not_found(path, "checkpoint file")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
