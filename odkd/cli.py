@@ -141,6 +141,8 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
         click.echo(metrics.format_stats_table(stats))
         if report.mask_iou is not None:
             click.echo(f"mean mask IoU: {report.mask_iou:.3f}")
+        if out:
+            click.echo(f"wrote {len(report.results)} results to {out}")
     else:
         if not ann or not (results or gt_as_results):
             raise click.UsageError("give --ann GT.json with --results RESULTS.json (or --gt-as-results), "

@@ -67,3 +67,16 @@ def test_a_relative_path_not_found_names_where_it_was_looked_for(world, tmp_path
     assert missing.output.strip().splitlines() == [
         f"Error: checkpoints/w32.pth: checkpoint file not found (looked for {tmp_path}/checkpoints/w32.pth, "
         f"relative to the working directory)"]
+
+
+def test_evaluate_says_what_it_wrote_and_starts_the_table_on_its_own_line(world, tmp_path):
+    """Off a terminal (CliRunner's streams are not one) the progress bar ends its line, so in a log of both
+    streams the AP table's header starts a line; a bar wiped for a terminal ended with '\\r' instead."""
+    out = tmp_path / "results.json"
+    res = evaluate(world, "--out", out)
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    assert len(results) > 0
+    assert res.stdout.startswith("| AP ")
+    assert f"wrote {len(results)} results to {out}" in res.stdout.splitlines()
+    assert "eval: 100%" in res.stderr and res.stderr.endswith("batch/s]\n")
