@@ -416,6 +416,9 @@ def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, 
     summary = build_teacher_store(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
                                   device=device or cfg.device, overwrite=overwrite, limit=limit,
                                   decode_threads=decode_threads)
+    if not summary.written:
+        click.echo(f"{summary.url}: already complete ({summary.skipped} shard{'s' * (summary.skipped > 1)} "
+                   f"checked), nothing built; --overwrite rebuilds it")
     click.echo(f"teacher targets in {summary.url}")
     click.echo(f"precision: {store_precision_line(summary.url)}")
 

@@ -164,7 +164,10 @@ shard_instances = 8
     res = run("cache-teachers", "--config", cfg, "--split", "val", "--scheduler", "synchronous", "--device", "cpu")
     assert res.exit_code == 0, res.output
     ran = "tf32 requested; ran fp32 on cpu"  # the default precision, on a CPU, which has no TF32
-    assert f"precision: {ran}" in res.output
+    assert f"precision: {ran}" in res.output and "already complete" not in res.output
+    again = run("cache-teachers", "--config", cfg, "--split", "val", "--scheduler", "synchronous", "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    assert f"{tmp_path / 'store.zarr'}: already complete (2 shards checked), nothing built" in again.output
     info = run("cache", "info", tmp_path / "store.zarr")
     assert info.exit_code == 0 and "bytes" in info.output.lower() and f"precision    {ran}" in info.output
     ok = run("cache", "verify", tmp_path / "store.zarr", "--config", cfg, "--sample", 4)
