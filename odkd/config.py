@@ -80,6 +80,13 @@ class ScheduleConfig:
     workers: int = 2
     seed: int = 0
     amp: bool = True
+    clip_grad: float = 0.0  # max L2 norm of all gradients together (mmpose's clip_grad max_norm); 0: off
+    accumulate: int = 1  # batches per optimizer step; the lr schedule counts optimizer steps
+    # autocast's type under amp on CUDA; fp16 by default, as a T4 or V100 has no bf16
+    amp_dtype: str = "fp16"  # "fp16" | "bf16"
+    ema: bool = False  # evaluate and keep as best.pth an EMA of the weights (mmdet's ExpMomentumEMA, as RTMPose)
+    ema_momentum: float = 0.0002
+    compile: bool = False  # torch.compile the model for training
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,9 @@ class StudentConfig:
     # a warp scales the stored blobs with the zoom; a teacher run on the zoomed crop keeps its trained
     # blob width: true moves the binary edges back to that width (see bench/fidelity.py)
     keep_blob_size: bool = True
+    # which model best.pth is: "last_stage", the best by val AP among the last stage's epochs (the
+    # product of the whole schedule, which evaluate and export take as the student); "run": of all epochs
+    best: str = "last_stage"
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     stages: tuple[StageConfig, ...] = field(default_factory=_method_stages)
 
@@ -221,6 +231,8 @@ _CHOICES = {
     "decode": ("argmax", "centroid", "dark"),
     "input_order": ("rgb", "bgr"),
     "mask_output": ("logits", "probabilities"),
+    "amp_dtype": ("fp16", "bf16"),
+    "best": ("last_stage", "run"),
 }
 
 

@@ -1,26 +1,31 @@
 """The one training loop, for teachers and students alike.
 
-Adam, a step or cosine schedule with linear warmup (stepped per iteration), AMP and channels-last
-on CUDA, a tqdm bar with loss and images/s, a JSONL log, `last.pth` after every epoch (weights plus
-optimizer, scheduler, scaler, RNG states, epoch and the run's schedule) and `best.pth` by val AP
-(weights and metadata only: it is what every later command reads). Data order and augmentation
-are functions of (seed, epoch, index), so `--resume` from `last.pth` continues exactly where an
-uninterrupted run would be (bit for bit on CPU; CUDA kernels are not bit-deterministic).
+Adam, a step or cosine schedule with linear warmup (stepped per optimizer step), AMP (fp16 or
+bf16) and channels-last on CUDA, optional gradient clipping, gradient accumulation, EMA weights
+and torch.compile, a tqdm bar with loss and images/s, a JSONL log, `last.pth` after every epoch
+(weights, EMA weights, optimizer, scheduler, scaler, RNG states, epoch and the run's schedule) and
+`best.pth` by val AP (weights and metadata only: it is what every later command reads). Data order
+and augmentation are functions of (seed, epoch, index), so `--resume` from `last.pth` continues
+exactly where an uninterrupted run would be (bit for bit on CPU; CUDA kernels are not
+bit-deterministic).
 
 `fit` reads as: build or restore the state, then per epoch: train one epoch, evaluate, save.
 What is learned is the objective's business: a callable (model output, batch) -> (loss, parts),
-which may also have `begin_epoch(epoch) -> dict` to switch stages and add fields to the log.
-Under torchrun the model is wrapped in DistributedDataParallel, each rank takes its share of
-every epoch, and only rank 0 evaluates and writes.
+the parts floats or 0-dim tensors, which may also have `begin_epoch(epoch) -> dict` to switch
+stages and add fields to the log, and `idle_modules(model)` to name the modules the current
+stage leaves out of the loss. Under torchrun the model is wrapped in DistributedDataParallel,
+each rank takes its share of every epoch, and only rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +35,19 @@ import torch
 from tqdm import tqdm
 
 from odkd.cache.schema import first_difference
+from odkd.config import ScheduleConfig
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
 from odkd.errors import OdkdError
 from odkd.models import read_checkpoint, save_checkpoint
 from odkd.train.distributed import Ranks, barrier, ranks_in_sync
 
-LossFn = Callable[[tuple, dict], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[tuple, dict], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 LrFactor = Callable[[int], Callable[[int], float]]  # steps per epoch -> (iteration -> lr factor)
 COUNT_PREFIX = "n_"  # parts named n_* are counts: summed over the epoch, not averaged
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+EMA_GAMMA = 2000  # mmdet's ExpMomentumEMA default, as RTMPose trains
+POSTFIX_EVERY = 10  # steps between tqdm postfix updates: reading the loss back waits for the device
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,19 @@ def schedule_signature(schedule) -> dict:
     """What a resumed run must share with the run it continues, besides the model."""
     return {"epochs": schedule.epochs, "batch_size": schedule.batch_size, "lr": schedule.lr,
             "schedule": schedule.schedule, "lr_steps": list(schedule.lr_steps), "lr_factor": schedule.lr_factor,
-            "warmup_epochs": schedule.warmup_epochs, "weight_decay": schedule.weight_decay, "seed": schedule.seed}
+            "warmup_epochs": schedule.warmup_epochs, "weight_decay": schedule.weight_decay, "seed": schedule.seed,
+            "clip_grad": schedule.clip_grad, "accumulate": schedule.accumulate, "amp_dtype": schedule.amp_dtype,
+            "ema": schedule.ema, "ema_momentum": schedule.ema_momentum, "compile": schedule.compile}
+
+
+def check_schedule(schedule) -> None:
+    """The [... .train] values no type check rules out, refused in one line."""
+    if schedule.accumulate < 1:
+        raise OdkdError(f"train.accumulate must be >= 1, got {schedule.accumulate}")
+    if schedule.clip_grad < 0:
+        raise OdkdError(f"train.clip_grad must be >= 0 (0: off), got {schedule.clip_grad}")
+    if not 0 < schedule.ema_momentum < 1:
+        raise OdkdError(f"train.ema_momentum must be between 0 and 1, got {schedule.ema_momentum}")
 
 
 def _rng_state() -> dict:
@@ -102,83 +123,183 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class WeightEMA:
+    """mmdet's ExpMomentumEMA, as RTMPose trains: after every optimizer step the averaged weights move
+    towards the model's by (1 - m) * exp(-(1 + step) / gamma) + m, a momentum that anneals from ~1 to
+    m over a few gamma steps; buffers (BatchNorm's running statistics) are copied, not averaged."""
+
+    def __init__(self, model: torch.nn.Module, momentum: float, gamma: int = EMA_GAMMA):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.momentum, self.gamma, self.steps = momentum, gamma, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        m = 1.0 if self.steps == 0 else (
+            (1 - self.momentum) * math.exp(-(1 + self.steps) / self.gamma) + self.momentum)
+        averaged = list(self.module.parameters())
+        torch._foreach_mul_(averaged, 1 - m)
+        torch._foreach_add_(averaged, list(model.parameters()), alpha=m)
+        buffers = list(self.module.buffers())
+        if buffers:  # the foreach kernels refuse an empty list
+            torch._foreach_copy_(buffers, list(model.buffers()))
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.steps = state["steps"]
+
+
 @dataclass
 class TrainState:
     """Everything `last.pth` holds, live."""
 
-    model: torch.nn.Module  # unwrapped: what is saved and evaluated
+    model: torch.nn.Module  # unwrapped: what is trained, saved and evaluated
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    schedule: ScheduleConfig
+    ema: WeightEMA | None = None
+    provenance: dict | None = None  # where the run's targets came from; a resume must find the same
     epoch: int = 0  # epochs finished
     best_ap: float = -1.0
+    best_epoch: int = 0  # the epoch best.pth holds, 0 before there is one
+    best_stage: str | None = None
+
+    @property
+    def product(self) -> torch.nn.Module:
+        """The weights that are evaluated and kept as best.pth and the stage checkpoints."""
+        return self.ema.module if self.ema else self.model
 
 
 def new_state(model: torch.nn.Module, schedule, lr_factor: Callable[[int], float], amp: bool,
-              device: torch.device) -> TrainState:
+              device: torch.device, provenance: dict | None = None) -> TrainState:
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp))
+    # bf16 keeps fp32's exponent range: its gradients need no scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and schedule.amp_dtype == "fp16")
+    ema = WeightEMA(model, schedule.ema_momentum) if schedule.ema else None
+    return TrainState(model, optimizer, scheduler, scaler, schedule, ema, provenance)
 
 
 def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature: dict) -> None:
-    """Continue from `last_path`; a run of another model or another schedule is refused in one line."""
+    """Continue from `last_path`; a run of another model, another schedule or other targets is
+    refused in one line."""
     ckpt = read_checkpoint(last_path)
     trained = ModelSpec(ckpt.meta.get("model"), ckpt.meta.get("model_args", {}), bool(ckpt.meta.get("seg_head")))
     if trained != spec:
         raise OdkdError(f"{last_path}: this run trains {trained} but the config asks for {spec}; "
                         f"resume it with its own config, or start a new run with another --out")
-    changed = first_difference(ckpt.extra.get("signature", {}), signature)
+    # a run started before a [... .train] key existed ran with its default
+    run_signature = {**schedule_signature(ScheduleConfig()), **ckpt.extra.get("signature", {})}
+    changed = first_difference(run_signature, signature)
     if changed:
         raise OdkdError(f"{last_path}: the schedule changed since this run started ({changed}, run != config); "
                         f"resume it with its own config, or start a new run with another --out")
+    run_provenance = ckpt.extra.get("provenance")
+    changed = run_provenance is not None and first_difference(run_provenance, state.provenance or {})
+    if changed:
+        raise OdkdError(f"{last_path}: the teacher store changed since this run started ({changed}, run != now); "
+                        f"resume it with the store it started from, or start a new run with another --out")
     state.model.load_state_dict(ckpt.state_dict)
     state.optimizer.load_state_dict(ckpt.extra["optimizer"])
     state.scheduler.load_state_dict(ckpt.extra["scheduler"])
     state.scaler.load_state_dict(ckpt.extra["scaler"])
+    if state.ema:
+        state.ema.load_state_dict(ckpt.extra["ema"])
     _set_rng_state(ckpt.extra["rng"])
     state.epoch, state.best_ap = ckpt.extra["epoch"], ckpt.extra["best_ap"]
+    state.best_epoch, state.best_stage = ckpt.extra.get("best_epoch", 0), ckpt.extra.get("best_stage")
 
 
-def save_weights(path: Path, state: TrainState, spec: ModelSpec, **meta) -> None:
-    """The weights and what describes them: what best.pth and the stage checkpoints hold."""
-    save_checkpoint(path, state.model, model_name=spec.name, model_args=spec.args, seg_head=spec.seg_head,
-                    input_size=spec.input_size, extra={"epoch": state.epoch, "best_ap": state.best_ap, **meta})
+def save_weights(path: Path, weights: torch.nn.Module, state: TrainState, spec: ModelSpec, **meta) -> None:
+    """`weights` and what describes them: what best.pth and the stage checkpoints hold."""
+    save_checkpoint(path, weights, model_name=spec.name, model_args=spec.args, seg_head=spec.seg_head,
+                    input_size=spec.input_size,
+                    extra={"epoch": state.epoch, "best_ap": state.best_ap, "provenance": state.provenance, **meta})
 
 
 def save_last(path: Path, state: TrainState, spec: ModelSpec, signature: dict) -> None:
-    """Weights plus everything a resume needs."""
-    save_weights(path, state, spec, optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
-                 scaler=state.scaler.state_dict(), rng=_rng_state(), signature=signature)
+    """The trained weights plus everything a resume needs."""
+    save_weights(path, state.model, state, spec, optimizer=state.optimizer.state_dict(),
+                 scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict(),
+                 ema=state.ema.state_dict() if state.ema else None, rng=_rng_state(), signature=signature,
+                 best_epoch=state.best_epoch, best_stage=state.best_stage)
+
+
+def data_parallel(model: torch.nn.Module, idle: list[torch.nn.Module] | None,
+                  device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """The model in DDP. Modules the objective names idle are frozen, so every rank's graph reaches
+    every parameter DDP waits for; without a list, DDP looks for unused parameters every step."""
+    if idle is not None:
+        frozen = {id(p) for module in idle for p in module.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in frozen)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=idle is None)
+
+
+def forward_net(model: torch.nn.Module, idle: list[torch.nn.Module] | None, schedule, device: torch.device,
+                ranks: Ranks) -> torch.nn.Module:
+    """What the batches go through: the model, in DDP under torchrun, compiled if the schedule says so.
+    In one process idle modules simply get no gradient."""
+    net = data_parallel(model, idle, device) if ranks.distributed else model
+    return torch.compile(net) if schedule.compile else net
 
 
 def train_one_epoch(net: torch.nn.Module, state: TrainState, loader, loss_fn: LossFn, *, steps: int,
                     device: torch.device, amp: bool, desc: str) -> dict[str, float]:
-    """One pass over `steps` batches; the mean of every loss part (counts summed) and images/s."""
+    """`steps` optimizer steps of `accumulate` batches each; the mean of every loss part per batch
+    (counts summed), the mean gradient norm before clipping (when clipping) and images/s."""
     net.train()
+    schedule, model = state.schedule, state.model
     on_cuda = device.type == "cuda"
-    sums: dict[str, float] = {}
+    batches = steps * schedule.accumulate
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value) -> None:
+        sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=device)).add_(value)
+
     seen, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, total=steps, desc=desc, unit="it", leave=False)
+    bar = tqdm(loader, total=batches, desc=desc, unit="it", leave=False)
     for it, batch in enumerate(bar):
-        if it >= steps:
+        if it >= batches:
             break
         batch = _to_device(batch, device)
         images = batch["image"].contiguous(memory_format=torch.channels_last) if on_cuda else batch["image"]
-        with torch.autocast(device.type, enabled=amp):
-            output = net(images)
-        loss, parts = loss_fn(output, batch)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.scheduler.step()
+        step_ends = (it + 1) % schedule.accumulate == 0
+        # DDP averages the gradients once per optimizer step, not after every micro-batch
+        with nullcontext() if step_ends or not hasattr(net, "no_sync") else net.no_sync():
+            with torch.autocast(device.type, dtype=AMP_DTYPES[schedule.amp_dtype], enabled=amp):
+                output = net(images)
+            loss, parts = loss_fn(output, batch)
+            state.scaler.scale(loss / schedule.accumulate).backward()
+        if step_ends:
+            if schedule.clip_grad > 0:
+                state.scaler.unscale_(state.optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_grad)
+                add("grad_norm", torch.where(norm.isfinite(), norm, 0.0))  # fp16's skipped steps left out
+                add("grad_steps", norm.isfinite())
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scheduler.step()
+            if state.ema:
+                state.ema.update(model)
         seen += images.shape[0]
-        for k, v in {"loss": loss.item(), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{sums['loss'] / (it + 1):.5f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            add(k, v)
+        if it % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{sums['loss'].item() / (it + 1):.5f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     bar.close()
-    means = {k: v if k.startswith(COUNT_PREFIX) else v / max(1, steps) for k, v in sums.items()}
+    totals = {k: v.item() for k, v in sums.items()}
+    grad_steps = totals.pop("grad_steps", 0)
+    means = {k: v if k.startswith(COUNT_PREFIX) else v / max(1, batches) for k, v in totals.items()}
+    if "grad_norm" in totals:
+        means["grad_norm"] = totals["grad_norm"] / max(1, grad_steps)
     return {**means, "lr": state.optimizer.param_groups[0]["lr"], "img_per_s": seen / (time.perf_counter() - t0)}
 
 
@@ -186,16 +307,18 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
         out_dir: str | Path, loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None,
         resume: bool = False, max_steps_per_epoch: int | None = None, lr_factor: LrFactor | None = None,
         signature: dict | None = None, milestones: dict[int, str] | None = None,
-        after_epoch: Callable[[Path], None] | None = None, ranks: Ranks = Ranks()) -> dict:
+        after_epoch: Callable[[Path], None] | None = None, best_from_epoch: int = 0,
+        provenance: dict | None = None, ranks: Ranks = Ranks()) -> dict:
     """Train the model `make_model()` builds on `train_set` under `schedule` ([... .train] of the
     config); returns a summary.
 
     The model is built after seeding torch with `schedule.seed` (torch seeds itself randomly per
     process), so the seed fixes the initial weights too. Refuses to start over an existing run
     unless `resume`, and refuses to resume a run of another model or schedule (`signature`, by
-    default the schedule's keys). `milestones` maps an epoch to a name: that epoch is evaluated
-    and its weights kept as `NAME.pth` (the student's stage ends). `after_epoch(out_dir)` runs on
-    rank 0 once an epoch is logged.
+    default the schedule's keys) or of another `provenance` (recorded in every checkpoint).
+    `milestones` maps an epoch to a name: that epoch is evaluated and its weights kept as
+    `NAME.pth` (the student's stage ends). best.pth is the best by val AP of the epochs from
+    `best_from_epoch` (0-based) on. `after_epoch(out_dir)` runs on rank 0 once an epoch is logged.
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
@@ -203,6 +326,7 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
         raise OdkdError(f"{last_path}: a run already exists here; pass --resume to continue it or choose another --out")
     if resume and not last_path.exists():
         raise OdkdError(f"{last_path}: nothing to resume")
+    check_schedule(schedule)
     signature = signature or schedule_signature(schedule)
     milestones = milestones or {}
 
@@ -214,19 +338,20 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
     sampler = EpochSampler(len(train_set), shuffle=True, seed=schedule.seed, rank=ranks.rank,
                            world_size=ranks.world_size)
     drop_last = len(sampler) >= schedule.batch_size
-    steps = len(sampler) // schedule.batch_size if drop_last else 1
+    batches = len(sampler) // schedule.batch_size if drop_last else 1
+    steps = batches // schedule.accumulate
+    if steps == 0:
+        raise OdkdError(f"train.accumulate is {schedule.accumulate} batches per step, but an epoch has "
+                        f"{batches} batch(es) of {schedule.batch_size} per process; lower it")
     if max_steps_per_epoch:
         steps = min(steps, max_steps_per_epoch)
     amp = schedule.amp and on_cuda
-    state = new_state(model, schedule, (lr_factor or (lambda n: lr_multiplier(schedule, n)))(steps), amp, device)
+    state = new_state(model, schedule, (lr_factor or (lambda n: lr_multiplier(schedule, n)))(steps), amp, device,
+                      provenance)
     if resume:
         restore_state(state, last_path, spec, signature)
-    net = model
-    if ranks.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if on_cuda else None,
-            # a stage may leave the seg head out of the loss
-            find_unused_parameters=True)
+    idle_modules = getattr(loss_fn, "idle_modules", None)
+    net, idle = None, None
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     loader = make_loader(train_set, schedule.batch_size, schedule.workers, sampler=sampler, drop_last=drop_last)
@@ -235,6 +360,9 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
         sampler.set_epoch(epoch)
         begin = getattr(loss_fn, "begin_epoch", None)
         record = {"epoch": epoch + 1, **(begin(epoch) if begin else {})}
+        now_idle = idle_modules(model) if idle_modules else None
+        if net is None or ranks.distributed and now_idle != idle:
+            net, idle = forward_net(model, now_idle, schedule, device, ranks), now_idle
         record.update(train_one_epoch(net, state, loader, loss_fn, steps=steps, device=device, amp=amp,
                                       desc=f"epoch {epoch + 1}/{schedule.epochs}"))
         state.epoch = epoch + 1
@@ -243,16 +371,17 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
         evaluate_now = (state.epoch % schedule.eval_every == 0 or state.epoch == schedule.epochs
                         or state.epoch in milestones)
         if ranks.is_main:
-            if evaluate_fn is not None and evaluate_now:
-                stats = evaluate_fn(model)
+            stats = evaluate_fn(state.product) if evaluate_fn is not None and evaluate_now else None
+            if stats is not None:
                 record.update(stats)
-                if stats["AP"] > state.best_ap:
-                    state.best_ap = stats["AP"]
-                    save_weights(best_path, state, spec, val=stats)
-                if state.epoch in milestones:
-                    save_weights(out_dir / f"{milestones[state.epoch]}.pth", state, spec, val=stats)
-            elif state.epoch in milestones:
-                save_weights(out_dir / f"{milestones[state.epoch]}.pth", state, spec)
+                # a best kept before best_from_epoch (a resume that moved it) gives way to any epoch after
+                if state.epoch > best_from_epoch and (stats["AP"] > state.best_ap
+                                                      or state.best_epoch <= best_from_epoch):
+                    state.best_ap, state.best_epoch, state.best_stage = stats["AP"], state.epoch, record.get("stage")
+                    save_weights(best_path, state.product, state, spec, val=stats, stage=state.best_stage)
+            if state.epoch in milestones:
+                save_weights(out_dir / f"{milestones[state.epoch]}.pth", state.product, state, spec,
+                             **({"val": stats} if stats is not None else {}))
             save_last(last_path, state, spec, signature)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -260,5 +389,6 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
             if after_epoch is not None:
                 after_epoch(out_dir)
         barrier(ranks)
-    return {"out_dir": str(out_dir), "best_ap": state.best_ap, "last": str(last_path),
+    return {"out_dir": str(out_dir), "best_ap": state.best_ap, "best_epoch": state.best_epoch,
+            "best_stage": state.best_stage, "last": str(last_path),
             "best": str(best_path) if best_path.exists() else None}
