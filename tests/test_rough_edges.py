@@ -3,6 +3,7 @@ annotations lack, errors that name where a relative path was looked for, and out
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -80,3 +81,17 @@ def test_evaluate_says_what_it_wrote_and_starts_the_table_on_its_own_line(world,
     assert res.stdout.startswith("| AP ")
     assert f"wrote {len(results)} results to {out}" in res.stdout.splitlines()
     assert "eval: 100%" in res.stderr and res.stderr.endswith("batch/s]\n")
+
+
+def test_curves_draw_a_loss_seen_in_one_epoch(tmp_path):
+    """A one-epoch stage's loss is a single point: it must leave pixels of its colour where it is plotted (left
+    of the stage's end, at epoch 1), not only in the legend (upper right)."""
+    import cv2
+
+    from odkd.eval.curves import plot_training_curves
+
+    (tmp_path / "log.jsonl").write_text(json.dumps({"epoch": 1, "stage": "primary", "loss": 0.5}) + "\n")
+    png = cv2.imread(str(plot_training_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")))
+    left = png[:, :png.shape[1] // 2].astype(int)
+    first_colour = np.array([180, 119, 31])  # matplotlib's C0, #1f77b4, as BGR
+    assert (np.abs(left - first_colour).sum(axis=-1) < 30).sum() >= 4

@@ -35,8 +35,8 @@ def _draw_run(ax, records: list[dict]):
     loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
     for key in loss_keys:
         points = [(r["epoch"], r[key]) for r in records if key in r and r[key] > 0]
-        if points:
-            ax.plot(*zip(*points), label=key, lw=2 if key == "loss" else 1)
+        if points:  # markers: a loss of a one-epoch stage is a single point, which a line alone does not draw
+            ax.plot(*zip(*points), label=key, lw=2 if key == "loss" else 1, marker="o", ms=3)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
