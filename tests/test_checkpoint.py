@@ -224,7 +224,7 @@ def test_build_from_official_file_needs_the_model_name(tmp_path, w32_layout):
     path = tmp_path / "w32.pth"
     state = constant_state_dict(w32_layout)
     torch.save(state, path)
-    with pytest.raises(OdkdError, match="official checkpoint does not record its model; name it with --model"):
+    with pytest.raises(OdkdError, match="the official format does not record its model; name it with --model"):
         build_from_checkpoint(path, "cpu")
     model, meta = build_from_checkpoint(path, "cpu", model="hrnet_w32")
     assert meta["model"] == "hrnet_w32" and not model.training

@@ -299,7 +299,7 @@ def test_release_refuses_missing_and_foreign_sources(world, tmp_path):
         release_teacher(cfg, "primary", str(tmp_path / "nope.pth"))
     official = tmp_path / "official.pth"
     torch.save({"state_dict": read_checkpoint(source(world, "primary")).state_dict}, official)
-    with pytest.raises(OdkdError, match=r"official.pth: a official checkpoint; release packs odkd's own"):
+    with pytest.raises(OdkdError, match=r"official.pth: a checkpoint in the official format; release packs odkd's own"):
         release_teacher(cfg, "primary", str(official))
     assert not (tmp_path / "out").exists()
 

@@ -265,7 +265,7 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device, m
     if ckpt.format != ODKD_FORMAT:
         if model is None:
             raise OdkdError(
-                f"{ckpt.path}: a {ckpt.format} checkpoint does not record its model; name it with --model "
+                f"{ckpt.path}: the {ckpt.format} format does not record its model; name it with --model "
                 "(e.g. --model hrnet_w32)"
             )
         meta = {"model": model, "model_args": dict(model_args or {}), "num_joints": 17, "seg_head": False}

@@ -63,7 +63,8 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
         raise OdkdError(f"teachers.{role}.model is {tcfg.model!r}: release packs odkd's own models")
     src = read_checkpoint(source)
     if src.format != ODKD_FORMAT:
-        raise OdkdError(f"{source}: a {src.format} checkpoint; release packs odkd's own train-teacher files")
+        raise OdkdError(f"{source}: a checkpoint in the {src.format} format; release packs odkd's own "
+                        f"train-teacher files")
     dst = Path(tcfg.checkpoint)
     if dst.resolve() == Path(source).resolve():
         raise OdkdError(f"{dst}: the release would overwrite its own source")
