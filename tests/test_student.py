@@ -30,8 +30,8 @@ from odkd.cache.local import LocalRows
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
-from odkd.models import read_checkpoint
-from conftest import TINY_TEACHERS_TOML, make_tiny_world
+from odkd.models import read_checkpoint, save_checkpoint
+from conftest import TINY_TEACHERS_TOML, make_tiny_world, tiny_teacher
 import odkd.train.student as student_module
 from odkd.train.student import train_student
 
@@ -414,3 +414,55 @@ def test_two_process_ddp_keeps_the_ranks_in_sync(world, tmp_path):
     assert [r["ranks_in_sync"] for r in log] == [True, True, True]
     # 16 instances, 2 ranks of 8, batch 4: two steps a rank, and every instance seen once an epoch
     assert read_checkpoint(base / "ddp" / "last.pth").extra["epoch"] == 3
+
+
+def test_every_checkpoint_records_the_store_it_learned_from_as_cache_info_shows_it(world, tmp_path):
+    cfg = parse_config(student_toml(world))
+    train_student(cfg, out=str(tmp_path / "run"), max_steps_per_epoch=1)
+    info = cache_info(str(world / "store.zarr"))
+    targets = TeacherTargets.open(str(world / "store.zarr"))
+    for name in ("best.pth", "last.pth", "stage_primary.pth", "stage_senior.pth"):
+        provenance = read_checkpoint(tmp_path / "run" / name).extra["provenance"]
+        store = provenance["store"]
+        assert store["url"] == str(world / "store.zarr")
+        assert store["dataset_fingerprint"] == targets.attrs["settings"]["dataset_fingerprint"]
+        assert store["teachers"] == {k: t["fingerprint"] for k, t in targets.attrs["teachers"].items()}
+        assert f"identity     content {store['content_digest']}, settings {store['settings_digest']}" in info
+        assert [s["name"] for s in provenance["stages"]] == ["primary", "senior"]
+
+
+def test_resume_after_the_store_was_rebuilt_with_another_teacher_is_refused_in_one_line(world, tmp_path):
+    base = copy_world(world, tmp_path)
+    shutil.copytree(world / "runs", base / "runs")
+    config = write_config(base)
+    cfg = parse_config(config.read_text())
+    train_student(cfg, out=str(base / "student"), max_steps_per_epoch=1)
+    torch.manual_seed(1)  # another senior teacher, the same architecture
+    save_checkpoint(base / "runs" / "teacher_senior" / "best.pth", tiny_teacher(True, width=8),
+                    model_name="hrnet_tiny", model_args={"width": 8}, seg_head=True)
+    build_cache(cfg, "train", scheduler="synchronous", progress=False, overwrite=True)
+    code, out = run_cli("train-student", "--config", str(config), "--out", str(base / "student"), "--resume")
+    assert code == 1 and len(out.strip().splitlines()) == 1, out
+    assert "the teacher store changed since this run started (store.content_digest" in out \
+        or "the teacher store changed since this run started (store.teachers.st" in out, out
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_shard_stops_train_student_in_one_line_before_writing(world, tmp_path, monkeypatch, how):
+    base = copy_world(world, tmp_path)
+    monkeypatch.setenv("ODKD_LOCAL_COPIES", str(tmp_path / "copies"))  # not the session's copy of the sound store
+    targets = TeacherTargets.open(str(base / "store.zarr"))
+    import zarr
+    from odkd.cache.store import shard_paths, store_fs
+
+    _, root = store_fs(str(base / "store.zarr"))
+    shard = Path(shard_paths(root, zarr.open_group(str(base / "store.zarr"), mode="r"), targets.layout, 1)["st/heatmaps"])
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if how == "truncate"
+                      else data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    code, out = run_cli("train-student", "--config", str(write_config(base)))
+    # the local copy's progress bar runs until the damaged shard; the error itself is its one line
+    error = out.strip().splitlines()[-1]
+    assert code == 1 and error.startswith("Error: ") and "Traceback" not in out, out
+    assert f"st/heatmaps shard 1 ({shard})" in error and f"odkd cache verify {base / 'store.zarr'}" in error
+    assert not (base / "runs").exists()

@@ -8,7 +8,7 @@ import numpy as np
 
 from odkd.cache.reader import MAP_ARRAYS
 from odkd.cache.schema import StoreLayout
-from odkd.cache.store import read_attrs, read_markers, store_fs
+from odkd.cache.store import read_attrs, read_markers, store_fs, store_identity
 
 SHOWN_FAILURES = 10
 
@@ -67,6 +67,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
         f"schema       v{attrs['schema_version']}, written by odkd {attrs.get('odkd_version', '?')} "
         f"at {attrs.get('created_at', '?')}",
         f"dataset      split {settings.get('split', '?')}, fingerprint {settings.get('dataset_fingerprint', '?')}",
+        "identity     content {content_digest}, settings {settings_digest} (what a student's checkpoint "
+        "records)".format(**store_identity(url, attrs, markers)),
         f"instances    {layout.num_instances} ({done - len(failed)} with targets, {len(failed)} failed"
         + (f", {layout.num_instances - done} not built yet)" if done < layout.num_instances else ")"),
         f"build        {len(markers)}/{layout.num_shards} shards, {done}/{layout.num_instances} instances "

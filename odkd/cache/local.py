@@ -30,7 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from odkd.cache.reader import TeacherTargets
-from odkd.cache.store import ShardError, open_group, read_checked_shard, read_markers, shard_paths, store_fs
+from odkd.cache.store import (
+    ShardError, open_group, read_checked_shard, read_markers, shard_paths, store_fs, store_identity,
+)
 from odkd.errors import OdkdError
 
 log = logging.getLogger(__name__)
@@ -50,22 +52,6 @@ def local_copies_root() -> Path:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def store_identity(targets: TeacherTargets, markers: dict[int, dict] | None = None) -> dict:
-    """Who taught from this store: its URL, dataset fingerprint, teachers' fingerprints, a digest of its
-    settings and one of its contents (the digests its writer recorded for every shard)."""
-    if markers is None:
-        fs, root = store_fs(targets.url, targets.storage_options)
-        markers = read_markers(fs, root, targets.layout.num_shards)
-    attrs = targets.attrs
-    return {
-        "url": targets.url,
-        "dataset_fingerprint": attrs.get("settings", {}).get("dataset_fingerprint"),
-        "teachers": {key: t.get("fingerprint") for key, t in sorted(attrs.get("teachers", {}).items())},
-        "settings_digest": attrs.get("settings_digest"),
-        "content_digest": _digest({str(s): m.get("digests") for s, m in sorted(markers.items())}),
-    }
 
 
 def _array_folder(name: str) -> str:
@@ -92,7 +78,7 @@ class LocalRows:
             raise OdkdError(f"{targets.url}: no arrays {unknown}; it has {sorted(specs)}")
         fs, store_root = store_fs(targets.url, targets.storage_options)
         markers = read_markers(fs, store_root, targets.layout.num_shards)
-        identity = store_identity(targets, markers)
+        identity = store_identity(targets.url, targets.attrs, markers)
         key = _digest({"identity": {**identity, "url": None}, "layout": targets.attrs["layout"]})
         root = Path(root) if root is not None else local_copies_root()
         folder = root / f"{Path(store_root).name}-{key}"

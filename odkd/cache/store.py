@@ -53,6 +53,19 @@ def read_attrs(url: str, storage_options: dict | None = None) -> dict:
     return attrs
 
 
+def store_identity(url: str, attrs: dict, markers: dict[int, dict]) -> dict:
+    """Who taught from a store: its URL, dataset fingerprint, teachers' fingerprints, a digest of its
+    settings and one of its contents (the digests its writer recorded for every shard, from `markers`)."""
+    contents = json.dumps({str(s): m.get("digests") for s, m in sorted(markers.items())}, sort_keys=True)
+    return {
+        "url": url,
+        "dataset_fingerprint": attrs.get("settings", {}).get("dataset_fingerprint"),
+        "teachers": {key: t.get("fingerprint") for key, t in sorted(attrs.get("teachers", {}).items())},
+        "settings_digest": attrs.get("settings_digest"),
+        "content_digest": hashlib.sha256(contents.encode()).hexdigest()[:16],
+    }
+
+
 def marker_path(root: str, shard: int) -> str:
     return f"{root}/{MARKER_DIR}/{shard:06d}.json"
 

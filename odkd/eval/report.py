@@ -24,7 +24,7 @@ from odkd.data.visualize import denormalize_image, draw_pose
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_runs_side_by_side
 from odkd.eval.evaluate import evaluate_checkpoint, predict_instances
-from odkd.models import build_from_checkpoint, model_complexity
+from odkd.models import build_from_checkpoint, model_complexity, read_checkpoint
 from odkd.models.external import EXTERNAL_KINDS
 from odkd.models.inference import predict_batch
 
@@ -194,6 +194,24 @@ def _table(results: list[ModelResult], out: Path) -> list[str]:
     return lines
 
 
+def provenance_lines(results: list[ModelResult]) -> list[str]:
+    """Where each student's knowledge came from, as its checkpoint records it: the store and the stages."""
+    lines = []
+    for r in results:
+        extra = read_checkpoint(r.row.checkpoint).extra
+        store = (extra.get("provenance") or {}).get("store")
+        if not store:
+            continue
+        teachers = ", ".join(f"{key} {fp}" for key, fp in store["teachers"].items()) or "none recorded"
+        stages = " -> ".join(f"{s['name']} ({s['teacher']}, {s['epochs']} epochs)"
+                             for s in extra["provenance"].get("stages", []))
+        chosen = f"epoch {extra['epoch']}" + (f", stage {extra['stage']}" if extra.get("stage") else "")
+        lines.append(f"- {r.row.name}: `{os.path.basename(r.row.checkpoint)}` is {chosen}; learned from `{store['url']}` "
+                     f"(dataset {store['dataset_fingerprint']}, teachers {teachers}, content "
+                     f"{store['content_digest']}, settings {store['settings_digest']}); stages {stages}")
+    return ["## Where the students learned", "", *lines, ""] if lines else []
+
+
 def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | None = None, split: str = "val",
                  device: str | None = None, *, speed_seconds: float = 1.0) -> tuple[Path, list[str]]:
     """Write OUT/report.md (OUT: the config's runs folder by default) with curves.png and crops.png
@@ -224,7 +242,7 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
              f"{w}x{h}, a seg head included (`odkd export` drops it). CPU images/s: this machine, "
              f"{torch.get_num_threads()} torch threads, batches of {cfg.eval.batch_size} ([eval] batch_size), "
              f"flip test {flip}, forward passes only, after a warm-up batch; every model measured the same way "
-             "in one process.", "", *(f"- {note}" for note in notes), ""]
+             "in one process.", "", *(f"- {note}" for note in notes), "", *provenance_lines(results)]
     if logs:
         plot_runs_side_by_side(logs, out / "curves.png")
         lines += ["## Training curves", "", "Losses and val AP per epoch; a dashed line ends each stage.", "",

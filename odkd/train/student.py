@@ -133,7 +133,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                    milestones=plan.milestones(), after_epoch=lambda d: plot_training_curves(d / "log.jsonl",
                                                                                             d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
-                   ranks=ranks)
+                   provenance={"store": rows.identity, "stages": plan.signature()}, ranks=ranks)
         return summary if ranks.is_main else None
     finally:
         stop_ranks(ranks)
