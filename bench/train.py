@@ -349,20 +349,23 @@ def header(device: torch.device) -> list[str]:
     return ["size", "variant", "ms/step", "vs no KD", *cpu, "objective ms", "peak MB", "vs no KD"]
 
 
-def bench_size(size: Size, tmp: Path, device: torch.device, timed: int | None) -> tuple[list[list], str]:
+def bench_size(size: Size, tmp: Path, device: torch.device, timed: int | None,
+               peak: bool = True) -> tuple[list[list], str]:
     world = tmp / size.name
     layout = make_world(size, world, device)
     cfg = size_config(size, world)
     warmup, default_timed = size.rounds[device.type]
     timed = timed or default_timed
     times = step_times(cfg, world, device, warmup, timed)
-    peaks = {variant: measure_peak_in_fresh_process(variant, size, world, device) for variant in VARIANTS}
+    peaks = ({variant: measure_peak_in_fresh_process(variant, size, world, device) for variant in VARIANTS}
+             if peak else {})
     clocks = (0, 1) if device.type == "cpu" else (0,)
     ratios = {variant: [times[variant][k] / times[NO_KD][k] for k in clocks] for variant in VARIANTS}
     rows = [[size.name, variant,
              *[c for k in clocks for c in (f"{1000 * times[variant][k]:.1f}", f"{ratios[variant][k]:.3f}x")],
-             f"{1000 * times[variant][2]:.1f}", f"{peaks[variant] / 2**20:.0f}",
-             f"{peaks[variant] / peaks[NO_KD]:.2f}x"] for variant in VARIANTS]
+             f"{1000 * times[variant][2]:.1f}",
+             *([f"{peaks[variant] / 2**20:.0f}", f"{peaks[variant] / peaks[NO_KD]:.2f}x"] if peak else ["-", "-"])]
+            for variant in VARIANTS]
     shown = {variant: " / ".join(f"{r:.3f}x" for r in ratios[variant]) for variant in VARIANTS}
     # the objective's time beyond GT's is the store's own cost, apart from what a stage adds to backward
     own = {variant: (times[variant][2] - times[NO_KD][2]) / times[NO_KD][0] for variant in (ODKD_PT, ODKD_ST)}
@@ -391,6 +394,8 @@ def main(argv=None) -> int:
                         help="batch size (default: the size's, per device); smaller for a quick smoke run")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads (default: torch's); 1 on a shared machine")
+    parser.add_argument("--no-peak", action="store_true",
+                        help="skip the memory probes (a fresh process per variant): a quicker smoke run")
     parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)  # the memory probe's process
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -407,7 +412,7 @@ def main(argv=None) -> int:
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="odkd-bench-train-") as tmp:
         for size in sizes:
-            size_rows, note = bench_size(size, Path(tmp), device, args.steps)
+            size_rows, note = bench_size(size, Path(tmp), device, args.steps, peak=not args.no_peak)
             rows += size_rows
             notes.append(note)
             print(table(header(device), size_rows), "\n", flush=True)
