@@ -4,7 +4,6 @@ rescoring, OKS-NMS, COCOeval; plus mean mask IoU for a model with a segmentation
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +47,9 @@ def predict_instances(model, loader, *, device, flip_test: bool = True, shift_he
     has masks (else None). `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder."""
     model.eval()
     keypoints, ious = [], []
-    # a finished bar is wiped with '\r', no newline: off a terminal (a log file, a pipe) that left the next line,
-    # the AP table's header, on the bar's line, so there the bar stays and ends its line
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=not sys.stderr.isatty()):
+    # no bar off a terminal (disable=None): in a log file its wiping '\r', with no newline, left the next line,
+    # the AP table's header, on the bar's line
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         images = batch["image"].to(device, non_blocking=True)
         heatmaps, mask = predict_batch(model, images, flip_test=flip_test, shift_heatmap=shift_heatmap)
         frames = [frame_from_batch(batch, i) for i in range(len(images))]
