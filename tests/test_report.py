@@ -23,7 +23,7 @@ from odkd.data.instances import load_instances
 from odkd.data.transforms import affine_transform, invert_affine
 from odkd.eval.evaluate import predict_instances
 from odkd.eval.report import CROP_ROWS, crop_keypoints, pick_instances, write_report
-from odkd.models import build_from_checkpoint
+from odkd.models import build_from_checkpoint, read_checkpoint
 from odkd.train.student import train_student
 from conftest import make_tiny_world
 from test_student import TWO_STAGES, student_toml
@@ -51,7 +51,8 @@ def world(tmp_path_factory):
 
 def table_rows(report: str) -> dict[str, list[str]]:
     """The Models table: first cell -> all cells."""
-    lines = [line for line in report.splitlines() if line.startswith("| ")][1:]
+    models = report[report.index("## Models"):].split("\n## ")[0]
+    lines = [line for line in models.splitlines() if line.startswith("| ")][1:]
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
@@ -105,6 +106,10 @@ def test_cli_notes_missing_runs_and_takes_rows_from_runs_options(world, tmp_path
                      "(teachers.senior.checkpoint)"]
     assert cv2.imread(str(tmp_path / "out" / "crops.png")) is not None
     assert_image(tmp_path / "out" / "curves.png", 1800, 450)  # GT-only, ODKD and again
+    learned = text[text.index("## Where the students learned"):].split("\n\n")[2].splitlines()[2:]
+    content = read_checkpoint(runs / "student" / "best.pth").extra["provenance"]["store"]["content_digest"]
+    assert [row.split(" | ")[0] for row in learned] == ["| GT-only", "| ODKD", "| again"]
+    assert all(f"`{content}`" in row for row in learned[1:])
 
 
 def test_a_runs_folder_without_best_pth_is_one_line(world, tmp_path):

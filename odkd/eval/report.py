@@ -196,20 +196,25 @@ def _table(results: list[ModelResult], out: Path) -> list[str]:
 
 def provenance_lines(results: list[ModelResult]) -> list[str]:
     """Where each student's knowledge came from, as its checkpoint records it: the store and the stages."""
-    lines = []
+    rows = []
     for r in results:
         extra = read_checkpoint(r.row.checkpoint).extra
-        store = (extra.get("provenance") or {}).get("store")
+        provenance = extra.get("provenance") or {}
+        store = provenance.get("store")
         if not store:
             continue
-        teachers = ", ".join(f"{key} {fp}" for key, fp in store["teachers"].items()) or "none recorded"
-        stages = " -> ".join(f"{s['name']} ({s['teacher']}, {s['epochs']} epochs)"
-                             for s in extra["provenance"].get("stages", []))
-        chosen = f"epoch {extra['epoch']}" + (f", stage {extra['stage']}" if extra.get("stage") else "")
-        lines.append(f"- {r.row.name}: `{os.path.basename(r.row.checkpoint)}` is {chosen}; learned from `{store['url']}` "
-                     f"(dataset {store['dataset_fingerprint']}, teachers {teachers}, content "
-                     f"{store['content_digest']}, settings {store['settings_digest']}); stages {stages}")
-    return ["## Where the students learned", "", *lines, ""] if lines else []
+        teachers = ", ".join(f"{key} `{fp}`" for key, fp in store["teachers"].items()) or "none recorded"
+        stages = " -> ".join(f"{s['name']} ({s['teacher']}, {s['epochs']})" for s in provenance.get("stages", []))
+        chosen = f"epoch {extra['epoch']}" + (f", {extra['stage']}" if extra.get("stage") else "")
+        rows.append([r.row.name, chosen, f"`{store['url']}`", f"`{store['dataset_fingerprint']}`", teachers,
+                     f"`{store['content_digest']}` / `{store['settings_digest']}`", stages])
+    if not rows:
+        return []
+    head = ["model", "checkpoint holds", "store", "dataset", "teachers", "content / settings", "stages (teacher, epochs)"]
+    return ["## Where the students learned", "",
+            "As each checkpoint records it; `odkd cache info STORE` prints the same digests.", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
 def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | None = None, split: str = "val",
