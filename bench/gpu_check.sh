@@ -17,6 +17,8 @@
 # into a folder of this run first (../shared/device/wheels.sh fills .whl/; name it in the device
 # call's carry). odkd itself runs from this checkout as `python -m odkd`, with no install.
 set -u -o pipefail
+export LC_NUMERIC=C  # EPOCHREALTIME and awk with a decimal point
+[ -n "${EPOCHREALTIME:-}" ] || { echo "gpu_check.sh: needs bash 5 (EPOCHREALTIME)" >&2; exit 2; }
 
 device=cuda
 budget=
@@ -25,14 +27,14 @@ while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) out_arg=$1; shift ;;
   esac
 done
 case $device in cpu|cuda|cuda:*) ;; *) echo "gpu_check.sh: --device must be cpu or cuda, got $device" >&2; exit 2 ;; esac
 on_cpu=$([ "$device" = cpu ] && echo 1 || echo 0)
-# 8 minutes on a GPU, the brief's bound; the CPU smoke run's sizes take about 5 on 2 busy cores
+# 8 minutes on a GPU (issue 18); the CPU smoke run's sizes take about 4 on 2 busy cores
 budget=${budget:-$([ "$on_cpu" = 1 ] && echo 600 || echo 480)}
 out=${OUT:-${out_arg:-/tmp/odkd-gpu-check}}
 
