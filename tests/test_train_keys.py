@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from conftest import make_tiny_world
+from odkd.cache import build_cache
+from odkd.cli import main
 from odkd.config import DataConfig, ScheduleConfig, parse_config
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
 from odkd.data.instances import load_instances
@@ -23,6 +27,7 @@ from odkd.models import build_model, read_checkpoint
 from odkd.train.loop import ModelSpec, WeightEMA, fit, new_state, train_one_epoch
 from odkd.train.losses import joints_mse_loss
 from odkd.train.teacher import teacher_loss
+from test_student import TWO_STAGES, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -343,3 +348,25 @@ def test_ddp_freezes_what_a_stage_leaves_idle_and_searches_for_no_unused_paramet
     assert seg and all(torch.equal(after["keypoints"][k], initial[k]) for k in seg)
     assert not any(torch.equal(after["keypoints"][k], initial[k]) for k in initial if not k.startswith("seg_head."))
     assert any(not torch.equal(after["mask"][k], initial[k]) for k in seg)
+
+
+@pytest.fixture(scope="module")
+def student_world(tmp_path_factory) -> Path:
+    """test_student's world: 16 train instances, two tiny teachers and their store."""
+    base = make_tiny_world(tmp_path_factory.mktemp("best"), val_images=2)
+    build_cache(parse_config(student_toml(base)), "train", scheduler="synchronous", progress=False)
+    return base
+
+
+@pytest.mark.parametrize("best, epoch, stage", [("last_stage", 2, "senior"), ("run", 1, "primary")])
+def test_train_student_says_which_stage_and_epoch_best_pth_is(student_world, tmp_path, best, epoch, stage):
+    """The tiny students score AP 0 at every epoch: the first epoch [student] best allows is best.pth."""
+    config = tmp_path / "p.toml"
+    config.write_text(student_toml(student_world, stages=TWO_STAGES.replace("epochs = 2", "epochs = 1"),
+                                   student=f'best = "{best}"'))
+    result = CliRunner().invoke(main, ["train-student", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{\n"):])
+    assert (summary["best_epoch"], summary["best_stage"]) == (epoch, stage)
+    meta = read_checkpoint(summary["best"]).extra
+    assert (meta["epoch"], meta["stage"]) == (epoch, stage)
