@@ -186,16 +186,20 @@ def test_resume_with_clip_accumulate_and_ema_matches_an_uninterrupted_run(train_
 
 
 def test_a_run_from_before_the_new_keys_resumes_under_their_defaults(train_set, tmp_path):
+    """Its last.pth has none of the new keys in its signature, and no best_epoch: its best.pth is
+    replaced only by a better epoch, as before."""
     tiny_fit(train_set, tmp_path / "run", schedule(epochs=2), evaluate_fn=lambda m: {"AP": 0.1})
     last = tmp_path / "run" / "last.pth"
     saved = torch.load(last, weights_only=False)
     new_keys = ("clip_grad", "accumulate", "amp_dtype", "ema", "ema_momentum", "compile")
     saved["signature"] = {k: v for k, v in saved["signature"].items() if k not in new_keys}
+    saved = {k: v for k, v in saved.items() if k not in ("best_epoch", "best_stage", "provenance", "ema")}
     saved["epoch"] = 1
     torch.save(saved, last)
-    summary = tiny_fit(train_set, tmp_path / "run", schedule(epochs=2), evaluate_fn=lambda m: {"AP": 0.1},
+    summary = tiny_fit(train_set, tmp_path / "run", schedule(epochs=2), evaluate_fn=lambda m: {"AP": 0.05},
                        resume=True)
     assert read_checkpoint(summary["last"]).extra["epoch"] == 2
+    assert read_checkpoint(summary["best"]).extra["epoch"] == 1 and summary["best_ap"] == 0.1
     with pytest.raises(OdkdError, match=r"\(accumulate 1 != 2, run != config\)"):
         tiny_fit(train_set, tmp_path / "run", schedule(epochs=2, accumulate=2), resume=True)
 

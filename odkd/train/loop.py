@@ -165,7 +165,7 @@ class TrainState:
     provenance: dict | None = None  # where the run's targets came from; a resume must find the same
     epoch: int = 0  # epochs finished
     best_ap: float = -1.0
-    best_epoch: int = 0  # the epoch best.pth holds, 0 before there is one
+    best_epoch: int | None = None  # the epoch best.pth holds; None before there is one (or in a run from before)
     best_stage: str | None = None
 
     @property
@@ -211,7 +211,7 @@ def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature
         state.ema.load_state_dict(ckpt.extra["ema"])
     _set_rng_state(ckpt.extra["rng"])
     state.epoch, state.best_ap = ckpt.extra["epoch"], ckpt.extra["best_ap"]
-    state.best_epoch, state.best_stage = ckpt.extra.get("best_epoch", 0), ckpt.extra.get("best_stage")
+    state.best_epoch, state.best_stage = ckpt.extra.get("best_epoch"), ckpt.extra.get("best_stage")
 
 
 def save_weights(path: Path, weights: torch.nn.Module, state: TrainState, spec: ModelSpec, **meta) -> None:
@@ -374,9 +374,9 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
             stats = evaluate_fn(state.product) if evaluate_fn is not None and evaluate_now else None
             if stats is not None:
                 record.update(stats)
-                # a best kept before best_from_epoch (a resume that moved it) gives way to any epoch after
-                if state.epoch > best_from_epoch and (stats["AP"] > state.best_ap
-                                                      or state.best_epoch <= best_from_epoch):
+                # a best kept before best_from_epoch (by a run resumed with another) gives way to any epoch after
+                stale = state.best_epoch is not None and state.best_epoch <= best_from_epoch
+                if state.epoch > best_from_epoch and (stats["AP"] > state.best_ap or stale):
                     state.best_ap, state.best_epoch, state.best_stage = stats["AP"], state.epoch, record.get("stage")
                     save_weights(best_path, state.product, state, spec, val=stats, stage=state.best_stage)
             if state.epoch in milestones:
