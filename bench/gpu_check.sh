@@ -116,9 +116,9 @@ step setup 120 setup
 
 # -- sizes: the CPU smoke run's, or the GPU's
 if [ "$on_cpu" = 1 ]; then
-  # the memory probes (a fresh process per variant) run at demo size only: at COCO size they take minutes
+  # without bench/train.py's memory probes (a fresh process per variant): a minute or more of the smoke run
   images=(--train-images 8 --val-images 3) epochs=1 batch=4 workers=1
-  train_demo=(--size demo --steps 1 --torch-threads 1)
+  train_demo=(--size demo --steps 1 --no-peak --torch-threads 1)
   train_coco=(--size coco --steps 1 --batch-size 2 --no-peak --torch-threads 1)
   objective=(--size both --rounds 3 --torch-threads 1)
   objective_compiled=(--size demo --rounds 3 --compile --torch-threads 1)
