@@ -1,6 +1,6 @@
 """Cost of each part of the student's objective on a device, and whether torch.compile pays for it.
 
-    .venv/bin/python bench/objective.py [--device cpu|cuda] [--size demo|coco] [--margin 1.25] [--compile]
+    .venv/bin/python bench/objective.py [--device cpu|cuda] [--size demo|coco|both] [--margin 1.25] [--compile]
 
 One batch at the size's batch for the device (bench/train.py's Size table) and the store's geometry
 (odkd.cache.teachers.cache_geometry at --margin: coco's 48x64 heatmaps at margin 1.25 are stored as
