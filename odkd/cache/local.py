@@ -30,9 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from odkd.cache.reader import TeacherTargets
-from odkd.cache.store import (
-    ShardError, open_group, read_checked_shard, read_markers, shard_paths, store_fs, store_identity,
-)
+from odkd.cache.store import ShardError, open_group, read_checked_shard, shard_paths, store_fs
 from odkd.errors import OdkdError
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ class LocalRows:
     def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], str]], map_size: tuple[int, int],
                  identity: dict):
         self.folder = Path(folder)
-        self.identity = identity  # store_identity of the store copied
+        self.identity = identity  # the identity of the store copied (TeacherTargets.identity)
         self.specs = specs  # name -> (row shape, dtype)
         self.map_size = tuple(map_size)  # (width, height) of the stored maps
         self._files: dict[str, tuple[np.ndarray, ...]] = {}
@@ -76,9 +74,8 @@ class LocalRows:
         unknown = sorted(set(names) - set(specs))
         if unknown:
             raise OdkdError(f"{targets.url}: no arrays {unknown}; it has {sorted(specs)}")
-        fs, store_root = store_fs(targets.url, targets.storage_options)
-        markers = read_markers(fs, store_root, targets.layout.num_shards)
-        identity = store_identity(targets.url, targets.attrs, markers)
+        _, store_root = store_fs(targets.url, targets.storage_options)
+        markers, identity = targets.markers(), targets.identity()
         key = _digest({"identity": {**identity, "url": None}, "layout": targets.attrs["layout"]})
         root = Path(root) if root is not None else local_copies_root()
         folder = root / f"{Path(store_root).name}-{key}"

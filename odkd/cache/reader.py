@@ -12,7 +12,7 @@ import numpy as np
 
 from odkd.cache.bitpack import unpack_maps
 from odkd.cache.schema import SCHEMA_VERSION, StoreLayout
-from odkd.cache.store import open_group, read_attrs
+from odkd.cache.store import open_group, read_attrs, read_markers, store_fs, store_identity
 from odkd.errors import OdkdError
 
 MAP_ARRAYS = ("pt/heatmaps", "st/heatmaps", "st/mask")
@@ -27,6 +27,7 @@ class TeacherTargets:
         self.layout = StoreLayout.from_dict(attrs["layout"])
         self.storage_options = storage_options
         self._ram: dict[str, np.ndarray] = {}
+        self._markers: dict[int, dict] | None = None
 
     @classmethod
     def open(cls, url: str, *, dataset_fingerprint: str | None = None, storage_options: dict | None = None,
@@ -47,6 +48,17 @@ class TeacherTargets:
 
     def __len__(self) -> int:
         return self.layout.num_instances
+
+    def markers(self) -> dict[int, dict]:
+        """The shards' done-markers (what their writers recorded: rows, digests), read once."""
+        if self._markers is None:
+            fs, root = store_fs(self.url, self.storage_options)
+            self._markers = read_markers(fs, root, self.layout.num_shards)
+        return self._markers
+
+    def identity(self) -> dict:
+        """store_identity: URL, dataset and teacher fingerprints, settings and content digests."""
+        return store_identity(self.url, self.attrs, self.markers())
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -51,12 +51,17 @@ def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Te
     return out
 
 
-def _blurred(maps: torch.Tensor, width: float) -> torch.Tensor:
-    """A separable Gaussian blur of five taps per axis (the widths in use were measured with five), as
-    shifted sums: conv2d on thousands of one-channel maps is several times slower on a CPU."""
-    h, w = maps.shape[-2:]
+@functools.cache
+def _blur_taps(width: float) -> tuple[float, ...]:
+    """Five taps of a normalized Gaussian of `width` pixels (the widths in use were measured with five)."""
     taps = torch.exp(-torch.arange(-2, 3, dtype=torch.float32) ** 2 / (2 * width ** 2))
-    taps = (taps / taps.sum()).tolist()
+    return tuple((taps / taps.sum()).tolist())
+
+
+def _blurred(maps: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+    """A separable blur as shifted sums, each sample (B, C, h, w) with its own taps (five of (B, 1, 1, 1)):
+    conv2d on thousands of one-channel maps is several times slower on a CPU."""
+    h, w = maps.shape[-2:]
     # the crop's border cuts a blob, it is no edge of it: replicate rather than erode from there
     x = F.pad(maps, (2, 2, 2, 2), mode="replicate")
     x = sum(t * x[..., :, k:k + w] for k, t in enumerate(taps))
@@ -70,14 +75,14 @@ def move_edges(maps: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     (tests/test_student.py) on blobs of a few pixels, whose curvature a straight-edge model ignores.
     Below a third of a pixel a sample is only thresholded: the blur's rounding of corners would cost
     more than the move gains."""
-    out = (maps >= 0.5).float()
     shift = shift.float().to(maps.device).view(-1, 1, 1, 1)
-    # every sample through both blurs and a select, rather than the chosen ones by boolean index: the same
-    # values, and the device never waits for the host to learn which samples those are
-    for chosen, width in ((shift >= 1 / 3, ERODE_BLUR), (shift <= -1 / 3, DILATE_BLUR)):
-        level = torch.special.ndtr(shift / width).clamp(0.02, 0.98)
-        out = torch.where(chosen, (_blurred(maps, width) >= level).float(), out)
-    return out
+    erode, dilate = shift >= 1 / 3, shift <= -1 / 3
+    # one blur of the whole batch, each sample at its own width, then a select: no boolean indexing, so
+    # the device never waits for the host to learn which samples move
+    taps = [torch.where(erode, e, d) for e, d in zip(_blur_taps(ERODE_BLUR), _blur_taps(DILATE_BLUR))]
+    level = torch.special.ndtr(shift / torch.where(erode, ERODE_BLUR, DILATE_BLUR)).clamp(0.02, 0.98)
+    moved = (_blurred(maps, taps) >= level).float()
+    return torch.where(erode | dilate, moved, (maps >= 0.5).float())
 
 
 def warp_binary_batch(packed: torch.Tensor, width: int, theta: torch.Tensor, out_size, flip: torch.Tensor,

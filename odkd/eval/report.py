@@ -25,7 +25,7 @@ from odkd.errors import OdkdError
 from odkd.eval.curves import plot_runs_side_by_side
 from odkd.eval.evaluate import evaluate_checkpoint, predict_instances
 from odkd.models import build_from_checkpoint, model_complexity, read_checkpoint
-from odkd.models.external import EXTERNAL_KINDS
+from odkd.models.registry import EXTERNAL_KINDS
 from odkd.models.inference import predict_batch
 
 # the rows a run folder has by default: row name -> [teachers.ROLE], and row name -> run subfolder

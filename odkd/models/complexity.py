@@ -6,8 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from odkd.models.external import EXTERNAL_KINDS
-from odkd.models.registry import MODELS, build_model
+from odkd.models.registry import EXTERNAL_KINDS, MODELS, build_model
 
 
 def model_complexity(model: nn.Module, input_size: tuple[int, int] = (192, 256)) -> tuple[int, float]:

@@ -26,8 +26,8 @@ from torch import Tensor
 from odkd.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from odkd.errors import OdkdError
 from odkd.models.heads import PoseOutput
+from odkd.models.registry import EXTERNAL_KINDS
 
-EXTERNAL_KINDS = ("onnx", "torchscript")
 # the logit of a clamped probability stays finite where a file's mask saturates at exactly 0 or 1
 PROBABILITY_EPS = 1e-6
 

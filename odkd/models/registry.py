@@ -12,6 +12,9 @@ from odkd.errors import OdkdError
 from odkd.models.hrnet import PoseHighResolutionNet
 from odkd.models.mobilenetv2 import PoseMobileNetV2
 
+# teachers from other frameworks, a file each (odkd.models.external): no constructor of their own
+EXTERNAL_KINDS = ("onnx", "torchscript")
+
 # Every constructor takes (num_joints, seg_head, **overrides); the overrides are the keyword-only
 # parameters of the class (see the docstrings of odkd.models.hrnet and odkd.models.mobilenetv2).
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -38,7 +38,7 @@ from odkd.cache.schema import first_difference
 from odkd.config import ScheduleConfig
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
 from odkd.errors import OdkdError
-from odkd.models import read_checkpoint, save_checkpoint
+from odkd.models import CheckpointFile, read_checkpoint, save_checkpoint
 from odkd.train.distributed import Ranks, barrier, ranks_in_sync
 
 LossFn = Callable[[tuple, dict], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
@@ -184,9 +184,9 @@ def new_state(model: torch.nn.Module, schedule, lr_factor: Callable[[int], float
     return TrainState(model, optimizer, scheduler, scaler, schedule, ema, provenance)
 
 
-def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature: dict) -> None:
-    """Continue from `last_path`; a run of another model, another schedule or other targets is
-    refused in one line."""
+def refuse_another_run(last_path: Path, spec: ModelSpec, signature: dict, provenance: dict | None) -> CheckpointFile:
+    """`last_path`'s checkpoint, if a resume may continue it: a run of another model, another schedule
+    or other targets is refused in one line. Callable before a run prepares anything it would waste."""
     ckpt = read_checkpoint(last_path)
     trained = ModelSpec(ckpt.meta.get("model"), ckpt.meta.get("model_args", {}), bool(ckpt.meta.get("seg_head")))
     if trained != spec:
@@ -199,10 +199,16 @@ def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature
         raise OdkdError(f"{last_path}: the schedule changed since this run started ({changed}, run != config); "
                         f"resume it with its own config, or start a new run with another --out")
     run_provenance = ckpt.extra.get("provenance")
-    changed = run_provenance is not None and first_difference(run_provenance, state.provenance or {})
+    changed = run_provenance is not None and first_difference(run_provenance, provenance or {})
     if changed:
         raise OdkdError(f"{last_path}: the teacher store changed since this run started ({changed}, run != now); "
                         f"resume it with the store it started from, or start a new run with another --out")
+    return ckpt
+
+
+def restore_state(state: TrainState, last_path: Path, spec: ModelSpec, signature: dict) -> None:
+    """Continue from `last_path`, refused in one line when it is another run (refuse_another_run)."""
+    ckpt = refuse_another_run(last_path, spec, signature, state.provenance)
     state.model.load_state_dict(ckpt.state_dict)
     state.optimizer.load_state_dict(ckpt.extra["optimizer"])
     state.scheduler.load_state_dict(ckpt.extra["scheduler"])

@@ -22,7 +22,7 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
 from odkd.models.checkpoint import ODKD_FORMAT, apply_checkpoint, model_fingerprint, read_checkpoint
-from odkd.models.external import EXTERNAL_KINDS
+from odkd.models.registry import EXTERNAL_KINDS
 
 
 @dataclass(frozen=True)

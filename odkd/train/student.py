@@ -26,7 +26,7 @@ from odkd.eval.curves import plot_training_curves
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
 from odkd.train.distributed import start_ranks, stop_ranks
-from odkd.train.loop import ModelSpec, fit, lr_multiplier, schedule_signature
+from odkd.train.loop import ModelSpec, fit, lr_multiplier, refuse_another_run, schedule_signature
 
 
 def default_student_dir(cfg: PipelineConfig) -> Path:
@@ -114,6 +114,12 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                     click.echo(f"init from {report.summary()}", err=True)
             return model
 
+        schedule = plan.schedule()
+        out_dir = Path(out or default_student_dir(cfg))
+        signature = {**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()}
+        provenance = {"store": targets.identity(), "stages": plan.signature()}
+        if resume and (out_dir / "last.pth").exists():
+            refuse_another_run(out_dir / "last.pth", spec, signature, provenance)  # before the copy below
         # every rank asks; the first on this machine copies, under a lock, and the others map its files
         rows = LocalRows.fetch(targets, stored_arrays(plan))
         train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
@@ -125,15 +131,13 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             val = load_instances(cfg.data, "val")
             evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=scfg.seg_head,
                                        workers=scfg.train.workers)
-        schedule = plan.schedule()
-        summary = fit(make_model, train_set, schedule=schedule, spec=spec, out_dir=out or default_student_dir(cfg),
+        summary = fit(make_model, train_set, schedule=schedule, spec=spec, out_dir=out_dir,
                    loss_fn=objective, device=dev, evaluate_fn=(lambda m: evaluator(m).record()) if evaluator else None,
                    resume=resume, max_steps_per_epoch=max_steps_per_epoch, lr_factor=stage_lr_factor(plan),
-                   signature={**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()},
-                   milestones=plan.milestones(), after_epoch=lambda d: plot_training_curves(d / "log.jsonl",
-                                                                                            d / "curves.png"),
+                   signature=signature, milestones=plan.milestones(),
+                   after_epoch=lambda d: plot_training_curves(d / "log.jsonl", d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
-                   provenance={"store": rows.identity, "stages": plan.signature()}, ranks=ranks)
+                   provenance=provenance, ranks=ranks)
         return summary if ranks.is_main else None
     finally:
         stop_ranks(ranks)
