@@ -18,9 +18,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from odkd.cache.schema import first_difference
 from odkd.config import PipelineConfig, StageConfig, resolve_device
 from odkd.data.instances import load_instances
+from odkd.dicts import first_difference
 from odkd.distill.stages import StagePlan, required_arrays
 from odkd.distill.variants import VARIANTS
 from odkd.errors import OdkdError

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from odkd.cache.schema import first_difference
 from odkd.config import ScheduleConfig
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
+from odkd.dicts import first_difference
 from odkd.errors import OdkdError
 from odkd.models import CheckpointFile, read_checkpoint, save_checkpoint
 from odkd.train.distributed import Ranks, barrier, ranks_in_sync
