@@ -51,7 +51,7 @@ from odkd.data.transforms import CropFrame, grid_sample_theta, map_zoom
 from odkd.distill.objective import StudentObjective, teacher_blob_radius
 from odkd.distill.stages import StagePlan
 from odkd.distill.warp import flip_keypoint_values, move_edges, unpack_bits, warp_batch, warp_binary_batch
-from odkd.train.losses import joints_mse_loss, mask_loss
+from odkd.models.losses import joints_mse_loss, mask_loss
 
 from cache import table  # noqa: E402  (bench/cache.py: this script's folder comes first on sys.path)
 from train import SIZES, Size, synchronize  # noqa: E402  (bench/train.py's sizes and batches)

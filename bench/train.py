@@ -78,7 +78,7 @@ from odkd.distill.objective import StudentObjective, stored_arrays  # noqa: E402
 from odkd.distill.stages import StagePlan  # noqa: E402
 from odkd.models import build_model  # noqa: E402
 from odkd.models.inference import predict_batch  # noqa: E402
-from odkd.train.losses import joints_mse_loss, mask_loss  # noqa: E402
+from odkd.models.losses import joints_mse_loss, mask_loss  # noqa: E402
 from odkd.train.loop import new_state, train_one_epoch  # noqa: E402
 
 from cache import table  # noqa: E402  (bench/cache.py: this script's folder comes first on sys.path)

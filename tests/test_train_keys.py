@@ -24,8 +24,8 @@ from odkd.data.instances import load_instances
 from odkd.data.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_model, read_checkpoint
+from odkd.models.losses import joints_mse_loss
 from odkd.train.loop import ModelSpec, WeightEMA, fit, new_state, train_one_epoch
-from odkd.train.losses import joints_mse_loss
 from odkd.train.teacher import teacher_loss
 from test_student import TWO_STAGES, student_toml
 
@@ -299,9 +299,9 @@ from odkd.config import ScheduleConfig, load_config
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.models import build_model
+from odkd.models.losses import joints_mse_loss, mask_loss
 from odkd.train.distributed import start_ranks, stop_ranks
 from odkd.train.loop import ModelSpec, fit
-from odkd.train.losses import joints_mse_loss, mask_loss
 
 class KeypointsThenMask:
     # epoch 1 learns keypoints alone, so the seg head sits idle; epoch 2 adds the mask

@@ -17,7 +17,7 @@ from odkd.cache.reader import TeacherTargets
 from odkd.config import StageConfig
 from odkd.distill.stages import StagePlan, heatmap_array, required_arrays, stage_teachers, stage_uses_mask
 from odkd.distill.warp import flip_keypoint_values, warp_batch, warp_binary_batch
-from odkd.train.losses import joints_mse_loss, mask_loss
+from odkd.models.losses import joints_mse_loss, mask_loss
 
 
 def teacher_blob_radius(settings: dict) -> float:

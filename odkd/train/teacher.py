@@ -10,9 +10,9 @@ from odkd.config import resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
-from odkd.models import build_model, load_checkpoint
 from odkd.eval.evaluate import ModelEvaluator
-from odkd.train.losses import joints_mse_loss, mask_loss
+from odkd.models import build_model, load_checkpoint
+from odkd.models.losses import joints_mse_loss, mask_loss
 from odkd.train.loop import ModelSpec, fit
 
 ROLES = ("primary", "senior")
