@@ -21,6 +21,11 @@ FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 
 
 UPPER_BODY_IDS = tuple(range(11))
 
+# Per-keypoint OKS falloffs of the 17 COCO keypoints, in the /10 form COCOeval uses.
+COCO_SIGMAS = np.array(
+    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+) / 10.0
+
 # the channel permutation that a horizontal mirror applies to the keypoints
 FLIP_INDEX = np.arange(NUM_JOINTS)
 for _a, _b in FLIP_PAIRS:

@@ -30,9 +30,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
+from odkd.data.keypoints import COCO_SIGMAS, KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
-from odkd.eval.metrics import COCO_SIGMAS
 
 PERSON_CATEGORY = {
     "supercategory": "person",

@@ -14,14 +14,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from odkd.data.keypoints import COCO_SIGMAS
 from odkd.errors import OdkdError
 
 STATS_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR", "AR .5", "AR .75", "AR (M)", "AR (L)")
-
-# Per-keypoint OKS falloffs of the 17 COCO keypoints, in the /10 form COCOeval uses.
-COCO_SIGMAS = np.array(
-    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
-) / 10.0
 
 RESULT_KEYS = ("image_id", "category_id", "keypoints", "score")
 _GT_LISTS = ("images", "annotations", "categories")
