@@ -54,7 +54,7 @@ from odkd.config import load_config, resolve_device
 from odkd.data.augment import random_frame
 from odkd.data.image import read_image
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.data.targets import gaussian_heatmaps
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, invert_affine, normalize_image
 from odkd.errors import OdkdError

@@ -73,7 +73,7 @@ from odkd.cache.writer import ShardTargets  # noqa: E402
 from odkd.config import CacheConfig, PipelineConfig, StageConfig, load_config  # noqa: E402
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader  # noqa: E402
 from odkd.data.instances import load_instances  # noqa: E402
-from odkd.data.synth import make_synthetic_dataset  # noqa: E402
+from odkd.synth import make_synthetic_dataset  # noqa: E402
 from odkd.distill.objective import StudentObjective, stored_arrays  # noqa: E402
 from odkd.distill.stages import StagePlan  # noqa: E402
 from odkd.models import build_model  # noqa: E402

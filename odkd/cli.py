@@ -91,7 +91,7 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
     in exactly COCO 2017's format (test only with --test-images).
     """
-    from odkd.data.synth import make_synthetic_dataset
+    from odkd.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
                                      progress=True, test_images=test_images, difficulty=difficulty,

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from odkd.cache.local import LOCAL_COPIES_ENV
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.models import build_model, save_checkpoint
 
 # the tiny teacher pair of the cache and student tests: role -> (model_args, seg_head)

@@ -15,7 +15,7 @@ from odkd.cache.verify import BIT_TOLERANCE, REPLAYED_MAPS, differing_bits
 from odkd.config import parse_config
 from odkd.data.image import read_image
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.data.targets import gaussian_heatmaps, mask_target
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
 from odkd.errors import OdkdError

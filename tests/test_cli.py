@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from conftest import make_tiny_world
 from odkd.cli import main
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

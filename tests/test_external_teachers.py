@@ -14,7 +14,7 @@ from torch import nn
 from odkd.cache import TeacherTargets, build_cache, verify_cache
 from odkd.config import parse_config
 from odkd.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, save_checkpoint
 from odkd.models.external import load_external_teacher

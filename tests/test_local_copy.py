@@ -162,7 +162,7 @@ def test_samples_carry_their_rows_through_loader_workers(tmp_path):
     from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
     from odkd.data.instances import load_instances
     from odkd.config import DataConfig
-    from odkd.data.synth import make_synthetic_dataset
+    from odkd.synth import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", train_images=4, val_images=1, seed=0)
     data = DataConfig(root=str(tmp_path / "data"), input_size=(96, 128), heatmap_size=(24, 32))

@@ -15,7 +15,7 @@ import torch
 from odkd.cache import TeacherTargets, build_cache
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.distill.variants import VARIANTS
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint

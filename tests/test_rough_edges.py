@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from odkd.cli import main
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.models import build_model, save_checkpoint
 
 PIPELINE = 'device = "cpu"\n[data]\nroot = "{root}"\ninput_size = [96, 128]\nheatmap_size = [24, 32]\nstrict = {strict}\n'

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from odkd.cli import main
 from odkd.config import DataConfig, parse_config
-from odkd.data import synth
+from odkd.synth import dataset as synth
 from odkd.errors import OdkdError
 
 SPLITS = ("train", "val")

@@ -9,7 +9,7 @@ import torch
 from odkd.config import ScheduleConfig, parse_config
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_from_checkpoint, build_model, read_checkpoint
 from odkd.eval.evaluate import evaluate_checkpoint, evaluate_model

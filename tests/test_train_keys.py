@@ -21,7 +21,7 @@ from odkd.cli import main
 from odkd.config import DataConfig, ScheduleConfig, parse_config
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
 from odkd.data.instances import load_instances
-from odkd.data.synth import make_synthetic_dataset
+from odkd.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_model, read_checkpoint
 from odkd.models.losses import joints_mse_loss

@@ -1,0 +1,3 @@
+from odkd.synth.dataset import make_synthetic_dataset
+
+__all__ = ["make_synthetic_dataset"]
