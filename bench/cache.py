@@ -40,16 +40,11 @@ import numpy as np
 import torch
 import zarr
 
-from odkd.cache import StoreLayout, TeacherTargets, bitpack_maps, build_cache, build_store, unpack_maps
-from odkd.cache.reader import MAP_ARRAYS
-from odkd.cache.store import read_markers, store_fs
-from odkd.cache.synthetic import SyntheticTargets
+from odkd.cache import build_cache
 from odkd.cache.teachers import (
-    InstanceRecords, TeacherProducer, cache_geometry, set_precision_layout, stored_frame_scale, teacher_checkpoint,
-    teacher_forward,
+    InstanceRecords, TeacherProducer, set_precision_layout, teacher_checkpoint, teacher_forward,
 )
 from odkd.cache.verify import REPLAYED_MAPS, differing_bits
-from odkd.cache.writer import ShardTargets
 from odkd.config import load_config, resolve_device
 from odkd.data.augment import random_frame
 from odkd.data.image import read_image
@@ -59,6 +54,12 @@ from odkd.data.targets import gaussian_heatmaps
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, invert_affine, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, save_checkpoint
+from odkd.store import StoreLayout, TeacherTargets, bitpack_maps, build_store, unpack_maps
+from odkd.store.geometry import cache_geometry, stored_frame_scale
+from odkd.store.reader import MAP_ARRAYS
+from odkd.store.store import read_markers, store_fs
+from odkd.store.synthetic import SyntheticTargets
+from odkd.store.writer import ShardTargets
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Teacher-target cache"

@@ -3,9 +3,9 @@
     .venv/bin/python bench/objective.py [--device cpu|cuda] [--size demo|coco|both] [--margin 1.25] [--compile]
 
 One batch at the size's batch for the device (bench/train.py's Size table) and the store's geometry
-(odkd.cache.teachers.cache_geometry at --margin: coco's 48x64 heatmaps at margin 1.25 are stored as
+(odkd.store.geometry.cache_geometry at --margin: coco's 48x64 heatmaps at margin 1.25 are stored as
 64x80 maps): the stored rows are synthetic binarized Gaussians packed as the store packs them
-(odkd.cache.synthetic), the crops are the loader's own geometry (odkd.data.transforms.grid_sample_theta
+(odkd.store.synthetic), the crops are the loader's own geometry (odkd.data.transforms.grid_sample_theta
 and map_zoom) for random centres, rotations within 30 degrees, flips and zooms in [0.7, 1.3]. The
 student's output is random, in the dtype the trainer's AMP gives it (float16 on CUDA, float32 on CPU),
 with gradients on, so the losses build their autograd graph as in training.
@@ -41,17 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odkd.cache import StoreLayout, TeacherTargets, build_store
-from odkd.cache.binarize import gate_by_mask
 from odkd.cache.build import cache_settings
-from odkd.cache.synthetic import SyntheticTargets
-from odkd.cache.teachers import cache_geometry, stored_frame_scale
 from odkd.config import PipelineConfig, load_config
 from odkd.data.transforms import CropFrame, grid_sample_theta, map_zoom
 from odkd.distill.objective import StudentObjective, teacher_blob_radius
 from odkd.distill.stages import StagePlan
 from odkd.distill.warp import flip_keypoint_values, move_edges, unpack_bits, warp_batch, warp_binary_batch
 from odkd.models.losses import joints_mse_loss, mask_loss
+from odkd.store import StoreLayout, TeacherTargets, build_store
+from odkd.store.binarize import gate_by_mask
+from odkd.store.geometry import cache_geometry, stored_frame_scale
+from odkd.store.synthetic import SyntheticTargets
 
 from cache import table  # noqa: E402  (bench/cache.py: this script's folder comes first on sys.path)
 from train import SIZES, Size, synchronize  # noqa: E402  (bench/train.py's sizes and batches)

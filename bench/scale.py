@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scale.py [--instances 150000 600000] [--ranks 1 2 4] [--workers 2] [--record]
 
-Stores are synthetic (odkd.cache.synthetic's binarized Gaussians, no teachers) at COCO geometry: 48x64
+Stores are synthetic (odkd.store.synthetic's binarized Gaussians, no teachers) at COCO geometry: 48x64
 heatmaps cached at margin 1.25 (64x80 stored maps), chunks of 64, shards of 1024. Their rows are drawn
 from a pool of 8,192 distinct synthetic rows, so a 600k store builds in minutes rather than an hour;
 compression works chunk by chunk (or row by row), so bytes per instance are those of distinct rows.
@@ -46,14 +46,14 @@ import torch
 import zarr
 
 from cache import record, table  # bench/cache.py, beside this script
-from odkd.cache import StoreLayout, TeacherTargets, build_store
-from odkd.cache.local import LOCAL_COPIES_ENV, LocalRows
-from odkd.cache.store import store_fs
-from odkd.cache.synthetic import SyntheticTargets
-from odkd.cache.teachers import cache_geometry
 from odkd.config import load_config
 from odkd.distill.objective import stored_arrays
 from odkd.distill.stages import StagePlan
+from odkd.store import StoreLayout, TeacherTargets, build_store
+from odkd.store.geometry import cache_geometry
+from odkd.store.local import LOCAL_COPIES_ENV, LocalRows
+from odkd.store.store import store_fs
+from odkd.store.synthetic import SyntheticTargets
 
 REPO = Path(__file__).resolve().parent.parent
 COCO = load_config(REPO / "pipeline" / "coco_hrnet_w16.toml")
@@ -70,7 +70,7 @@ class PooledTargets:
     pool: dict
 
     def __call__(self, start: int, stop: int):
-        from odkd.cache.writer import ShardTargets
+        from odkd.store.writer import ShardTargets
 
         pick = np.random.default_rng(start).integers(0, POOL, stop - start)
         rows = {name: values[pick] for name, values in self.pool.items()}
@@ -135,8 +135,8 @@ import sys, time
 t0 = time.perf_counter()
 import torch
 from torch.utils.data import DataLoader
-from odkd.cache.local import LocalRows
-from odkd.cache.reader import TeacherTargets
+from odkd.store.local import LocalRows
+from odkd.store.reader import TeacherTargets
 sys.path.insert(0, sys.argv[3])
 from scale import RowsDataset, NAMES
 t1 = time.perf_counter()

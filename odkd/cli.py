@@ -410,7 +410,7 @@ def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, 
     builds resume: finished shards are kept and skipped.
     """
     from odkd.cache.build import build_teacher_store
-    from odkd.cache.info import store_precision_line
+    from odkd.store.info import store_precision_line
 
     cfg = load_config(config_path)
     summary = build_teacher_store(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
@@ -433,7 +433,7 @@ def cache():
 @user_errors
 def cache_info_cmd(store):
     """Counts, sizes, bytes per instance, compression, provenance and build progress of STORE."""
-    from odkd.cache import cache_info
+    from odkd.store import cache_info
 
     click.echo(cache_info(store))
 

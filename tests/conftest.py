@@ -11,10 +11,10 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from odkd.cache.local import LOCAL_COPIES_ENV
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.synth import make_synthetic_dataset
 from odkd.models import build_model, save_checkpoint
+from odkd.store.local import LOCAL_COPIES_ENV
 
 # the tiny teacher pair of the cache and student tests: role -> (model_args, seg_head)
 TINY_TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}

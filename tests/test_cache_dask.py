@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
-from odkd.cache import StoreLayout, TeacherTargets, build_store
-from odkd.cache.synthetic import SyntheticTargets
 from odkd.errors import OdkdError
+from odkd.store import StoreLayout, TeacherTargets, build_store
+from odkd.store.synthetic import SyntheticTargets
 
 # many small shards so that both workers interleave their writes in the same arrays
 LAYOUT = StoreLayout(num_instances=300, num_joints=17, map_size=(24, 32), chunk_instances=8, shard_instances=32)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from odkd.cache import TeacherTargets, build_cache, cache_info, verify_cache
+from odkd.cache import build_cache, verify_cache
 from odkd.cache.teachers import set_precision_layout, teacher_forward
 from odkd.cache.verify import BIT_TOLERANCE, REPLAYED_MAPS, differing_bits
 from odkd.config import parse_config
@@ -20,6 +20,7 @@ from odkd.data.targets import gaussian_heatmaps, mask_target
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, save_checkpoint
+from odkd.store import TeacherTargets, cache_info
 from conftest import TINY_TEACHERS_TOML
 
 INPUT, HEATMAP = (96, 128), (24, 32)

@@ -10,16 +10,17 @@ import pytest
 import torch
 import zarr
 
-from odkd.cache import TeacherTargets, build_cache, cache_info, unpack_maps, verify_cache
-from odkd.cache.binarize import binarize, gate_by_mask
-from odkd.cache.teachers import cache_geometry, stored_frame_scale
+from odkd.cache import build_cache, verify_cache
 from odkd.config import parse_config
+from odkd.data.image import read_image
 from odkd.data.instances import load_instances
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
-from odkd.data.image import read_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, model_fingerprint, save_checkpoint
 from odkd.models.inference import predict_batch
+from odkd.store import TeacherTargets, cache_info, unpack_maps
+from odkd.store.binarize import binarize, gate_by_mask
+from odkd.store.geometry import cache_geometry, stored_frame_scale
 from conftest import TINY_TEACHERS, make_tiny_world
 
 TEACHERS = TINY_TEACHERS

@@ -16,11 +16,11 @@ import pytest
 import torch
 import zarr
 
-from odkd.cache import StoreLayout, TeacherTargets, build_store
-from odkd.cache.local import LocalRows
-from odkd.cache.store import shard_paths, store_fs
-from odkd.cache.synthetic import SyntheticTargets
 from odkd.errors import OdkdError
+from odkd.store import StoreLayout, TeacherTargets, build_store
+from odkd.store.local import LocalRows
+from odkd.store.store import shard_paths, store_fs
+from odkd.store.synthetic import SyntheticTargets
 
 LAYOUT = StoreLayout(num_instances=200, num_joints=17, map_size=(24, 32), chunk_instances=16, shard_instances=64)
 SETTINGS = {"dataset_fingerprint": "sha256:aaaa", "threshold": 0.5}
@@ -95,8 +95,8 @@ def test_a_copy_killed_half_way_is_never_used(tmp_path):
     url = tmp_path / "big.zarr"
     targets = build(url, layout=big)
     root = tmp_path / "copies"
-    code = ("import sys; from pathlib import Path; from odkd.cache.local import LocalRows; "
-            "from odkd.cache.reader import TeacherTargets; "
+    code = ("import sys; from pathlib import Path; from odkd.store.local import LocalRows; "
+            "from odkd.store.reader import TeacherTargets; "
             "LocalRows.fetch(TeacherTargets.open(sys.argv[1]), ['pt/heatmaps', 'st/heatmaps'], root=Path(sys.argv[2]))")
     child = subprocess.Popen([sys.executable, "-c", code, str(url), str(root)])
     deadline = time.monotonic() + 120
@@ -159,9 +159,9 @@ def test_a_damaged_shard_is_one_line_naming_it(tmp_path, how):
 
 
 def test_samples_carry_their_rows_through_loader_workers(tmp_path):
+    from odkd.config import DataConfig
     from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
     from odkd.data.instances import load_instances
-    from odkd.config import DataConfig
     from odkd.synth import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", train_images=4, val_images=1, seed=0)

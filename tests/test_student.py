@@ -17,20 +17,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from odkd.cache import build_cache, cache_info
-from odkd.cache.bitpack import bitpack_maps
-from odkd.cache.reader import TeacherTargets
+from odkd.cache import build_cache
 from odkd.cli import main
 from odkd.config import parse_config
 from odkd.data.dataset import EpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
 from odkd.data.keypoints import FLIP_INDEX
-from odkd.cache.local import LocalRows
+from odkd.data.transforms import CropFrame, affine_transform, grid_sample_theta, warp_maps
 from odkd.distill.warp import warp_batch, warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint, save_checkpoint
+from odkd.store import cache_info
+from odkd.store.bitpack import bitpack_maps
+from odkd.store.local import LocalRows
+from odkd.store.reader import TeacherTargets
 from conftest import TINY_TEACHERS_TOML, make_tiny_world, tiny_teacher
 import odkd.train.student as student_module
 from odkd.train.student import train_student
@@ -167,7 +168,7 @@ def test_a_failed_instance_learns_from_gt_alone_and_is_counted(world, tmp_path):
     base = copy_world(world, tmp_path)
     import zarr
 
-    from odkd.cache.store import array_digest, read_markers, store_fs, write_marker
+    from odkd.store.store import array_digest, read_markers, store_fs, write_marker
 
     url = str(base / "store.zarr")
     ok = zarr.open_array(f"{url}/meta/ok", mode="r+")
@@ -462,7 +463,7 @@ def test_a_damaged_shard_stops_train_student_in_one_line_before_writing(world, t
     monkeypatch.setenv("ODKD_LOCAL_COPIES", str(tmp_path / "copies"))  # not the session's copy of the sound store
     targets = TeacherTargets.open(str(base / "store.zarr"))
     import zarr
-    from odkd.cache.store import shard_paths, store_fs
+    from odkd.store.store import shard_paths, store_fs
 
     _, root = store_fs(str(base / "store.zarr"))
     shard = Path(shard_paths(root, zarr.open_group(str(base / "store.zarr"), mode="r"), targets.layout, 1)["st/heatmaps"])

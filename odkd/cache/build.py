@@ -6,15 +6,14 @@ import dataclasses
 import os
 
 from odkd import __version__
-from odkd.cache.schema import StoreLayout
-from odkd.cache.teachers import (
-    InstanceRecords, TeacherProducer, cache_geometry, default_torch_threads, resolve_teachers,
-)
-from odkd.cache.writer import BuildSummary, build_store, utc_now
+from odkd.cache.teachers import InstanceRecords, TeacherProducer, default_torch_threads, resolve_teachers
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.instances import load_instances
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.errors import OdkdError
+from odkd.store.geometry import cache_geometry
+from odkd.store.schema import StoreLayout
+from odkd.store.writer import BuildSummary, build_store, utc_now
 
 FRAME_NOTE = ("meta/center and meta/scale are the stored crop's (the student's canonical crop widened by "
               "the margin, same pixel scale); warp the maps from that frame at map_size into the "

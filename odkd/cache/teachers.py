@@ -1,12 +1,4 @@
-"""Running PT and ST on canonical crops: the producer that fills a store's shards.
-
-The cached crop is the student's canonical crop widened by `margin` at the same pixel scale:
-same center, the same image pixels per heatmap pixel, and a proportionally larger map (each
-side rounded up to a multiple of 8, so the teacher's input stays a multiple of 32 as HRNet
-needs). The stored center and scale are those of that wider crop, so a map cell sits exactly
-where the student's heatmap cell at the same image point sits, and the trainer can warp the
-stored maps into any augmented frame with `odkd.data.transforms.warp_maps`.
-"""
+"""Running PT and ST on the stored crops (odkd.store.geometry): the producer that fills a store's shards."""
 
 from __future__ import annotations
 
@@ -23,10 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odkd.cache.binarize import binarize, gate_by_mask
-from odkd.cache.bitpack import bitpack_maps
-from odkd.cache.schema import StoreLayout
-from odkd.cache.writer import ShardTargets
 from odkd.config import TeacherConfig, resolve_device
 from odkd.data.image import read_image
 from odkd.data.keypoints import NUM_JOINTS
@@ -35,32 +23,19 @@ from odkd.errors import OdkdError, not_found
 from odkd.models import CheckpointFile, apply_checkpoint, build_model, model_fingerprint, read_checkpoint
 from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, load_external_teacher
 from odkd.models.inference import predict_batch
+from odkd.store.binarize import binarize, gate_by_mask
+from odkd.store.bitpack import bitpack_maps
+from odkd.store.geometry import stored_frame_scale
+from odkd.store.schema import StoreLayout
+from odkd.store.writer import ShardTargets
 
 ROLES = {"pt": "primary", "st": "senior"}
-MAP_MULTIPLE = 8
 PREFETCH_BATCHES = 2  # batches cropped ahead of the teachers
 GPU_DECODE_THREADS = 4
 # the keys that describe an ONNX or TorchScript file's input and mask (load_external_teacher's keywords)
 CONTRACT_KEYS = ("input_mean", "input_std", "input_order", "mask_output")
 # two crops, so a file exported with a fixed batch of one fails before the build, not in its first task
 PROBE_BATCH = 2
-
-
-def cache_geometry(heatmap_size, input_size, margin: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(stored map size, teacher input size), both (w, h), for the student's sizes and a margin >= 1."""
-    if margin < 1.0:
-        raise OdkdError(f"cache.margin must be >= 1.0 (1.0 caches exactly the student's crop), got {margin}")
-    if margin == 1.0:
-        return tuple(heatmap_size), tuple(input_size)
-    map_size = tuple(int(np.ceil(s * margin / MAP_MULTIPLE - 1e-9)) * MAP_MULTIPLE for s in heatmap_size)
-    stride = (input_size[0] // heatmap_size[0], input_size[1] // heatmap_size[1])
-    return map_size, (map_size[0] * stride[0], map_size[1] * stride[1])
-
-
-def stored_frame_scale(scale: np.ndarray, heatmap_size, map_size) -> np.ndarray:
-    """The scale of the widened crop: the student's scale times the map's growth on each side."""
-    grow = np.array([map_size[0] / heatmap_size[0], map_size[1] / heatmap_size[1]], np.float32)
-    return (np.asarray(scale, np.float32) * grow).astype(np.float32)
 
 
 @dataclass(frozen=True)

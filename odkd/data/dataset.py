@@ -36,7 +36,7 @@ def frame_from_batch(batch: dict, i: int) -> CropFrame:
 
 
 class StoredRows(Protocol):
-    """A teacher store's rows, one instance at a time (odkd.cache.local.LocalRows): `row(i)` holds at least
+    """A teacher store's rows, one instance at a time (odkd.store.local.LocalRows): `row(i)` holds at least
     meta/center and meta/scale, the crop its maps were stored in, at `map_size` (w, h)."""
 
     map_size: tuple[int, int]

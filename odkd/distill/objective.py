@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from odkd.cache.binarize import gate_by_mask
-from odkd.cache.reader import TeacherTargets
 from odkd.config import StageConfig
 from odkd.distill.stages import StagePlan, heatmap_array, required_arrays, stage_teachers, stage_uses_mask
 from odkd.distill.warp import flip_keypoint_values, warp_batch, warp_binary_batch
 from odkd.models.losses import joints_mse_loss, mask_loss
+from odkd.store.binarize import gate_by_mask
+from odkd.store.reader import TeacherTargets
 
 
 def teacher_blob_radius(settings: dict) -> float:

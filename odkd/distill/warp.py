@@ -30,7 +30,7 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
-    """uint8 (..., H, ceil(W/8)) packed as odkd.cache.bitpack does -> float32 0/1 (..., H, W)."""
+    """uint8 (..., H, ceil(W/8)) packed as odkd.store.bitpack does -> float32 0/1 (..., H, W)."""
     bits = (packed.unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
     return bits.flatten(-2)[..., :width].float()
 

@@ -6,9 +6,9 @@ from collections import Counter
 
 import numpy as np
 
-from odkd.cache.reader import MAP_ARRAYS
-from odkd.cache.schema import StoreLayout
-from odkd.cache.store import read_attrs, read_markers, store_fs, store_identity
+from odkd.store.reader import MAP_ARRAYS
+from odkd.store.schema import StoreLayout
+from odkd.store.store import read_attrs, read_markers, store_fs, store_identity
 
 SHOWN_FAILURES = 10
 

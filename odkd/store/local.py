@@ -29,9 +29,9 @@ import numcodecs
 import numpy as np
 from tqdm import tqdm
 
-from odkd.cache.reader import TeacherTargets
-from odkd.cache.store import ShardError, open_group, read_checked_shard, shard_paths, store_fs
 from odkd.errors import OdkdError
+from odkd.store.reader import TeacherTargets
+from odkd.store.store import ShardError, open_group, read_checked_shard, shard_paths, store_fs
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from odkd.cache.bitpack import unpack_maps
-from odkd.cache.schema import SCHEMA_VERSION, StoreLayout
-from odkd.cache.store import open_group, read_attrs, read_markers, store_fs, store_identity
 from odkd.errors import OdkdError
+from odkd.store.bitpack import unpack_maps
+from odkd.store.schema import SCHEMA_VERSION, StoreLayout
+from odkd.store.store import open_group, read_attrs, read_markers, store_fs, store_identity
 
 MAP_ARRAYS = ("pt/heatmaps", "st/heatmaps", "st/mask")
 

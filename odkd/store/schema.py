@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from odkd.cache.bitpack import packed_width
 from odkd.errors import OdkdError
+from odkd.store.bitpack import packed_width
 
 SCHEMA_VERSION = 1
 TEACHERS = ("pt", "st")

@@ -14,8 +14,8 @@ import fsspec
 import numpy as np
 import zarr
 
-from odkd.cache.schema import StoreLayout
 from odkd.errors import OdkdError
+from odkd.store.schema import StoreLayout
 
 MARKER_DIR = "done"
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from odkd.cache.bitpack import bitpack_maps
-from odkd.cache.schema import StoreLayout
-from odkd.cache.writer import ShardTargets
+from odkd.store.bitpack import bitpack_maps
+from odkd.store.schema import StoreLayout
+from odkd.store.writer import ShardTargets
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from odkd.cache.schema import SCHEMA_VERSION, StoreLayout, compressors, settings_digest
-from odkd.cache.store import (
+from odkd.dicts import first_difference
+from odkd.errors import OdkdError
+from odkd.store.schema import SCHEMA_VERSION, StoreLayout, compressors, settings_digest
+from odkd.store.store import (
     array_digest, check_shard, clear_shard, is_url, open_group, read_markers, remove_marker, shard_sizes,
     store_exists, store_fs, write_marker,
 )
-from odkd.dicts import first_difference
-from odkd.errors import OdkdError
 
 WORKER_START_TIMEOUT = "120s"  # a local worker that has not joined by then did not start
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import click
 import torch
 
-from odkd.cache.local import LocalRows
-from odkd.cache.reader import TeacherTargets
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
@@ -25,6 +23,8 @@ from odkd.errors import OdkdError
 from odkd.eval.curves import plot_training_curves
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
+from odkd.store.local import LocalRows
+from odkd.store.reader import TeacherTargets
 from odkd.train.distributed import start_ranks, stop_ranks
 from odkd.train.loop import ModelSpec, fit, lr_multiplier, refuse_another_run, schedule_signature
 
