@@ -40,26 +40,25 @@ import numpy as np
 import torch
 import zarr
 
-from odkd.cache import build_cache
-from odkd.cache.teachers import (
-    InstanceRecords, TeacherProducer, set_precision_layout, teacher_checkpoint, teacher_forward,
-)
-from odkd.cache.verify import REPLAYED_MAPS, differing_bits
 from odkd.config import load_config, resolve_device
 from odkd.data.augment import random_frame
 from odkd.data.image import read_image
 from odkd.data.instances import load_instances
-from odkd.synth import make_synthetic_dataset
 from odkd.data.targets import gaussian_heatmaps
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, invert_affine, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, save_checkpoint
+from odkd.models.teacher import teacher_checkpoint
 from odkd.store import StoreLayout, TeacherTargets, bitpack_maps, build_store, unpack_maps
 from odkd.store.geometry import cache_geometry, stored_frame_scale
 from odkd.store.reader import MAP_ARRAYS
 from odkd.store.store import read_markers, store_fs
 from odkd.store.synthetic import SyntheticTargets
 from odkd.store.writer import ShardTargets
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache
+from odkd.teachers.producer import InstanceRecords, TeacherProducer, set_precision_layout, teacher_forward
+from odkd.teachers.verify import REPLAYED_MAPS, differing_bits
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Teacher-target cache"

@@ -46,8 +46,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache import prepare_world, record, table  # bench/cache.py, beside this script
-from odkd.cache import build_cache
-from odkd.cache.teachers import TeacherProducer, loaded_teacher, resolve_teachers, set_precision_layout
 from odkd.config import load_config, resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import PersonInstances, load_instances
@@ -58,10 +56,13 @@ from odkd.distill.objective import teacher_blob_radius
 from odkd.distill.warp import warp_binary_batch
 from odkd.errors import OdkdError
 from odkd.models.inference import flip_back
+from odkd.models.teacher import loaded_teacher, resolve_teachers
 from odkd.store.binarize import binarize
 from odkd.store.bitpack import bitpack_maps, unpack_maps
 from odkd.store.reader import MAP_ARRAYS, TeacherTargets
 from odkd.store.schema import StoreLayout
+from odkd.teachers import build_cache
+from odkd.teachers.producer import TeacherProducer, set_precision_layout
 
 SECTION = "## Warp fidelity (bench/fidelity.py)"
 TEACHER_MAPS = {"PT": "pt/heatmaps", "ST": "st/heatmaps", "mask": "st/mask"}

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odkd.cache.build import cache_settings
 from odkd.config import PipelineConfig, load_config
 from odkd.data.transforms import CropFrame, grid_sample_theta, map_zoom
 from odkd.distill.objective import StudentObjective, teacher_blob_radius
@@ -52,6 +51,7 @@ from odkd.store import StoreLayout, TeacherTargets, build_store
 from odkd.store.binarize import gate_by_mask
 from odkd.store.geometry import cache_geometry, stored_frame_scale
 from odkd.store.synthetic import SyntheticTargets
+from odkd.teachers.build import cache_settings
 
 from cache import table  # noqa: E402  (bench/cache.py: this script's folder comes first on sys.path)
 from train import SIZES, Size, synchronize  # noqa: E402  (bench/train.py's sizes and batches)

@@ -63,11 +63,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from odkd.cache.build import cache_settings  # noqa: E402
 from odkd.config import CacheConfig, PipelineConfig, StageConfig, load_config  # noqa: E402
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader  # noqa: E402
 from odkd.data.instances import load_instances  # noqa: E402
-from odkd.synth import make_synthetic_dataset  # noqa: E402
 from odkd.distill.objective import StudentObjective, stored_arrays  # noqa: E402
 from odkd.distill.stages import StagePlan  # noqa: E402
 from odkd.models import build_model  # noqa: E402
@@ -79,6 +77,8 @@ from odkd.store.geometry import cache_geometry, stored_frame_scale  # noqa: E402
 from odkd.store.local import LocalRows  # noqa: E402
 from odkd.store.synthetic import SyntheticTargets  # noqa: E402
 from odkd.store.writer import ShardTargets  # noqa: E402
+from odkd.synth import make_synthetic_dataset  # noqa: E402
+from odkd.teachers.build import cache_settings  # noqa: E402
 from odkd.train.loop import new_state, train_one_epoch  # noqa: E402
 
 from cache import table  # noqa: E402  (bench/cache.py: this script's folder comes first on sys.path)

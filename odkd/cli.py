@@ -409,7 +409,7 @@ def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, 
     Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
     builds resume: finished shards are kept and skipped.
     """
-    from odkd.cache.build import build_teacher_store
+    from odkd.teachers.build import build_teacher_store
     from odkd.store.info import store_precision_line
 
     cfg = load_config(config_path)
@@ -448,7 +448,7 @@ def cache_info_cmd(store):
 def cache_verify_cmd(store, config_path, sample, device):
     """Check that every shard is complete and decodes; with --config, the dataset fingerprint and a
     re-run of a sample through the teachers. Exits 1 when anything fails."""
-    from odkd.cache import verify_cache
+    from odkd.teachers import verify_cache
 
     cfg = load_config(config_path) if config_path else None
     report = verify_cache(store, cfg, sample=sample, device=device)

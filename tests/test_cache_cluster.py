@@ -15,14 +15,14 @@ import pytest
 import torch
 import zarr
 
-from odkd.cache import build_cache
-from odkd.cache.build import gpu_worker_envs
-from odkd.cache.teachers import normalization_table, normalize_on_device
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
 from odkd.data.transforms import normalize_image
 from odkd.store import TeacherTargets
 from odkd.store.writer import dask_client
+from odkd.teachers import build_cache
+from odkd.teachers.build import gpu_worker_envs
+from odkd.teachers.producer import normalization_table, normalize_on_device
 from conftest import TINY_TEACHERS_TOML, make_tiny_world
 
 TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}

@@ -9,18 +9,18 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from odkd.cache import build_cache, verify_cache
-from odkd.cache.teachers import set_precision_layout, teacher_forward
-from odkd.cache.verify import BIT_TOLERANCE, REPLAYED_MAPS, differing_bits
 from odkd.config import parse_config
 from odkd.data.image import read_image
 from odkd.data.instances import load_instances
-from odkd.synth import make_synthetic_dataset
 from odkd.data.targets import gaussian_heatmaps, mask_target
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, normalize_image
 from odkd.errors import OdkdError
 from odkd.models import build_model, save_checkpoint
 from odkd.store import TeacherTargets, cache_info
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache, verify_cache
+from odkd.teachers.producer import set_precision_layout, teacher_forward
+from odkd.teachers.verify import BIT_TOLERANCE, REPLAYED_MAPS, differing_bits
 from conftest import TINY_TEACHERS_TOML
 
 INPUT, HEATMAP = (96, 128), (24, 32)

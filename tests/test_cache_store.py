@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-from odkd.cache import verify_cache
 from odkd.errors import OdkdError
 from odkd.store import SCHEMA_VERSION, StoreLayout, TeacherTargets, bitpack_maps, build_store, cache_info, unpack_maps
 from odkd.store.store import marker_path, read_markers, store_fs
 from odkd.store.synthetic import SyntheticTargets
+from odkd.teachers import verify_cache
 
 LAYOUT = StoreLayout(num_instances=200, num_joints=17, map_size=(24, 32), chunk_instances=16, shard_instances=64)
 SETTINGS = {"dataset_fingerprint": "sha256:aaaa", "threshold": 0.5}

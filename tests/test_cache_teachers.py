@@ -10,7 +10,6 @@ import pytest
 import torch
 import zarr
 
-from odkd.cache import build_cache, verify_cache
 from odkd.config import parse_config
 from odkd.data.image import read_image
 from odkd.data.instances import load_instances
@@ -21,6 +20,7 @@ from odkd.models.inference import predict_batch
 from odkd.store import TeacherTargets, cache_info, unpack_maps
 from odkd.store.binarize import binarize, gate_by_mask
 from odkd.store.geometry import cache_geometry, stored_frame_scale
+from odkd.teachers import build_cache, verify_cache
 from conftest import TINY_TEACHERS, make_tiny_world
 
 TEACHERS = TINY_TEACHERS

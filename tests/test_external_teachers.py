@@ -11,15 +11,15 @@ import torch
 import zarr
 from torch import nn
 
-from odkd.cache import build_cache, verify_cache
 from odkd.config import parse_config
-from odkd.synth import make_synthetic_dataset
 from odkd.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from odkd.errors import OdkdError
 from odkd.models import build_model, load_checkpoint, save_checkpoint
 from odkd.models.external import load_external_teacher
 from odkd.models.inference import predict_batch
 from odkd.store import TeacherTargets
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache, verify_cache
 
 SEG_HEAD = {"primary": False, "senior": True}
 INPUT = (96, 128)  # (w, h); margin 1.0, so the teachers' input is the student's

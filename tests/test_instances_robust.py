@@ -14,13 +14,13 @@ from test_cache_teachers import make_config, world  # noqa: F401  (shared fixtur
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-from odkd.cache import build_cache
 from odkd.config import DataConfig, parse_config
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import DetectedPersons, PersonInstances, load_instances
 from odkd.data.targets import gaussian_heatmaps
 from odkd.errors import OdkdError
 from odkd.store import TeacherTargets
+from odkd.teachers import build_cache
 
 from conftest import make_tiny_coco
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from odkd.cache import build_cache
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
-from odkd.synth import make_synthetic_dataset
 from odkd.distill.variants import VARIANTS
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import build_from_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
 from odkd.store import TeacherTargets
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache
 from odkd.train.release import check_teacher, release_teacher
 from test_student import TWO_STAGES, copy_world, read_log, run_cli, student_toml, world  # noqa: F401
 

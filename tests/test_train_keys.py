@@ -16,15 +16,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_tiny_world
-from odkd.cache import build_cache
 from odkd.cli import main
 from odkd.config import DataConfig, ScheduleConfig, parse_config
 from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
 from odkd.data.instances import load_instances
-from odkd.synth import make_synthetic_dataset
 from odkd.errors import OdkdError
 from odkd.models import build_model, read_checkpoint
 from odkd.models.losses import joints_mse_loss
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache
 from odkd.train.loop import ModelSpec, WeightEMA, fit, new_state, train_one_epoch
 from odkd.train.teacher import teacher_loss
 from test_student import TWO_STAGES, student_toml

@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from odkd.cache.teachers import teacher_checkpoint
 from odkd.config import DEMO_CONFIG
 from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import load_instances
@@ -25,8 +24,9 @@ from odkd.errors import OdkdError
 from odkd.eval.curves import plot_runs_side_by_side
 from odkd.eval.evaluate import evaluate_checkpoint, predict_instances
 from odkd.models import build_from_checkpoint, model_complexity, read_checkpoint
-from odkd.models.registry import EXTERNAL_KINDS
 from odkd.models.inference import predict_batch
+from odkd.models.registry import EXTERNAL_KINDS
+from odkd.models.teacher import teacher_checkpoint
 
 # the rows a run folder has by default: row name -> [teachers.ROLE], and row name -> run subfolder
 TEACHER_ROWS = {"PT": "primary", "ST": "senior"}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from odkd.cache.teachers import ROLES, load_configured_teacher
 from odkd.config import resolve_device, teacher_data
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
@@ -23,6 +22,7 @@ from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
 from odkd.models.checkpoint import ODKD_FORMAT, apply_checkpoint, model_fingerprint, read_checkpoint
 from odkd.models.registry import EXTERNAL_KINDS
+from odkd.models.teacher import ROLES, load_configured_teacher
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ import dataclasses
 import os
 
 from odkd import __version__
-from odkd.cache.teachers import InstanceRecords, TeacherProducer, default_torch_threads, resolve_teachers
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.instances import load_instances
 from odkd.data.keypoints import NUM_JOINTS
 from odkd.errors import OdkdError
+from odkd.models.teacher import resolve_teachers
 from odkd.store.geometry import cache_geometry
 from odkd.store.schema import StoreLayout
 from odkd.store.writer import BuildSummary, build_store, utc_now
+from odkd.teachers.producer import InstanceRecords, TeacherProducer, default_torch_threads
 
 FRAME_NOTE = ("meta/center and meta/scale are the stored crop's (the student's canonical crop widened by "
               "the margin, same pixel scale); warp the maps from that frame at map_size into the "

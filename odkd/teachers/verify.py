@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from odkd.cache.teachers import InstanceRecords, TeacherProducer, resolve_teachers
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
+from odkd.models.teacher import resolve_teachers
 from odkd.store.info import ran_precision_of
 from odkd.store.reader import TeacherTargets
 from odkd.store.schema import settings_digest
 from odkd.store.store import check_shard, open_group, read_markers, store_fs
+from odkd.teachers.producer import InstanceRecords, TeacherProducer
 
 # bits allowed to differ on a re-run: a GPU-built store checked on a CPU flips a few pixels that sit
 # right at the threshold, while other teachers or settings differ by far more
