@@ -299,7 +299,7 @@ def report_cmd(config_path, out_dir, split, extra_runs, device):
     """Write RUNS/report.md: AP, size and CPU speed of PT, ST, the GT-only student (RUNS/student_gt)
     and the ODKD student (RUNS/student), their training curves and predictions on val crops.
     A model without a checkpoint is a note in the report."""
-    from odkd.eval.report import parse_runs, write_report
+    from odkd.apps.report import parse_runs, write_report
 
     cfg = load_config(config_path)
     path, table = write_report(cfg, out_dir, parse_runs(extra_runs), split, device)
@@ -326,7 +326,7 @@ def ablate(config_path, seeds, variants, split, out, device):
     each run's last.pth, the method's hypotheses checked against that spread with the runs also
     paired by seed, and AP per seed.
     """
-    from odkd.train.ablate import ablation_table, run_ablation
+    from odkd.apps.ablate import ablation_table, run_ablation
 
     cfg = load_config(config_path)
     names = [name.strip() for name in variants.split(",") if name.strip()] if variants else None

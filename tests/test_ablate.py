@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_tiny_world
+from odkd.apps.ablate import check_hypothesis, run_ablation, spread
 from odkd.cli import main
 from odkd.config import StageConfig, parse_config
 from odkd.distill.variants import VARIANTS
@@ -19,7 +20,6 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
 from odkd.teachers import build_cache
-from odkd.train.ablate import check_hypothesis, run_ablation, spread
 from test_student import TWO_STAGES, student_toml, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

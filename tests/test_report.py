@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import default_collate
 
+from odkd.apps.report import CROP_ROWS, crop_keypoints, pick_instances, write_report
 from odkd.cli import main
 from odkd.config import parse_config
 from odkd.data.dataset import TopDownDataset
@@ -21,7 +22,6 @@ from odkd.data.transforms import affine_transform, invert_affine
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.eval.evaluate import predict_instances
-from odkd.eval.report import CROP_ROWS, crop_keypoints, pick_instances, write_report
 from odkd.models import build_from_checkpoint, read_checkpoint
 from odkd.teachers import build_cache
 from odkd.train.student import train_student

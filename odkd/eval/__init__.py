@@ -1,1 +1,1 @@
-"""Evaluation: COCO keypoint metrics, model evaluation, prediction pictures and the run report."""
+"""Evaluation: COCO keypoint metrics, model evaluation, decoding choices, prediction pictures and training curves."""

@@ -1,1 +1,1 @@
-"""Training: the one loop, the teacher and the student trainers, and their losses."""
+"""Training: the one loop, torchrun ranks, the teacher and the student trainers, and releasing teachers."""
