@@ -14,8 +14,14 @@ from click.testing import CliRunner
 
 from odkd.cli import main
 from odkd.config import DataConfig, parse_config
-from odkd.synth import dataset as synth
+from odkd.data.keypoints import COCO_SIGMAS, KEYPOINT_NAMES
 from odkd.errors import OdkdError
+from odkd.synth import make_synthetic_dataset
+from odkd.synth.annotation import mask_polygons, person_annotation, uncompressed_rle_counts
+from odkd.synth.appearance import render_person
+from odkd.synth.body import Pose, View, sample_body
+from odkd.synth.dataset import PERSON_CATEGORY
+from odkd.synth.scene import EASY, HARD, MEDIUM, scene_for
 
 SPLITS = ("train", "val")
 
@@ -24,7 +30,7 @@ SPLITS = ("train", "val")
 def dataset(tmp_path_factory):
     """16 train + 4 val images; seed 0 gives crowds in both RLE formats at this size."""
     root = tmp_path_factory.mktemp("synth")
-    summary = synth.make_synthetic_dataset(root, train_images=16, val_images=4, seed=0)
+    summary = make_synthetic_dataset(root, train_images=16, val_images=4, seed=0)
     cocos = {split: COCO(str(root / "annotations" / f"person_keypoints_{split}.json")) for split in SPLITS}
     return root, summary, cocos
 
@@ -44,7 +50,7 @@ def test_layout_images_and_categories_are_coco(dataset):
     for split, coco in cocos.items():
         data = coco.dataset
         assert set(data) == {"info", "licenses", "images", "annotations", "categories"}
-        assert data["categories"] == [synth.PERSON_CATEGORY]
+        assert data["categories"] == [PERSON_CATEGORY]
         assert data["categories"][0]["keypoints"][5] == "left_shoulder"
         assert [16, 14] in data["categories"][0]["skeleton"] and len(data["categories"][0]["skeleton"]) == 19
         assert summary[split]["images"] == len(data["images"]) == (16 if split == "train" else 4)
@@ -134,9 +140,9 @@ def test_scenes_have_crowding_occlusion_and_hard_people(dataset):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a, b, c = (tmp_path / n for n in "abc")
-    synth.make_synthetic_dataset(a, train_images=3, val_images=2, seed=7)
-    synth.make_synthetic_dataset(b, train_images=3, val_images=2, seed=7)
-    synth.make_synthetic_dataset(c, train_images=3, val_images=2, seed=8)
+    make_synthetic_dataset(a, train_images=3, val_images=2, seed=7)
+    make_synthetic_dataset(b, train_images=3, val_images=2, seed=7)
+    make_synthetic_dataset(c, train_images=3, val_images=2, seed=8)
     digest_a = _tree_digest(a)
     assert len(digest_a) == 7
     assert digest_a == _tree_digest(b)
@@ -152,15 +158,15 @@ def _single_person(yaw: float) -> dict:
     image = np.zeros((height, width, 3), np.uint8)
     owner = np.full((height, width), -1, np.int16)
     part_map = np.zeros((height, width), np.uint8)
-    pose = synth.Pose(
+    pose = Pose(
         trunk=np.zeros(5),
         arms=np.array([[10.0, 60.0, 0.0, 10.0]] * 2),
         legs=np.array([[0.0, 8.0, 0.0, 5.0]] * 2),
     )
-    view = synth.View(yaw=yaw, elevation=0.0, roll=0.0, scale=280.0, cx=120.0, cy=165.0)
-    person = synth.render_person(rng, image, owner, part_map, 0, synth.sample_body(rng), pose, view)
-    ann = synth.person_annotation(owner, part_map, person)
-    return {name: tuple(ann["keypoints"][3 * k : 3 * k + 3]) for k, name in enumerate(synth.KEYPOINT_NAMES)}
+    view = View(yaw=yaw, elevation=0.0, roll=0.0, scale=280.0, cx=120.0, cy=165.0)
+    person = render_person(rng, image, owner, part_map, 0, sample_body(rng), pose, view)
+    ann = person_annotation(owner, part_map, person)
+    return {name: tuple(ann["keypoints"][3 * k : 3 * k + 3]) for k, name in enumerate(KEYPOINT_NAMES)}
 
 
 def test_front_back_and_profile_views_respect_left_and_right():
@@ -169,7 +175,7 @@ def test_front_back_and_profile_views_respect_left_and_right():
     for side in ("shoulder", "wrist", "hip", "ankle"):
         assert front[f"left_{side}"][0] > front[f"right_{side}"][0]
         assert back[f"left_{side}"][0] < back[f"right_{side}"][0]
-    assert all(front[name][2] == 2 for name in synth.KEYPOINT_NAMES)
+    assert all(front[name][2] == 2 for name in KEYPOINT_NAMES)
     assert back["nose"] == back["left_eye"] == back["right_eye"] == (0, 0, 0)
     assert back["left_ear"][2] > 0 and back["right_ear"][2] > 0
     # in profile the far (left) side is behind the body; the far ear is not labelled at all
@@ -185,7 +191,7 @@ def test_mask_polygons_and_uncompressed_rle_round_trip():
     cv2.ellipse(mask, (30, 30), (20, 9), 30, 0, 360, 1, -1)
     mask[5:8, 50:78] = 1
     mask[0, 0] = 1  # a single pixel: too small for a polygon
-    polygons = synth.mask_polygons(mask)
+    polygons = mask_polygons(mask)
     decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, 60, 80)))
     expected = mask.copy()
     expected[0, 0] = 0
@@ -193,7 +199,7 @@ def test_mask_polygons_and_uncompressed_rle_round_trip():
     for starts_with_one in (False, True):
         blob = (rng.random((23, 17)) < 0.4).astype(np.uint8)
         blob[0, 0] = starts_with_one
-        counts = synth.uncompressed_rle_counts(blob)
+        counts = uncompressed_rle_counts(blob)
         assert sum(counts) == blob.size and (counts[0] == 0) == starts_with_one
         rle = mask_utils.frPyObjects({"counts": counts, "size": [23, 17]}, 23, 17)
         assert np.array_equal(mask_utils.decode(rle), blob)
@@ -213,7 +219,7 @@ def test_mask_polygons_and_uncompressed_rle_round_trip():
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, field):
     with pytest.raises(OdkdError, match=field) as err:
-        synth.make_synthetic_dataset(tmp_path / "out", **kwargs)
+        make_synthetic_dataset(tmp_path / "out", **kwargs)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -221,8 +227,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, kwargs, field):
 
 def test_test_split_is_held_out_and_leaves_train_and_val_bytes_alone(tmp_path):
     without, with_test = tmp_path / "without", tmp_path / "with"
-    synth.make_synthetic_dataset(without, train_images=3, val_images=2, seed=3)
-    summary = synth.make_synthetic_dataset(with_test, train_images=3, val_images=2, seed=3, test_images=3)
+    make_synthetic_dataset(without, train_images=3, val_images=2, seed=3)
+    summary = make_synthetic_dataset(with_test, train_images=3, val_images=2, seed=3, test_images=3)
     digest = _tree_digest(with_test)
     assert {k: v for k, v in digest.items() if "test" not in k} == _tree_digest(without)
     assert not (without / "images" / "test").exists()
@@ -243,19 +249,19 @@ def test_test_split_is_held_out_and_leaves_train_and_val_bytes_alone(tmp_path):
 
 
 def test_medium_is_the_default_generator_and_is_not_recorded(tmp_path):
-    assert synth.scene_for(0.5) == synth.MEDIUM
-    assert synth.scene_for(0.0) == synth.EASY and synth.scene_for(1.0) == synth.HARD
+    assert scene_for(0.5) == MEDIUM
+    assert scene_for(0.0) == EASY and scene_for(1.0) == HARD
     default, medium, half = (tmp_path / n for n in ("default", "medium", "half"))
-    synth.make_synthetic_dataset(default, train_images=2, val_images=1, seed=5)
-    synth.make_synthetic_dataset(medium, train_images=2, val_images=1, seed=5, difficulty="medium")
-    synth.make_synthetic_dataset(half, train_images=2, val_images=1, seed=5, difficulty="0.5")
+    make_synthetic_dataset(default, train_images=2, val_images=1, seed=5)
+    make_synthetic_dataset(medium, train_images=2, val_images=1, seed=5, difficulty="medium")
+    make_synthetic_dataset(half, train_images=2, val_images=1, seed=5, difficulty="0.5")
     assert _tree_digest(default) == _tree_digest(medium) == _tree_digest(half)
     info = json.loads((default / "annotations" / "person_keypoints_train.json").read_text())["info"]
     assert "difficulty" not in info
 
 
 def test_scene_parameters_move_one_way_with_difficulty():
-    scenes = [synth.scene_for(d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    scenes = [scene_for(d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
     mean_people = [np.dot(s.people_probs, [1, 2, 3, 4, 5]) for s in scenes]
     for key in (lambda s: s.crowd_prob, lambda s: s.occluder_prob, lambda s: s.clutter_shapes[1],
                 lambda s: s.distractors[1], lambda s: s.occluders[1]):
@@ -284,7 +290,7 @@ def _scene_statistics(root: Path) -> dict:
 def test_harder_scenes_are_more_crowded_occluded_and_smaller(tmp_path):
     stats = {}
     for level in ("easy", "medium", "hard"):
-        synth.make_synthetic_dataset(tmp_path / level, train_images=0, val_images=12, seed=0, difficulty=level)
+        make_synthetic_dataset(tmp_path / level, train_images=0, val_images=12, seed=0, difficulty=level)
         stats[level] = _scene_statistics(tmp_path / level)
     easy, medium, hard = stats["easy"], stats["medium"], stats["hard"]
     assert easy["people"] < medium["people"] < hard["people"]
@@ -332,8 +338,8 @@ def train_labels_beside_exact(tmp_path, **label_change) -> tuple[dict, dict]:
     checking that the change touched that file only (images, val and test untouched)."""
     exact, changed = tmp_path / "exact", tmp_path / "changed"
     args = dict(train_images=24, val_images=2, test_images=2, seed=4, difficulty="easy")
-    synth.make_synthetic_dataset(exact, **args)
-    synth.make_synthetic_dataset(changed, **label_change, **args)
+    make_synthetic_dataset(exact, **args)
+    make_synthetic_dataset(changed, **label_change, **args)
     a, b = _tree_digest(exact), _tree_digest(changed)
     assert sorted(k for k in a if a[k] != b[k]) == ["annotations/person_keypoints_train.json"]
     load = lambda root: json.loads((root / "annotations" / "person_keypoints_train.json").read_text())
@@ -356,7 +362,7 @@ def test_label_noise_moves_train_keypoints_as_cocos_annotators_and_nothing_else(
         labelled = kt[:, 2] > 0
         assert (kn[~labelled] == 0).all()
         d2 = ((kn[:, :2] - kt[:, :2]) ** 2).sum(axis=1)
-        normalized += list(d2[labelled] / (synth.COCO_SIGMAS[labelled] ** 2 * t["area"]))
+        normalized += list(d2[labelled] / (COCO_SIGMAS[labelled] ** 2 * t["area"]))
     # COCO's sigmas: E[d^2 / (sigma^2 area)] = 1 at scale 1; rounding to pixels adds a little
     assert len(normalized) > 400
     assert 0.8 < np.mean(normalized) < 1.4
@@ -365,7 +371,7 @@ def test_label_noise_moves_train_keypoints_as_cocos_annotators_and_nothing_else(
 
 def test_label_noise_is_checked_and_reaches_the_command(tmp_path):
     with pytest.raises(OdkdError, match="synth.label_noise"):
-        synth.make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, label_noise=-0.5)
+        make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, label_noise=-0.5)
     res = CliRunner().invoke(main, ["synth", str(tmp_path / "d"), "--train-images", "2", "--val-images", "1",
                                     "--label-noise", "0.5"])
     assert res.exit_code == 0, res.output
@@ -398,7 +404,7 @@ def test_missing_labels_unlabels_a_share_of_train_keypoints_as_coco_stores_them(
 def test_missing_labels_is_checked_and_reaches_the_command(tmp_path):
     for bad in (1.0, -0.1, True):
         with pytest.raises(OdkdError, match=r"synth.missing_labels: expected a share in \[0, 1\)"):
-            synth.make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, missing_labels=bad)
+            make_synthetic_dataset(tmp_path / "x", train_images=1, val_images=1, missing_labels=bad)
     res = CliRunner().invoke(main, ["synth", str(tmp_path / "d"), "--train-images", "2", "--val-images", "1",
                                     "--missing-labels", "0.25"])
     assert res.exit_code == 0, res.output
