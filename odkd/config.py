@@ -1,17 +1,25 @@
 """Pipeline TOML -> frozen dataclasses.
 
-Every section is a dataclass whose fields are the allowed keys. Unknown keys, wrong types and
-missing files are an OdkdError that names the file and the dotted key. Relative paths are
-resolved against the working directory, the way mmpose and the HRNet code treat theirs.
+Every section is a dataclass whose fields are the allowed keys, a key with choices a Literal.
+Unknown keys, wrong types, values outside the choices and missing files are an OdkdError that names
+the file and the key path. A file may `extends` another (relative to itself), and `--set KEY=VALUE`
+changes one key; the resolved table is what is checked, kept as `raw` and written into a run's folder.
+Relative paths in the keys are resolved against the working directory, the way mmpose and the HRNet
+code treat theirs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
+import json
+import re
 import sys
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from odkd.errors import OdkdError, not_found
 
@@ -21,6 +29,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "pipelines" / "demo.toml"
+
+SegLoss = Literal["bce", "bce+dice"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class ScheduleConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "step"  # "step" | "cosine"
+    schedule: Literal["step", "cosine"] = "step"
     lr_steps: tuple[int, ...] = (170, 200)
     lr_factor: float = 0.1
     warmup_epochs: float = 0.0
@@ -83,7 +93,7 @@ class ScheduleConfig:
     clip_grad: float = 0.0  # max L2 norm of all gradients together (mmpose's clip_grad max_norm); 0: off
     accumulate: int = 1  # batches per optimizer step; the lr schedule counts optimizer steps
     # autocast's type under amp on CUDA; fp16 by default, as a T4 or V100 has no bf16
-    amp_dtype: str = "fp16"  # "fp16" | "bf16"
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"
     ema: bool = False  # evaluate and keep as best.pth an EMA of the weights (mmdet's ExpMomentumEMA, as RTMPose)
     ema_momentum: float = 0.0002
     compile: bool = False  # torch.compile the model for training
@@ -97,7 +107,7 @@ class TeacherConfig:
     seg_head: bool = False
     # JointsMSELoss is ~1e-3, BCE + dice ~0.5: 0.002 keeps the mask term at the keypoints' scale
     seg_weight: float = 0.002
-    seg_loss: str = "bce+dice"  # "bce" | "bce+dice"; dice copes with masks that fill a small part of the crop
+    seg_loss: SegLoss = "bce+dice"  # dice copes with masks that fill a small part of the crop
     checkpoint: str = ""
     # The dataset this teacher is trained on, laid out as [data] says; empty: [data].root. Another
     # root is how released teachers work: trained on one dataset, cached over the student's.
@@ -110,8 +120,8 @@ class TeacherConfig:
     # order it takes, and what its second output (the mask) holds. odkd's own models take the defaults.
     input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    input_order: str = "rgb"  # "rgb" | "bgr"
-    mask_output: str = "logits"  # "logits" | "probabilities"
+    input_order: Literal["rgb", "bgr"] = "rgb"
+    mask_output: Literal["logits", "probabilities"] = "logits"
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -129,12 +139,12 @@ class StageConfig:
 
     name: str = ""
     epochs: int = 0
-    teacher: str = "primary"  # "primary" | "senior" | "both" | "none"
+    teacher: Literal["primary", "senior", "both", "none"] = "primary"
     gt_weight: float = 1.0  # JointsMSE against the Gaussian GT heatmaps
     kd_weight: float = 1.0  # JointsMSE against the warped teacher heatmaps
     seg_weight: float = 0.0  # BCE (+dice) of the aux head against ST's stored mask
     conf_floor: float = 0.0  # a teacher keypoint whose stored peak is below this teaches nothing
-    targets: str = "binary"  # "binary": the stored 0/1 maps; "soft": the raw maps (needs [cache] store_soft)
+    targets: Literal["binary", "soft"] = "binary"  # "soft": the raw maps (needs [cache] store_soft)
     mask_gate: bool = False  # keep ST's keypoint responses inside its mask grown by mask_gate_dilation
     mask_gate_dilation: int = 3
 
@@ -149,18 +159,18 @@ class StudentConfig:
     model: str = "mobilenetv2_tiny"
     model_args: dict = field(default_factory=dict)
     seg_head: bool = True  # auxiliary head that learns ST's mask; dropped at export
-    seg_loss: str = "bce+dice"
+    seg_loss: SegLoss = "bce+dice"
     cache: str = "cache/demo.zarr"  # path or fsspec URL of the teacher store
     init: str = ""
     # "run": one learning-rate curve over all stages, the same curve as the GT-only baseline's;
     # "stage": the schedule restarts (warmup included) at every stage
-    lr_span: str = "run"
+    lr_span: Literal["run", "stage"] = "run"
     # a warp scales the stored blobs with the zoom; a teacher run on the zoomed crop keeps its trained
     # blob width: true moves the binary edges back to that width (see bench/fidelity.py)
     keep_blob_size: bool = True
     # which model best.pth is: "last_stage", the best by val AP among the last stage's epochs (the
     # product of the whole schedule, which evaluate and export take as the student); "run": of all epochs
-    best: str = "last_stage"
+    best: Literal["last_stage", "run"] = "last_stage"
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     stages: tuple[StageConfig, ...] = field(default_factory=_method_stages)
 
@@ -177,14 +187,14 @@ class EvalConfig:
     det_score_thr: float = 0.0
     in_vis_thr: float = 0.2
     batch_size: int = 64
-    decode: str = "dark"  # "dark" | "argmax" | "centroid": heatmap -> keypoint, see odkd/data/decode.py
+    decode: Literal["argmax", "centroid", "dark"] = "dark"  # heatmap -> keypoint, see odkd/data/decode.py
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     store: str = "cache/demo.zarr"
     threshold: float = 0.5
-    threshold_mode: str = "absolute"  # "absolute" | "relative"
+    threshold_mode: Literal["absolute", "relative"] = "absolute"
     mask_threshold: float = 0.5
     mask_gate: bool = False
     mask_gate_dilation: int = 3
@@ -197,7 +207,7 @@ class CacheConfig:
     workers: int = 1
     # the teachers' arithmetic, recorded in the store: tf32 is fp32 on a CPU and 2.5x fp32 on a GPU, bf16 another
     # 1.6x but it moves more bits and argmaxes (README, "Precision")
-    precision: str = "tf32"  # "fp32" | "tf32" | "bf16"
+    precision: Literal["fp32", "tf32", "bf16"] = "tf32"
     decode_threads: int = 0  # JPEG decode + crop threads per worker; 0: 4 on a GPU worker, 1 on a CPU one
 
 
@@ -210,8 +220,11 @@ class PipelineConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     runs: str = "runs"
-    source: str = ""  # the file this config was read from; set by load_config
-    raw: dict = field(default_factory=dict)  # the TOML as read, recorded as provenance
+    # set by the loader, not keys of the file: the file this config was read from, the --set KEY=VALUE
+    # applied to it, and its TOML resolved (extends merged, --set applied), recorded as provenance
+    source: str = field(default="", metadata={"set_by_loader": True})
+    overrides: tuple[str, ...] = field(default=(), metadata={"set_by_loader": True})
+    raw: dict = field(default_factory=dict, metadata={"set_by_loader": True})
 
 
 def teacher_data(cfg: PipelineConfig, role: str) -> DataConfig:
@@ -220,78 +233,174 @@ def teacher_data(cfg: PipelineConfig, role: str) -> DataConfig:
     return replace(cfg.data, root=root) if root else cfg.data
 
 
-_CHOICES = {
-    "schedule": ("step", "cosine"),
-    "seg_loss": ("bce", "bce+dice"),
-    "threshold_mode": ("absolute", "relative"),
-    "precision": ("fp32", "tf32", "bf16"),
-    "teacher": ("primary", "senior", "both", "none"),
-    "targets": ("binary", "soft"),
-    "lr_span": ("run", "stage"),
-    "decode": ("argmax", "centroid", "dark"),
-    "input_order": ("rgb", "bgr"),
-    "mask_output": ("logits", "probabilities"),
-    "amp_dtype": ("fp16", "bf16"),
-    "best": ("last_stage", "run"),
-}
+# Why Literal-typed dataclasses and one generic checker, not pydantic v2 or msgspec: the frozen
+# dataclasses stay the objects every module uses, and TOML already gives typed values. msgspec ignores
+# unknown keys of a dataclass (forbid_unknown_fields is for its own Structs, which would replace the
+# dataclasses); pydantic's strict mode refuses a TOML table for a dataclass and a TOML array for a
+# tuple, and its lax mode takes "3" as an integer. Either way the messages would be rebuilt here to
+# keep them one line with the key path, so a dependency would save nothing.
+_SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+            str: (str, "a string")}
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+def choices(cls, key: str) -> tuple[str, ...]:
+    """The values a key with choices takes, e.g. choices(EvalConfig, "decode")."""
+    return typing.get_args(typing.get_type_hints(cls)[key])
 
 
-def _coerce(value, tp, where: str):
-    """Check one TOML value against a field's annotation; return it in the field's type."""
-    origin = typing.get_origin(tp)
+def _keys(cls) -> list[str]:
+    """The keys a section accepts: its fields, less those the loader sets."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("set_by_loader")]
+
+
+def _unknown_key(cls, dotted: str) -> OdkdError:
+    return OdkdError(f"unknown key '{dotted}' (allowed: {', '.join(sorted(_keys(cls)))})")
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _expect(value, kind: type, what: str, where: str):
+    if not isinstance(value, kind):
+        raise OdkdError(f"{where}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _checked(value, tp, where: str):
+    """A TOML value as the field annotation `tp` types it, or a one-line error naming the key path."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise OdkdError(f"{where}: expected a table, got {type(value).__name__}")
-        return _build(tp, value, where)
+        return _section(tp, _expect(value, dict, "a table", where), where)
+    if origin is Literal:
+        if not isinstance(value, str) or value not in args:
+            raise OdkdError(f"{where}: {value!r} is not one of {', '.join(args)}")
+        return value
     if origin is tuple:
+        items = _expect(value, list, "an array", where)
+        types = (args[0],) * len(items) if args[-1] is Ellipsis else args
+        if len(items) != len(types):
+            raise OdkdError(f"{where}: expected {len(types)} values, got {len(items)}")
+        return tuple(_checked(item, t, f"{where}[{i}]") for i, (item, t) in enumerate(zip(items, types)))
+    if tp is dict:
+        return dict(_expect(value, dict, "a table", where))
+    accepted, what = _SCALARS[tp]
+    if isinstance(value, bool) is not (tp is bool) or not isinstance(value, accepted):
+        raise OdkdError(f"{where}: expected {what}, got {value!r}")
+    return tp(value)
+
+
+def _section(cls, table: dict, where: str):
+    hints, keys = typing.get_type_hints(cls), _keys(cls)
+    for key in table:
+        if key not in keys:
+            raise _unknown_key(cls, _dotted(where, key))
+    return cls(**{key: _checked(value, hints[key], _dotted(where, key)) for key, value in table.items()})
+
+
+def _toml(text: str, source: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise OdkdError(f"{source}: not valid TOML: {exc}") from None
+
+
+def _merged(base: dict, child: dict) -> dict:
+    """`child` over `base`: tables merge key by key, anything else (arrays of tables too) is replaced whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        both_tables = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both_tables else value
+    return merged
+
+
+def _extended(table: dict, chain: tuple[str, ...]) -> dict:
+    """The table with its `extends` base (a path relative to the file that names it) merged under it.
+
+    `chain` holds the files read so far, the one that holds `table` last."""
+    if "extends" not in table:
+        return table
+    source, name = chain[-1], table["extends"]
+    if not isinstance(name, str):
+        raise OdkdError(f"{source}: extends: expected a path relative to this file, got {name!r}")
+    base = Path(source).parent / name
+    if base.resolve() in [Path(read).resolve() for read in chain]:
+        raise OdkdError(f"{source}: extends {name!r} closes a cycle: {' -> '.join([*chain, str(base)])}")
+    if not base.is_file():
+        raise OdkdError(f"{source}: extends {name!r}, but there is no file {base}")
+    own = {key: value for key, value in table.items() if key != "extends"}
+    return _merged(_extended(_toml(base.read_text(), str(base)), (*chain, str(base))), own)
+
+
+_KEY_SEGMENT = re.compile(r"([A-Za-z0-9_-]+)((?:\[\d+\])*)")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """'student.stages[1].teacher' -> ['student', 'stages', 1, 'teacher']."""
+    parts: list[str | int] = []
+    for segment in key.split("."):
+        match = _KEY_SEGMENT.fullmatch(segment)
+        if not match:
+            raise OdkdError(f"{key!r} is not a key path like student.train.lr or student.stages[1].seg_weight")
+        parts += [match[1], *(int(index) for index in re.findall(r"\d+", match[2]))]
+    return parts
+
+
+def _toml_value(text: str):
+    """VALUE of --set KEY=VALUE read as a TOML value; what is not one is a bare string."""
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["value"] if list(parsed) == ["value"] else text
+
+
+def _field_type(tp, part: str | int, parent: str, where: str):
+    """The annotation of key path `where`, one step inside `parent` whose annotation is `tp`; None inside
+    a free-form table such as model_args, where any key and value go."""
+    if tp is None or tp is dict:
+        return None
+    if isinstance(part, int):
+        if typing.get_origin(tp) is not tuple:
+            raise OdkdError(f"'{parent}' is not an array")
         args = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise OdkdError(f"{where}: expected an array, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise OdkdError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise OdkdError(f"{where}: expected a table, got {type(value).__name__}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise OdkdError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise OdkdError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise OdkdError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise OdkdError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise OdkdError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+        return args[0] if args[-1] is Ellipsis else args[min(part, len(args) - 1)]
+    if not dataclasses.is_dataclass(tp):
+        raise OdkdError(f"'{parent}' is not a table")
+    if part not in _keys(tp):
+        raise _unknown_key(tp, where)
+    return typing.get_type_hints(tp)[part]
 
 
-def _build(cls, table: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "raw")}
-    kwargs = {}
-    for key, value in table.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in names:
-            raise OdkdError(f"unknown key '{dotted}' (allowed: {', '.join(sorted(names))})")
-        value = _coerce(value, hints[key], dotted)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise OdkdError(f"{dotted}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
+def _set(table: dict, item: str) -> None:
+    """Apply one KEY=VALUE to the TOML table in place, KEY checked against the dataclasses on the way."""
+    key, equals, text = item.partition("=")
+    if not equals:
+        raise OdkdError("expected KEY=VALUE, e.g. --set student.train.lr=1e-3")
+    parts = _key_parts(key.strip())
+    node, tp, where = table, PipelineConfig, ""
+    for i, part in enumerate(parts):
+        parent, where = where, f"{where}[{part}]" if isinstance(part, int) else _dotted(where, part)
+        tp = _field_type(tp, part, parent, where)
+        if isinstance(part, int) and not (isinstance(node, list) and part < len(node)):
+            raise OdkdError(f"the config has no {where}; set the whole array, e.g. --set '{parent}=[...]'")
+        if isinstance(part, str) and not isinstance(node, dict):
+            raise OdkdError(f"'{parent}' is not a table in the config")
+        if i == len(parts) - 1:
+            node[part] = _toml_value(text.strip())
+        else:
+            node = node.setdefault(part, {}) if isinstance(part, str) else node[part]
+
+
+def with_overrides(table: dict, overrides: typing.Sequence[str]) -> dict:
+    """The TOML table with every --set KEY=VALUE applied in order; `table` itself is left as it was."""
+    table = copy.deepcopy(table)
+    for item in overrides:
+        try:
+            _set(table, item)
+        except OdkdError as exc:
+            raise OdkdError(f"--set {item}: {exc}") from None
+    return table
 
 
 def _check_sizes(cfg: PipelineConfig, path: str) -> None:
@@ -335,28 +444,118 @@ def _check_student(cfg: PipelineConfig, path: str) -> None:
                         f"{student.epochs}; drop the key or make them agree")
 
 
-def parse_config(text: str, source: str = "<string>") -> PipelineConfig:
+def parse_config(text: str, source: str = "<string>", overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """A pipeline from TOML text: its `extends` base merged under it (relative to `source`'s folder),
+    then `overrides` ("KEY=VALUE", as --set takes them) applied, then every key checked."""
+    table = with_overrides(_extended(_toml(text, source), (source,)), overrides)
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise OdkdError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        cfg = _build(PipelineConfig, raw, "")
+        cfg = _section(PipelineConfig, table, "")
     except OdkdError as exc:
         raise OdkdError(f"{source}: {exc}") from None
-    cfg = dataclasses.replace(cfg, source=source, raw=raw)
+    cfg = dataclasses.replace(cfg, source=source, overrides=tuple(overrides), raw=table)
     _check_sizes(cfg, source)
-    if "student" in raw:
+    if "student" in table:
         _check_student(cfg, source)
     return cfg
 
 
-def load_config(path: str | Path | None = None) -> PipelineConfig:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
     """Read a pipeline TOML; with no path, the embedded demo pipeline."""
     path = Path(path) if path is not None else DEMO_CONFIG
     if not path.is_file():
         raise not_found(path, "pipeline config")
-    return parse_config(path.read_text(), str(path))
+    return parse_config(path.read_text(), str(path), overrides)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_inline(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's float repr (1e-05, inf, nan) is TOML too
+    if isinstance(value, str):
+        # JSON's escapes are TOML's; TOML also wants DEL escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_inline(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def _is_table_array(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _toml_lines(table: dict, path: tuple[str, ...], header: str) -> list[str]:
+    """`table` under its `header` line, then its sub-tables and arrays of tables under their own."""
+    values = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_array(v)}
+    lines = ([header] if header and (values or not table or header.startswith("[[")) else [])
+    lines += [f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in values.items()]
+    for key, value in table.items():
+        sub = (*path, key)
+        dotted = ".".join(map(_toml_key, sub))
+        if isinstance(value, dict):
+            lines += ["", *_toml_lines(value, sub, f"[{dotted}]")]
+        elif _is_table_array(value):
+            for item in value:
+                lines += ["", *_toml_lines(item, sub, f"[[{dotted}]]")]
+    return lines
+
+
+def toml_text(table: dict) -> str:
+    """A TOML document that tomllib reads back as `table` (no TOML writer ships with Python)."""
+    text = "\n".join(_toml_lines(table, (), ""))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"  # a table with no keys of its own adds no line
+
+
+def _plain(value):
+    """A dataclasses.asdict value as TOML takes it: tuples as arrays."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _overlaid(table: dict, now: dict, as_read: dict) -> dict:
+    """`table` with every value of `now` that differs from `as_read`, the values `table` itself gives."""
+    out = dict(table)
+    for key, value in now.items():
+        if value == as_read[key]:
+            continue
+        # a section the table leaves out is written whole: a written [teachers.senior] has other defaults
+        both_tables = isinstance(value, dict) and isinstance(table.get(key), dict)
+        out[key] = _overlaid(table[key], value, as_read[key]) if both_tables else _plain(value)
+    return out
+
+
+def resolved_table(cfg: PipelineConfig) -> dict:
+    """The config as one TOML table that loads back as `cfg`: its file's keys with extends and --set
+    resolved (`raw`), and over them any value a command changed since (the stages of train-student
+    --variant, an ablation run's seed)."""
+    def values(config: PipelineConfig) -> dict:
+        return {key: value for key, value in dataclasses.asdict(config).items() if key in _keys(PipelineConfig)}
+
+    return _overlaid(cfg.raw, values(cfg), values(_section(PipelineConfig, cfg.raw, "")))
+
+
+def keep_resolved_config(cfg: PipelineConfig, run_dir: str | Path) -> Path:
+    """Write the config a run resolved into its folder as config.toml (resolved_table).
+
+    A resume under another config keeps the earlier file and writes config.1.toml, config.2.toml, ...
+    so that nothing already written is lost."""
+    given = " ".join([cfg.source, *(f"--set {item}" for item in cfg.overrides)])
+    text = (f"# the pipeline config of this run: {given}, with its extends and the command's own changes\n"
+            f"# resolved; odkd COMMAND --config THIS_FILE runs with it again\n\n{toml_text(resolved_table(cfg))}")
+    names = itertools.chain(["config.toml"], (f"config.{n}.toml" for n in itertools.count(1)))
+    path = next(path for path in (Path(run_dir) / name for name in names)
+                if not path.exists() or path.read_text() == text)
+    path.write_text(text)
+    return path
 
 
 def resolve_device(name: str):
@@ -372,5 +571,6 @@ def resolve_device(name: str):
 __all__ = [
     "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
     "ScheduleConfig", "StageConfig", "StudentConfig", "TeacherConfig", "TeachersConfig",
-    "load_config", "parse_config", "resolve_device",
+    "choices", "keep_resolved_config", "load_config", "parse_config", "resolve_device", "resolved_table", "toml_text",
+    "with_overrides",
 ]

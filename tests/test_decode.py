@@ -89,4 +89,4 @@ def test_eval_decode_key_takes_a_decoder_and_rejects_anything_else():
     assert parse_config('[eval]\ndecode = "dark"\n').eval.decode == "dark"
     with pytest.raises(OdkdError) as err:
         parse_config('[eval]\ndecode = "soft-argmax"\n', "p.toml")
-    assert str(err.value) == "p.toml: eval.decode: must be one of argmax, centroid, dark, got 'soft-argmax'"
+    assert str(err.value) == "p.toml: eval.decode: 'soft-argmax' is not one of argmax, centroid, dark"

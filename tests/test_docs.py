@@ -21,8 +21,6 @@ from odkd.config import PipelineConfig
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]
-# set by load_config, not read from the TOML
-INTERNAL_FIELDS = {"source", "raw"}
 TOP_LEVEL = ""
 
 
@@ -50,7 +48,7 @@ def config_keys() -> dict[str, dict[str, list]]:
     def walk(cls, section: str, instance):
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
-            if cls is PipelineConfig and field.name in INTERNAL_FIELDS:
+            if field.metadata.get("set_by_loader"):  # source, overrides, raw: not keys of the TOML
                 continue
             tp = hints[field.name]
             dotted = f"{section}.{field.name}" if section else field.name

@@ -230,7 +230,7 @@ def test_config_mistakes_are_one_line(world, tmp_path):
 
     pt_onnx = f'model = "onnx"\ncheckpoint = "{world / "pt.onnx"}"'
     st_onnx = f'model = "onnx"\ncheckpoint = "{world / "st.onnx"}"'
-    with pytest.raises(OdkdError, match="teachers.primary.input_order: must be one of rgb, bgr"):
+    with pytest.raises(OdkdError, match="teachers.primary.input_order: 'rgba' is not one of rgb, bgr"):
         make_config(world / "data", 'input_order = "rgba"', "")
     fails(make_config(world / "data", f'model = "hrnet_tiny"\ncheckpoint = "{world / "primary.pth"}"\n'
                       'input_order = "bgr"', st_onnx),

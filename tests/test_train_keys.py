@@ -266,10 +266,10 @@ def test_a_resume_whose_teacher_store_changed_is_refused(train_set, tmp_path):
 
 
 @pytest.mark.parametrize("toml, message", [
-    ('[teachers.primary.train]\namp_dtype = "fp32"', r"teachers\.primary\.train\.amp_dtype: must be one of fp16, bf16, "
-                                                   r"got 'fp32'"),
+    ('[teachers.primary.train]\namp_dtype = "fp32"', r"teachers\.primary\.train\.amp_dtype: 'fp32' is not one of "
+                                                   r"fp16, bf16"),
     ("[student.train]\naccumulate = 1.5", r"student\.train\.accumulate: expected an integer"),
-    ('[student]\nbest = "first"', r"student\.best: must be one of last_stage, run, got 'first'"),
+    ('[student]\nbest = "first"', r"student\.best: 'first' is not one of last_stage, run"),
 ])
 def test_bad_train_keys_are_one_line(toml, message):
     with pytest.raises(OdkdError, match=message):
