@@ -15,10 +15,13 @@ from pathlib import Path
 import click
 
 from odkd import __version__
-from odkd.config import load_config
+from odkd.config import EvalConfig, choices, load_config
 from odkd.errors import OdkdError
 
 CONFIG_HELP = "Pipeline TOML (default: the embedded demo pipeline, pipeline/demo.toml)."
+SET_HELP = ("Change one key of the config after its extends, before it is checked: VALUE is read as TOML, "
+            "a bare word as a string; arrays of tables take an index from 0. E.g. --set student.train.lr=1e-3 "
+            "--set 'student.stages[1].seg_weight=0.01'. Repeatable.")
 
 
 def one_line(message: str) -> str:
@@ -42,9 +45,14 @@ def user_errors(fn):
     return wrapper
 
 
+def set_option(fn):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(fn)
+
+
 def config_option(fn):
+    """--config and --set, which every command that reads the pipeline config takes."""
     return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                        help=CONFIG_HELP)(fn)
+                        help=CONFIG_HELP)(set_option(fn))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -111,14 +119,14 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
 @click.option("--boxes", default="gt", show_default=True,
               help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
-@click.option("--decode", type=click.Choice(["argmax", "centroid", "dark"]), default=None,
+@click.option("--decode", type=click.Choice(choices(EvalConfig, "decode")), default=None,
               help="Heatmap decoder (default: [eval] decode).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the keypoint results JSON here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, split, boxes, flip_test, decode, out,
-             stats_json, device):
+def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, model_name, split, boxes, flip_test,
+             decode, out, stats_json, device):
     """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints').
 
     \b
@@ -132,7 +140,7 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
             raise click.UsageError("--checkpoint evaluates on the config's data; drop --ann/--results")
         from odkd.eval.evaluate import evaluate_checkpoint
 
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, overrides)
         if decode:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, decode=decode))
         report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
@@ -163,11 +171,11 @@ def evaluate(ann, results, gt_as_results, config_path, checkpoint, model_name, s
 @click.option("-n", "count", default=16, show_default=True, help="How many instances (spread over the split).")
 @click.option("--seed", default=0, show_default=True)
 @user_errors
-def browse(config_path, split, out_dir, augment, count, seed):
+def browse(config_path, overrides, split, out_dir, augment, count, seed):
     """Write instance crops with keypoints, skeleton, mask and targets drawn, to check the data by eye."""
     from odkd.data.browse import browse_dataset
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     paths = browse_dataset(cfg.data, split, out_dir, augment=augment, count=count, seed=seed)
     click.echo(f"wrote {len(paths)} PNGs to {out_dir}")
 
@@ -175,12 +183,12 @@ def browse(config_path, split, out_dir, augment, count, seed):
 @main.command()
 @config_option
 @user_errors
-def models(config_path):
+def models(config_path, overrides):
     """List every model with its parameters and GFLOPs at the configured input size, then the config's
     teachers and student as configured (model_args and seg heads included)."""
     from odkd.models.complexity import configured_models, list_models
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     w, h = cfg.data.input_size
     flops = f"GFLOPs @{w}x{h}"
     click.echo(f"{'model':<18} {'params (M)':>11} {flops:>16}")
@@ -205,11 +213,11 @@ def models(config_path):
               help="Start from these weights (official HRNet, mmpose or odkd file); overrides [teachers.ROLE].init.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def train_teacher_cmd(config_path, role, out, resume, init, device):
+def train_teacher_cmd(config_path, overrides, role, out, resume, init, device):
     """Train the primary or the senior teacher; writes last.pth, best.pth and log.jsonl."""
     from odkd.train.teacher import train_teacher
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     summary = train_teacher(cfg, role, out=out, resume=resume, init=init, device=device)
     click.echo(json.dumps(summary, indent=2))
 
@@ -221,7 +229,7 @@ def train_teacher_cmd(config_path, role, out, resume, init, device):
               help="The trained file (default: RUNS/teacher_ROLE/best.pth).")
 @click.option("--device", default=None, help="Evaluation device (default: the config's).")
 @user_errors
-def release_teacher_cmd(config_path, role, source, device):
+def release_teacher_cmd(config_path, overrides, role, source, device):
     """Pack a trained teacher as float16 weights into [teachers.ROLE] checkpoint, for sharing.
 
     The file records the train split's dataset fingerprint and the val stats of the packed weights
@@ -230,7 +238,7 @@ def release_teacher_cmd(config_path, role, source, device):
     from odkd.train.release import release_teacher
     from odkd.train.teacher import default_teacher_dir
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     source = source or str(default_teacher_dir(cfg, role) / "best.pth")
     meta = release_teacher(cfg, role, source, device=device)
     release = meta["release"]
@@ -243,12 +251,12 @@ def release_teacher_cmd(config_path, role, source, device):
 @main.command("check-teachers")
 @config_option
 @user_errors
-def check_teachers_cmd(config_path):
+def check_teachers_cmd(config_path, overrides):
     """Check both teacher files before use: each has the [teachers.ROLE] fingerprint, and a released
     file was trained on the dataset that [data] names now (same dataset fingerprint)."""
     from odkd.train.release import check_teacher
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     for role in ("primary", "senior"):
         click.echo(check_teacher(cfg, role).line())
 
@@ -265,7 +273,7 @@ def check_teachers_cmd(config_path):
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth, mid-stage too.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def train_student_cmd(config_path, cache_url, variant, out, resume, device):
+def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, device):
     """Train the [student] from the teacher store, stage by stage ([[student.stages]]).
 
     No teacher is loaded: the targets come from the store that cache-teachers wrote, warped into
@@ -274,7 +282,7 @@ def train_student_cmd(config_path, cache_url, variant, out, resume, device):
     """
     from odkd.train.student import train_student
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     if variant:
         from odkd.distill.variants import with_variant
 
@@ -295,13 +303,13 @@ def train_student_cmd(config_path, cache_url, variant, out, resume, device):
                    "adds any other name. Repeatable.")
 @click.option("--device", default=None, help="Evaluation device (default: the config's); speed is always CPU.")
 @user_errors
-def report_cmd(config_path, out_dir, split, extra_runs, device):
+def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
     """Write RUNS/report.md: AP, size and CPU speed of PT, ST, the GT-only student (RUNS/student_gt)
     and the ODKD student (RUNS/student), their training curves and predictions on val crops.
     A model without a checkpoint is a note in the report."""
     from odkd.apps.report import parse_runs, write_report
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     path, table = write_report(cfg, out_dir, parse_runs(extra_runs), split, device)
     click.echo("\n".join(table))
     click.echo(f"report in {path}")
@@ -318,7 +326,7 @@ def report_cmd(config_path, out_dir, split, extra_runs, device):
 @click.option("--out", type=click.Path(file_okay=False), help="Runs and report (default: RUNS/ablation).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def ablate(config_path, seeds, variants, split, out, device):
+def ablate(config_path, overrides, seeds, variants, split, out, device):
     """Train every variant of the student from the same teacher store, seeds and total epochs.
 
     Writes OUT/VARIANT/seedS (finished runs are reused, unfinished ones resumed), then
@@ -328,7 +336,7 @@ def ablate(config_path, seeds, variants, split, out, device):
     """
     from odkd.apps.ablate import ablation_table, run_ablation
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     names = [name.strip() for name in variants.split(",") if name.strip()] if variants else None
     summary = run_ablation(cfg, seeds=seeds, variants=names, split=split, out=out, device=device,
                            command=shlex.join(["odkd", *sys.argv[1:]]))
@@ -347,7 +355,7 @@ def ablate(config_path, seeds, variants, split, out, device):
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
-def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_test, device):
+def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrides, flip_test, device):
     """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
     from odkd.config import resolve_device
     from odkd.models import build_from_checkpoint
@@ -355,7 +363,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
 
     if bool(boxes) == bool(ann):
         raise click.UsageError("give exactly one of --boxes BOXES.json or --ann GT.json")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     dev = resolve_device(device or cfg.device)
     model, _ = build_from_checkpoint(checkpoint, dev, model=model_name)
     person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
@@ -375,7 +383,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, flip_te
 @click.option("--model", "model_name", default=None, help="Architecture of an official or mmpose checkpoint.")
 @config_option
 @user_errors
-def export_cmd(checkpoint, out, input_size, model_name, config_path):
+def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides):
     """Write the model as ONNX or TorchScript, heatmaps only, and check it against PyTorch.
 
     The seg head is dropped: the file maps `image` (N, 3, H, W) to `heatmaps` (N, K, H/4, W/4),
@@ -383,7 +391,7 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path):
     """
     from odkd.models.export import export_model
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     report = export_model(checkpoint, out, input_size=input_size, config_input_size=cfg.data.input_size,
                           model=model_name)
     click.echo(report.summary())
@@ -403,7 +411,8 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path):
 @click.option("--overwrite", is_flag=True, help="Rebuild from scratch. Without it a store with the same settings resumes and one with other settings is refused.")
 @click.option("--limit", type=int, default=None, help="Cache only the first N instances (a quick trial).")
 @user_errors
-def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, batch_size, device, overwrite, limit):
+def cache_teachers(config_path, overrides, split, out, workers, scheduler, decode_threads, batch_size, device,
+                   overwrite, limit):
     """Run PT and ST once over every person instance of SPLIT into a sharded Zarr store.
 
     Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
@@ -412,7 +421,7 @@ def cache_teachers(config_path, split, out, workers, scheduler, decode_threads, 
     from odkd.teachers.build import build_teacher_store
     from odkd.store.info import store_precision_line
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     summary = build_teacher_store(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
                                   device=device or cfg.device, overwrite=overwrite, limit=limit,
                                   decode_threads=decode_threads)
@@ -442,15 +451,18 @@ def cache_info_cmd(store):
 @click.argument("store")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Pipeline TOML of the store's dataset and teachers; without it only the shards are checked.")
+@set_option
 @click.option("--sample", default=16, show_default=True, help="Instances to re-run through the teachers.")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
-def cache_verify_cmd(store, config_path, sample, device):
+def cache_verify_cmd(store, config_path, overrides, sample, device):
     """Check that every shard is complete and decodes; with --config, the dataset fingerprint and a
     re-run of a sample through the teachers. Exits 1 when anything fails."""
     from odkd.teachers import verify_cache
 
-    cfg = load_config(config_path) if config_path else None
+    if overrides and not config_path:
+        raise click.UsageError("--set changes keys of --config; give --config too")
+    cfg = load_config(config_path, overrides) if config_path else None
     report = verify_cache(store, cfg, sample=sample, device=device)
     click.echo(str(report))
     if not report.ok:

@@ -175,6 +175,7 @@ def report_command(cfg, out_dir, runs: dict[str, str], split: str, device: str |
     args = ["odkd", "report"]
     # no --config for the embedded demo pipeline, nor for a config made in Python (no file to name)
     args += ["--config", cfg.source] if Path(cfg.source).is_file() and Path(cfg.source) != DEMO_CONFIG else []
+    args += [arg for item in cfg.overrides for arg in ("--set", item)]
     args += ["--out", str(out_dir)] if out_dir else []
     args += ["--split", split] if split != "val" else []
     args += ["--device", device] if device else []

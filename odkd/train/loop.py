@@ -313,7 +313,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
         out_dir: str | Path, loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None,
         resume: bool = False, max_steps_per_epoch: int | None = None, lr_factor: LrFactor | None = None,
         signature: dict | None = None, milestones: dict[int, str] | None = None,
-        after_epoch: Callable[[Path], None] | None = None, best_from_epoch: int = 0,
+        after_epoch: Callable[[Path], None] | None = None, on_start: Callable[[Path], None] | None = None,
+        best_from_epoch: int = 0,
         provenance: dict | None = None, ranks: Ranks = Ranks()) -> dict:
     """Train the model `make_model()` builds on `train_set` under `schedule` ([... .train] of the
     config); returns a summary.
@@ -324,7 +325,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
     default the schedule's keys) or of another `provenance` (recorded in every checkpoint).
     `milestones` maps an epoch to a name: that epoch is evaluated and its weights kept as
     `NAME.pth` (the student's stage ends). best.pth is the best by val AP of the epochs from
-    `best_from_epoch` (0-based) on. `after_epoch(out_dir)` runs on rank 0 once an epoch is logged.
+    `best_from_epoch` (0-based) on. `after_epoch(out_dir)` runs on rank 0 once an epoch is logged,
+    `on_start(out_dir)` once the run's checks pass and its folder exists.
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
@@ -360,6 +362,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
     net, idle = None, None
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if on_start:
+            on_start(out_dir)
     loader = make_loader(train_set, schedule.batch_size, schedule.workers, sampler=sampler, drop_last=drop_last)
 
     for epoch in range(state.epoch, schedule.epochs):

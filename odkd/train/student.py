@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import torch
 
-from odkd.config import PipelineConfig, resolve_device
+from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.distill.objective import StudentObjective, stored_arrays
@@ -137,7 +137,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                    signature=signature, milestones=plan.milestones(),
                    after_epoch=lambda d: plot_training_curves(d / "log.jsonl", d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
-                   provenance=provenance, ranks=ranks)
+                   provenance=provenance, ranks=ranks, on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
         return summary if ranks.is_main else None
     finally:
         stop_ranks(ranks)

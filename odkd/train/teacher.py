@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from odkd.config import resolve_device, teacher_data
+from odkd.config import keep_resolved_config, resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.errors import OdkdError
@@ -65,4 +65,5 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
     return fit(make_model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
                loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev,
                evaluate_fn=lambda m: evaluator(m).record(),
-               resume=resume, max_steps_per_epoch=max_steps_per_epoch)
+               resume=resume, max_steps_per_epoch=max_steps_per_epoch,
+               on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
