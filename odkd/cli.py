@@ -1,6 +1,8 @@
 """The `odkd` command line: parse, load the pipeline config, call one function per command.
 
 User errors (OdkdError) print as one line ("Error: ...") and exit 1; usage errors exit 2.
+Results go to stdout. The library logs under `odkd`; this is the one module that prints that log:
+bare lines on stderr, INFO and up unless a command's -v/-q say otherwise.
 """
 
 from __future__ import annotations
@@ -8,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from odkd import __version__
 from odkd.config import EvalConfig, choices, load_config
@@ -55,7 +59,66 @@ def config_option(fn):
                         help=CONFIG_HELP)(set_option(fn))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _StderrLines(logging.Handler):
+    """Prints each log record as its bare message on stderr, above the tqdm bars rather than through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+_STDERR_LINES = _StderrLines()
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """INFO by default; each -v one step towards DEBUG, each -q one towards ERROR."""
+    return min(logging.ERROR, max(logging.DEBUG, logging.INFO + 10 * (quiet - verbose)))
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> None:
+    """The one place that sets up the `odkd` logger, for the run of one command; -v and -q each call it."""
+    counts = ctx.meta.setdefault("odkd.verbosity", {"verbose": 0, "quiet": 0})
+    counts[param.name] = count
+    logger = logging.getLogger("odkd")
+    if _STDERR_LINES not in logger.handlers:
+        before = logger.level, logger.propagate
+
+        def restore():
+            logger.removeHandler(_STDERR_LINES)
+            logger.setLevel(before[0])
+            logger.propagate = before[1]
+
+        logger.addHandler(_STDERR_LINES)
+        # a root handler (one that a dependency set up) would print every line a second time, with its own format
+        logger.propagate = False
+        # a caller that runs commands in-process (tests, scripts) gets the logger back as it found it
+        ctx.call_on_close(restore)
+    logger.setLevel(log_level(**counts))
+
+
+class _Command(click.Command):
+    """An odkd command: it also takes -v/--verbose and -q/--quiet, which set how much of the log it prints."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbosity,
+                         help="Print the details too (the debug log)."),
+            click.Option(["-q", "--quiet"], count=True, expose_value=False, callback=_set_verbosity,
+                         help="Print warnings and errors only; -qq errors only."),
+        ]
+
+
+class _Group(click.Group):
+    """The odkd command groups: their commands are _Commands, their groups are _Groups."""
+
+    command_class = _Command
+    group_class = type
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="odkd")
 def main():
     """odkd: orderly dual-teacher knowledge distillation for lightweight human-pose networks.
