@@ -2,6 +2,7 @@
 tiny world of synthetic data with two seeded tiny teachers."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -120,6 +121,11 @@ def make_tiny_world(base: Path, val_images: int = 2, val_aps: dict | None = None
                         model_name="hrnet_tiny", model_args=args, seg_head=seg,
                         extra={"best_ap": val_aps[role]} if val_aps else None)
     return base
+
+
+def odkd_log(caplog, level: int = logging.WARNING) -> list[str]:
+    """The messages that odkd's loggers sent at `level` or above in this test (since caplog.clear())."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("odkd.") and r.levelno >= level]
 
 
 @pytest.fixture(scope="module")

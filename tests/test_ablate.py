@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_tiny_world
+from conftest import make_tiny_world, odkd_log
 from odkd.apps.ablate import check_hypothesis, run_ablation, spread
 from odkd.cli import main
 from odkd.config import StageConfig, parse_config
@@ -104,11 +104,11 @@ def test_hypotheses_are_judged_against_twice_the_larger_std():
     assert mixed["ahead"] == 1 and mixed["mean"] == pytest.approx(0.0)
 
 
-def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, capsys):
+def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog):
     cfg = parse_config(student_toml(world, stages=ONE_PLUS_ONE))
     out = tmp_path / "ablation"
     summary = run_ablation(cfg, seeds=2, variants=["gt", "orderly", "soft"], out=out, max_steps_per_epoch=1)
-    err = capsys.readouterr().err
+    err = "\n".join(odkd_log(caplog))
     assert "warning: variant 'soft' skipped" in err and "store_soft = true" in err
     assert "reports on val" in err  # the tiny world has no test split
     saved = json.loads((out / "ablation.json").read_text())

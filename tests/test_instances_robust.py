@@ -22,7 +22,7 @@ from odkd.errors import OdkdError
 from odkd.store import TeacherTargets
 from odkd.teachers import build_cache
 
-from conftest import make_tiny_coco
+from conftest import make_tiny_coco, odkd_log
 
 
 def edit_annotations(ann_file, edit) -> None:
@@ -35,11 +35,11 @@ def annotation(data, ann_id) -> dict:
     return next(a for a in data["annotations"] if a["id"] == ann_id)
 
 
-def test_boxes_without_a_crop_are_skipped_and_counted_in_one_line(tiny_coco, capsys):
+def test_boxes_without_a_crop_are_skipped_and_counted_in_one_line(tiny_coco, caplog):
     ann_file, image_dir = tiny_coco
     before = PersonInstances(ann_file, image_dir)
     assert [i.ann_id for i in before.instances] == [100, 101, 200, 300, 301]
-    assert capsys.readouterr().err == ""
+    assert odkd_log(caplog) == []
 
     def break_boxes(data):
         annotation(data, 100)["bbox"][0] = 160.0  # starts at the 160 px image's right edge: nothing left
@@ -56,13 +56,13 @@ def test_boxes_without_a_crop_are_skipped_and_counted_in_one_line(tiny_coco, cap
     assert after[0].bbox == (159.0, 20.0, 0.0, 79.0)  # x2 = min(width - 1, x1 + w - 1), y2 likewise
     assert after[1].bbox == (0.0, 10.0, 35.0, 89.0)
     np.testing.assert_array_equal(after[1].joints, before[3].joints)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1
+    lines = odkd_log(caplog)
+    assert len(lines) == 1 and "\n" not in lines[0]
     assert str(ann_file) in lines[0] and "skipped 3 " in lines[0]
     assert "annotation ids 100, 200, 301)" in lines[0] and "strict = true" in lines[0]
 
 
-def test_warning_names_only_the_first_few_ids(tmp_path, capsys):
+def test_warning_names_only_the_first_few_ids(tmp_path, caplog):
     ann_file = make_tiny_coco(tmp_path / "many", n_images=5)
 
     def move_everyone_out(data):
@@ -70,11 +70,11 @@ def test_warning_names_only_the_first_few_ids(tmp_path, capsys):
             ann["bbox"][1] = 500.0
     edit_annotations(ann_file, move_everyone_out)
     assert len(PersonInstances(ann_file, tmp_path / "many" / "images")) == 0
-    (line,) = capsys.readouterr().err.splitlines()
+    (line,) = odkd_log(caplog)
     assert "skipped 8 " in line and "annotation ids 100, 101, 200, 300, 301, ...)" in line
 
 
-def test_strict_makes_a_bad_box_an_error_naming_the_file_and_annotation(tiny_coco, capsys):
+def test_strict_makes_a_bad_box_an_error_naming_the_file_and_annotation(tiny_coco, caplog):
     ann_file, image_dir = tiny_coco
 
     def move_right_of_the_image(data):
@@ -87,7 +87,7 @@ def test_strict_makes_a_bad_box_an_error_naming_the_file_and_annotation(tiny_coc
     message = str(exc.value)
     assert message.startswith(f"{ann_file}: annotation 101: 'bbox' [900.0, ")
     assert "lies outside its 160x120 image" in message and "\n" not in message
-    assert capsys.readouterr().err == ""
+    assert odkd_log(caplog) == []
     assert len(load_instances(DataConfig(root=cfg.root, val_images=cfg.val_images), "val")) == 3
 
 
@@ -96,30 +96,30 @@ def write_detections(path, image_ids) -> None:
                                 for i in image_ids]))
 
 
-def test_detections_on_images_not_annotated_are_skipped_and_counted_in_one_line(tiny_coco, tmp_path, capsys):
+def test_detections_on_images_not_annotated_are_skipped_and_counted_in_one_line(tiny_coco, tmp_path, caplog):
     """A full val2017 detections file on a val subset: the other images' boxes are skipped, the rest kept."""
     ann_file, image_dir = tiny_coco
     coco = PersonInstances(ann_file, image_dir).coco
     dets = tmp_path / "dets.json"
     write_detections(dets, [1, 999999, 2, 999999, 3, 424242])
-    capsys.readouterr()
+    caplog.clear()
     kept = DetectedPersons(dets, coco, image_dir)
     assert [inst.image_id for inst in kept.instances] == [1, 2, 3]
-    (line,) = capsys.readouterr().err.splitlines()
+    (line,) = odkd_log(caplog)
     assert line == (f"warning: {dets}: skipped 3 detection(s) on 2 image(s) not in the annotations "
                     f"(image ids 999999, 424242); [data] strict = true makes this an error")
 
 
-def test_strict_makes_a_detection_on_an_unknown_image_an_error(tiny_coco, tmp_path, capsys):
+def test_strict_makes_a_detection_on_an_unknown_image_an_error(tiny_coco, tmp_path, caplog):
     ann_file, image_dir = tiny_coco
     coco = PersonInstances(ann_file, image_dir).coco
     dets = tmp_path / "dets.json"
     write_detections(dets, [1, 999999])
-    capsys.readouterr()
+    caplog.clear()
     with pytest.raises(OdkdError) as exc:
         DetectedPersons(dets, coco, image_dir, strict=True)
     assert str(exc.value) == f"{dets}: detection [1] image_id 999999 is not in the annotations ([data] strict = true)"
-    assert capsys.readouterr().err == ""
+    assert odkd_log(caplog) == []
 
 
 def test_strict_is_a_data_key():
@@ -142,7 +142,7 @@ def test_fingerprint_covers_the_kept_instances(tiny_coco):
     assert dropped == removed  # a dropped box is as if it were not there: a cache keys on what is kept
 
 
-def test_crowd_only_image_gives_no_instance_and_no_warning(tiny_coco, capsys):
+def test_crowd_only_image_gives_no_instance_and_no_warning(tiny_coco, caplog):
     ann_file, image_dir = tiny_coco
     cv2.imwrite(str(image_dir / "crowd.jpg"), np.zeros((120, 160, 3), np.uint8))
 
@@ -155,7 +155,7 @@ def test_crowd_only_image_gives_no_instance_and_no_warning(tiny_coco, capsys):
     inst = PersonInstances(ann_file, image_dir)
     assert 9 in inst.coco.imgs and [i.ann_id for i in inst.instances] == [100, 101, 200, 300, 301]
     assert all(i.image_id != 9 for i in inst.instances)
-    assert capsys.readouterr().err == ""
+    assert odkd_log(caplog) == []
 
 
 def test_keypoints_outside_the_image_are_kept_as_labelled(tiny_coco):

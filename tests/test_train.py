@@ -1,6 +1,7 @@
 """The training loop, teachers, model evaluation and predict, on a small synthetic set with tiny models."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from odkd.eval.evaluate import evaluate_checkpoint, evaluate_model
 from odkd.train.loop import ModelSpec, fit, lr_multiplier
 from odkd.eval.predict import predict_to_png
 from odkd.train.teacher import teacher_loss, train_teacher
+
+from conftest import odkd_log
 
 
 def pipeline_toml(root, runs, epochs=2, *, val_split="val", sigma=1.0, augment=True) -> str:
@@ -186,14 +189,16 @@ def test_resume_under_another_architecture_names_both(synth_root, tmp_path):
         train_teacher(longer, "primary", resume=True)
 
 
-def test_init_checkpoint_without_seg_head_reports_new_head(synth_root, tmp_path, capsys):
+def test_init_checkpoint_without_seg_head_reports_new_head(synth_root, tmp_path, caplog):
     cfg = parse_config(pipeline_toml(synth_root, tmp_path / "runs", epochs=1))
     plain = build_model("hrnet_tiny", width=8)
     from odkd.models import save_checkpoint
 
     save_checkpoint(tmp_path / "plain.pth", plain, model_name="hrnet_tiny", model_args={"width": 8}, seg_head=False)
+    caplog.set_level(logging.INFO, logger="odkd")
     train_teacher(cfg, "senior", init=str(tmp_path / "plain.pth"), max_steps_per_epoch=1)
-    assert "newly initialized: seg_head" in capsys.readouterr().err
+    (init,) = [line for line in odkd_log(caplog, logging.INFO) if line.startswith("init from")]
+    assert "newly initialized: seg_head" in init
 
 
 def test_a_teacher_trains_and_is_scored_on_its_data_root_not_on_data(synth_root, tmp_path):

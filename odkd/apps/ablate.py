@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
 import numpy as np
 
 from odkd.config import PipelineConfig, StageConfig, resolve_device
@@ -31,6 +31,8 @@ from odkd.train.student import check_store_fits, open_teacher_store, train_stude
 REPORTED = ("AP", "AP .5", "AR")
 # best.pth is chosen by val AP; scoring it would select on the reported split whenever that is val
 SCORED_WEIGHTS = "last.pth"
+
+log = logging.getLogger(__name__)
 
 
 # (A, B, the claim that A's AP is above B's)
@@ -110,8 +112,8 @@ def default_split(cfg: PipelineConfig) -> str:
     test_ann = cfg.data.ann_file("test")
     if test_ann.is_file():
         return "test"
-    click.echo(f"warning: {test_ann} not found: the ablation reports on val, the split hyper-parameters are "
-               f"chosen on; report a held-out test split", err=True)
+    log.warning(f"warning: {test_ann} not found: the ablation reports on val, the split hyper-parameters are "
+                f"chosen on; report a held-out test split")
     return "val"
 
 
@@ -149,7 +151,7 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
         if name == "soft" and missing:
             skipped[name] = (f"{targets.url} has no {', '.join(missing)}; build the store with "
                              f"[cache] store_soft = true")
-            click.echo(f"warning: variant 'soft' skipped: {skipped[name]}", err=True)
+            log.warning(f"warning: variant 'soft' skipped: {skipped[name]}")
             continue
         run_cfg = variant_config(cfg, stages, seed_list[0])
         check_store_fits(targets, run_cfg, StagePlan(run_cfg.student), len(instances))
@@ -168,7 +170,7 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
             stats = evaluator(net).stats
             runs[name].append({"seed": seed, "dir": str(run_dir), "status": status,
                                **{key: stats[key] for key in REPORTED}})
-            click.echo(f"ablate: {name} seed {seed}: {status}; {split} AP {stats['AP']:.4f}")
+            log.info(f"ablate: {name} seed {seed}: {status}; {split} AP {stats['AP']:.4f}")
 
     results = {name: {"stages": [dataclasses.asdict(stage) for stage in stage_lists[name]], "n": len(rows),
                       **{key: spread([row[key] for row in rows]) for key in REPORTED}, "runs": rows}

@@ -8,7 +8,7 @@ or bottom edge) or whose area is not positive is dropped, as the official box cl
 so is a box with a non-positive width or height, which the official code would keep as a sliver.
 A box that starts left of or above the image is moved to start at its edge and kept, as officially
 (however far out it was). The drops are
-counted in one warning line on stderr naming the first few annotation ids; with `strict` they are
+counted in one logged warning naming the first few annotation ids; with `strict` they are
 an error naming the first one. Keypoints outside the image are kept as labelled, with their
 visibility, as the official joints_3d are. The order is deterministic (image id, then annotation
 id) and every instance gets a stable index. The fingerprint hashes everything the kept instance
@@ -21,10 +21,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 from pycocotools.coco import COCO
 
@@ -33,6 +33,8 @@ from odkd.data.transforms import box_to_center_scale
 from odkd.errors import OdkdError, not_found
 
 SKIPPED_IDS_SHOWN = 5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ class PersonInstances(_InstanceList):
         self.skipped_ann_ids: list[int] = []
         self.instances = self._collect()
         if self.skipped_ann_ids:
-            click.echo(_skipped_warning(self.ann_file, self.skipped_ann_ids), err=True)
+            log.warning(_skipped_warning(self.ann_file, self.skipped_ann_ids))
+        log.debug(f"{self.ann_file}: {len(self.instances)} person instance(s) on {len(self.coco.imgs)} image(s)")
         self.fingerprint = self._fingerprint()
 
     def _collect(self) -> list[Instance]:
@@ -202,7 +205,7 @@ class DetectedPersons(_InstanceList):
     Follows the official HRNet detection path: only category 1, boxes with score above
     `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes. Boxes on images
     the annotations do not have (a full val2017 detections file on a val subset) are skipped and
-    counted in one warning line on stderr; with `strict` the first is an error.
+    counted in one logged warning; with `strict` the first is an error.
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
@@ -242,9 +245,9 @@ class DetectedPersons(_InstanceList):
             ))
         if unknown_image_ids:
             images = list(dict.fromkeys(unknown_image_ids))
-            click.echo(f"warning: {self.det_file}: skipped {len(unknown_image_ids)} detection(s) on {len(images)} "
-                       f"image(s) not in the annotations (image ids {_first_ids(images)}); [data] strict = true "
-                       f"makes this an error", err=True)
+            log.warning(f"warning: {self.det_file}: skipped {len(unknown_image_ids)} detection(s) on {len(images)} "
+                        f"image(s) not in the annotations (image ids {_first_ids(images)}); [data] strict = true "
+                        f"makes this an error")
 
 
 def load_instances(data_cfg, split: str) -> PersonInstances:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import time
@@ -48,6 +49,8 @@ COUNT_PREFIX = "n_"  # parts named n_* are counts: summed over the epoch, not av
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 EMA_GAMMA = 2000  # mmdet's ExpMomentumEMA default, as RTMPose trains
 POSTFIX_EVERY = 10  # steps between tqdm postfix updates: reading the loss back waits for the device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -395,7 +398,7 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
             save_last(last_path, state, spec, signature)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if after_epoch is not None:
                 after_epoch(out_dir)
         barrier(ranks)

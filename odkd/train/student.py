@@ -8,10 +8,10 @@ and its geometry fits the student. Then the one training loop runs the stages in
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import torch
 
 from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
@@ -27,6 +27,8 @@ from odkd.store.local import LocalRows
 from odkd.store.reader import TeacherTargets
 from odkd.train.distributed import start_ranks, stop_ranks
 from odkd.train.loop import ModelSpec, fit, lr_multiplier, refuse_another_run, schedule_signature
+
+log = logging.getLogger(__name__)
 
 
 def default_student_dir(cfg: PipelineConfig) -> Path:
@@ -111,7 +113,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             if scfg.init and not resume:
                 report = load_checkpoint(model, scfg.init, allow_new_seg_head=True)
                 if ranks.is_main:
-                    click.echo(f"init from {report.summary()}", err=True)
+                    log.info(f"init from {report.summary()}")
             return model
 
         schedule = plan.schedule()

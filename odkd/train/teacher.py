@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-
-import click
 
 from odkd.config import keep_resolved_config, resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
@@ -16,6 +15,8 @@ from odkd.models.losses import joints_mse_loss, mask_loss
 from odkd.train.loop import ModelSpec, fit
 
 ROLES = ("primary", "senior")
+
+log = logging.getLogger(__name__)
 
 
 def teacher_loss(seg_weight: float, seg_loss: str):
@@ -49,7 +50,7 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
         model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
         if init and not resume:
             report = load_checkpoint(model, init, allow_new_seg_head=True)
-            click.echo(f"init from {report.summary()}", err=True)
+            log.info(f"init from {report.summary()}")
         return model
 
     data = teacher_data(cfg, role)
