@@ -1,1 +1,1 @@
-"""COCO-format person instances, HRNet-style crops and targets, decoding, the synthetic dataset."""
+"""COCO-format person instances and keypoint conventions, HRNet-style crops and targets, decoding, the loader."""
