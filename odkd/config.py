@@ -493,7 +493,7 @@ def _is_table_array(value) -> bool:
 def _toml_lines(table: dict, path: tuple[str, ...], header: str) -> list[str]:
     """`table` under its `header` line, then its sub-tables and arrays of tables under their own."""
     values = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_array(v)}
-    lines = ([header] if header and (values or not table or header.startswith("[[")) else [])
+    lines = [header] if header and (values or not table or header.startswith("[[")) else []
     lines += [f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in values.items()]
     for key, value in table.items():
         sub = (*path, key)
@@ -548,7 +548,8 @@ def keep_resolved_config(cfg: PipelineConfig, run_dir: str | Path) -> Path:
 
     A resume under another config keeps the earlier file and writes config.1.toml, config.2.toml, ...
     so that nothing already written is lost."""
-    given = " ".join([cfg.source, *(f"--set {item}" for item in cfg.overrides)])
+    # a value may hold a line break, which must not end the comment
+    given = " ".join([cfg.source, *(f"--set {item}" for item in cfg.overrides)]).replace("\n", "\\n")
     text = (f"# the pipeline config of this run: {given}, with its extends and the command's own changes\n"
             f"# resolved; odkd COMMAND --config THIS_FILE runs with it again\n\n{toml_text(resolved_table(cfg))}")
     names = itertools.chain(["config.toml"], (f"config.{n}.toml" for n in itertools.count(1)))

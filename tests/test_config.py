@@ -324,6 +324,9 @@ def test_a_resume_under_another_config_keeps_the_earlier_file(tmp_path):
     assert load_config(tmp_path / "config.1.toml").data.sigma == 3.0
     assert (tmp_path / "config.1.toml").read_text().startswith(
         "# the pipeline config of this run: p.toml --set data.sigma=3,")
+    broken = parse_config("", "p.toml", ["runs=a\nsigma = 1"])  # the header comment stays one comment
+    (tmp_path / "b").mkdir()
+    assert load_config(keep_resolved_config(broken, tmp_path / "b")).runs == "a\nsigma = 1"
 
 
 def test_train_teacher_keeps_its_resolved_config_in_the_run_folder(tmp_path):
