@@ -36,6 +36,21 @@ def make_seg_head(in_channels: int) -> nn.Sequential:
     )
 
 
+def add_pose_heads(model: nn.Module, channels: int, num_joints: int, seg_head: bool) -> None:
+    """The heads every pose model ends with, under the names its checkpoints use: `final_layer` (1x1 conv
+    to the heatmaps) and, with `seg_head`, the person-mask head `seg_head`."""
+    model.num_joints, model.has_seg_head = num_joints, seg_head
+    model.final_layer = nn.Conv2d(channels, num_joints, kernel_size=1)
+    if seg_head:
+        model.seg_head = make_seg_head(channels)
+
+
+def pose_output(model: nn.Module, features: Tensor) -> PoseOutput:
+    """The model's heads on its stride-4 features: heatmaps, and mask logits when it has a seg head."""
+    mask_logits = model.seg_head(features) if model.has_seg_head else None
+    return PoseOutput(model.final_layer(features), mask_logits)
+
+
 def make_deconv_layers(in_channels: int, channels: int, num_layers: int = 3) -> nn.Sequential:
     """SimpleBaseline upsampling: num_layers x (deconv 4x4 stride 2, BN, ReLU), each doubling H and W."""
     layers: list[nn.Module] = []

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from odkd.models.heads import BN_MOMENTUM, PoseOutput, check_input_size, init_pose_weights, make_seg_head
+from odkd.models.heads import (
+    BN_MOMENTUM, PoseOutput, add_pose_heads, check_input_size, init_pose_weights, pose_output,
+)
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -166,8 +168,6 @@ class PoseHighResolutionNet(nn.Module):
         super().__init__()
         if len(num_modules) != 3:
             raise ValueError(f"num_modules needs 3 entries (stage2, stage3, stage4), got {list(num_modules)}")
-        self.num_joints = num_joints
-        self.has_seg_head = seg_head
 
         self.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
@@ -187,9 +187,7 @@ class PoseHighResolutionNet(nn.Module):
         self.transition3 = _transition(widths[:3], widths)
         self.stage4 = self._make_stage(widths, num_modules[2], num_blocks, last_multi_scale=False)
 
-        self.final_layer = nn.Conv2d(width, num_joints, kernel_size=1, stride=1, padding=0)
-        if seg_head:
-            self.seg_head = make_seg_head(width)
+        add_pose_heads(self, width, num_joints, seg_head)
         init_pose_weights(self)
 
     @staticmethod
@@ -220,6 +218,4 @@ class PoseHighResolutionNet(nn.Module):
         ys = self.stage2(self._enter(self.transition1, [x]))
         ys = self.stage3(self._enter(self.transition2, ys))
         ys = self.stage4(self._enter(self.transition3, ys))
-        features = ys[0]
-        mask_logits = self.seg_head(features) if self.has_seg_head else None
-        return PoseOutput(self.final_layer(features), mask_logits)
+        return pose_output(self, ys[0])

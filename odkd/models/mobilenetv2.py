@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from odkd.models.heads import (
     BN_MOMENTUM,
     PoseOutput,
+    add_pose_heads,
     check_input_size,
     init_pose_weights,
     make_deconv_layers,
-    make_seg_head,
+    pose_output,
 )
 
 # (expansion t, channels c, repeats n, first stride s) of the MobileNetV2 paper, Table 2
@@ -100,13 +101,9 @@ class PoseMobileNetV2(nn.Module):
         deconv_channels: int = 256,
     ):
         super().__init__()
-        self.num_joints = num_joints
-        self.has_seg_head = seg_head
         self.backbone = MobileNetV2(width_mult, last_channels)
         self.deconv_layers = make_deconv_layers(self.backbone.out_channels, deconv_channels)
-        self.final_layer = nn.Conv2d(deconv_channels, num_joints, kernel_size=1)
-        if seg_head:
-            self.seg_head = make_seg_head(deconv_channels)
+        add_pose_heads(self, deconv_channels, num_joints, seg_head)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -118,6 +115,4 @@ class PoseMobileNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> PoseOutput:
         check_input_size(x)
-        features = self.deconv_layers(self.backbone(x))
-        mask_logits = self.seg_head(features) if self.has_seg_head else None
-        return PoseOutput(self.final_layer(features), mask_logits)
+        return pose_output(self, self.deconv_layers(self.backbone(x)))
