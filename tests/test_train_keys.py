@@ -370,7 +370,7 @@ def test_train_student_says_which_stage_and_epoch_best_pth_is(student_world, tmp
                                    student=f'best = "{best}"'))
     result = CliRunner().invoke(main, ["train-student", "--config", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{\n"):])
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
     assert (summary["best_epoch"], summary["best_stage"]) == (epoch, stage)
     meta = read_checkpoint(summary["best"]).extra
     assert (meta["epoch"], meta["stage"]) == (epoch, stage)
