@@ -135,3 +135,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The released demo teachers: trained on the demo's synthetic people at the tests' geometry (96x128 crops,
+# 24x32 maps), so they and students that start from them score above 0 on make_tiny_world's val split,
+# where the tiny teachers above score 0 and a test could not tell one checkpoint's AP from another's.
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def from_zoo_primary(toml: str) -> str:
+    """student_toml's pipeline with the student as the zoo's primary teacher (hrnet_tiny, width 12) and
+    initialised from it."""
+    student = 'model = "mobilenetv2_tiny"'
+    assert toml.count(student) == 1, "student_toml no longer names the student's model once"
+    return toml.replace(student, f'model = "hrnet_tiny"\nmodel_args = {{ width = 12 }}\n'
+                                 f'init = "{ZOO / "demo_primary.pth"}"')

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_tiny_world, odkd_log
+from conftest import from_zoo_primary, make_tiny_world, odkd_log
 from odkd.apps.ablate import check_hypothesis, run_ablation, spread
 from odkd.cli import main
 from odkd.config import StageConfig, parse_config
@@ -105,7 +105,8 @@ def test_hypotheses_are_judged_against_twice_the_larger_std():
 
 
 def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog):
-    cfg = parse_config(student_toml(world, stages=ONE_PLUS_ONE))
+    # students that start from the zoo's primary teacher score above 0, each run its own AP
+    cfg = parse_config(from_zoo_primary(student_toml(world, stages=ONE_PLUS_ONE)))
     out = tmp_path / "ablation"
     summary = run_ablation(cfg, seeds=2, variants=["gt", "orderly", "soft"], out=out, max_steps_per_epoch=1)
     err = "\n".join(odkd_log(caplog))
@@ -124,6 +125,10 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog)
         assert result["AP"]["std"] == pytest.approx(np.std(aps, ddof=1))
         assert f"| {name} | {np.mean(aps):.4f} ± {np.std(aps, ddof=1):.4f} |" in md
         assert result["n"] == 2 and {row["status"] for row in result["runs"]} == {"trained"}
+    # every run scores, and no two alike: an AP read from another run's weights would not match above
+    scored = [(row["AP"], row["AP .5"], row["AR"]) for name in ("gt", "orderly")
+              for row in saved["variants"][name]["runs"]]
+    assert min(ap for ap, _, _ in scored) > 0 and len(set(scored)) == len(scored), scored
     # each run trained its variant's stages under its own seed
     stages = {run.parent.name + "/" + run.name: [json.loads(line)["stage"] for line in (run / "log.jsonl").open()]
               for run in out.glob("*/seed*")}
@@ -147,7 +152,7 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog)
     assert again["variants"]["orderly"]["AP"] == saved["variants"]["orderly"]["AP"]
 
     # a run made under another configuration is refused, not reused or overwritten
-    changed = parse_config(student_toml(world, stages=ONE_PLUS_ONE.replace("0.01", "0.02")))
+    changed = parse_config(from_zoo_primary(student_toml(world, stages=ONE_PLUS_ONE.replace("0.01", "0.02"))))
     with pytest.raises(OdkdError, match=r"orderly/seed0/run.json: this run was trained under another "
                                         r"configuration \(student.stages "):
         run_ablation(changed, seeds=1, variants=["orderly"], out=out, max_steps_per_epoch=1)

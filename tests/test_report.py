@@ -1,5 +1,5 @@
-"""odkd report: one table row per model with evaluate's AP, the curves and crop grid as real PNGs,
-missing runs as notes, and --runs rows from the command line."""
+"""odkd report: one table row per model with evaluate's AP of that row's own checkpoint, the curves and
+crop grid as real PNGs, missing runs as notes, and --runs rows from the command line."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.eval.evaluate import predict_instances
 from odkd.models import build_from_checkpoint, read_checkpoint
+from odkd.synth import make_synthetic_dataset
 from odkd.teachers import build_cache
 from odkd.train.student import train_student
-from conftest import make_tiny_world
+from conftest import TINY_TEACHERS_TOML, ZOO, from_zoo_primary
 from test_student import TWO_STAGES, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,15 +37,32 @@ epochs = 1
 teacher = "none"
 """
 ODKD = TWO_STAGES.replace("epochs = 2", "epochs = 1")  # one epoch each
+ZOO_TEACHERS_TOML = """[teachers.primary]
+model = "hrnet_tiny"
+model_args = { width = 12 }
+[teachers.senior]
+model = "hrnet_tiny"
+model_args = { width = 32 }
+seg_head = true"""
+
+
+def report_toml(base: Path, stages: str = TWO_STAGES) -> str:
+    """The zoo's demo teachers at RUNS/teacher_ROLE, as train-teacher leaves them, and students that start
+    from the primary: every row scores above 0, so a row that showed another checkpoint's AP would differ."""
+    return from_zoo_primary(student_toml(base, stages=stages)).replace(TINY_TEACHERS_TOML, ZOO_TEACHERS_TOML)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The tiny teachers at RUNS/teacher_*, and a GT-only and an ODKD student of one step per epoch."""
-    base = make_tiny_world(tmp_path_factory.mktemp("report"), val_images=2)
-    build_cache(parse_config(student_toml(base)), "train", scheduler="synchronous", progress=False)
+    """The demo teachers at RUNS/teacher_*, their store, and a GT-only and an ODKD student of one step per epoch."""
+    base = tmp_path_factory.mktemp("report")
+    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
+    for role in ("primary", "senior"):
+        (base / "runs" / f"teacher_{role}").mkdir(parents=True)
+        shutil.copyfile(ZOO / f"demo_{role}.pth", base / "runs" / f"teacher_{role}" / "best.pth")
+    build_cache(parse_config(report_toml(base)), "train", scheduler="synchronous", progress=False)
     for sub, stages in (("student_gt", GT_ONLY), ("student", ODKD)):
-        train_student(parse_config(student_toml(base, stages=stages)), out=str(base / "runs" / sub),
+        train_student(parse_config(report_toml(base, stages=stages)), out=str(base / "runs" / sub),
                       max_steps_per_epoch=1)
     return base
 
@@ -63,7 +81,7 @@ def assert_image(path: Path, min_width: int, min_height: int):
 
 
 def test_report_has_every_model_with_evaluates_ap_and_its_pictures(world):
-    cfg = parse_config(student_toml(world))
+    cfg = parse_config(report_toml(world))
     path, table = write_report(cfg, device="cpu", speed_seconds=0.0)
     assert path == world / "runs" / "report.md"
     text = path.read_text()
@@ -79,7 +97,11 @@ def test_report_has_every_model_with_evaluates_ap_and_its_pictures(world):
         assert cells[3:9] == [f"{stats[k]:.3f}" for k in ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR")]
         params, gflops, speed = map(float, cells[9:12])
         assert params > 0 and gflops > 0 and speed > 0
-    assert rows["PT"][2] == "hrnet_tiny(width=8)" and rows["ODKD"][2] == "mobilenetv2_tiny"
+    # every row scores, and no two alike: a row measured on another row's checkpoint would not match above
+    aps = [float(cells[3]) for cells in rows.values()]
+    assert min(aps) > 0 and len(set(aps)) == len(aps), aps
+    assert [cells[2] for cells in rows.values()] == ["hrnet_tiny(width=12)", "hrnet_tiny(width=32)",
+                                                     "hrnet_tiny(width=12)", "hrnet_tiny(width=12)"]
     assert "![training curves](curves.png)" in text and "![predictions](crops.png)" in text
     assert "skipped" not in text
     # two panels of 6x4.5 inches at 100 dpi; a header strip and CROP_ROWS rows of 96x128 crops, 5 columns
@@ -93,7 +115,7 @@ def test_cli_notes_missing_runs_and_takes_rows_from_runs_options(world, tmp_path
     for sub in ("teacher_primary", "student"):
         shutil.copytree(world / "runs" / sub, runs / sub)
     config = tmp_path / "p.toml"
-    config.write_text(student_toml(world).replace(f'runs = "{world}/runs"', f'runs = "{runs}"'))
+    config.write_text(report_toml(world).replace(f'runs = "{world}/runs"', f'runs = "{runs}"'))
     gt_only = world / "runs" / "student_gt"
     result = CliRunner().invoke(main, ["report", "--config", str(config), "--out", str(tmp_path / "out"),
                                        "--runs", f"GT-only={gt_only}", "--runs", f"again={runs / 'student'}"])
@@ -113,7 +135,7 @@ def test_cli_notes_missing_runs_and_takes_rows_from_runs_options(world, tmp_path
 
 
 def test_a_runs_folder_without_best_pth_is_one_line(world, tmp_path):
-    cfg = parse_config(student_toml(world))
+    cfg = parse_config(report_toml(world))
     with pytest.raises(OdkdError, match=r"^\S*nowhere/best.pth: not found \(--runs X=\S*nowhere\)$"):
         write_report(cfg, tmp_path, {"X": str(tmp_path / "nowhere")}, "val", "cpu")
     result = CliRunner().invoke(main, ["report", "--runs", "no-equals-sign"])
@@ -121,9 +143,9 @@ def test_a_runs_folder_without_best_pth_is_one_line(world, tmp_path):
 
 
 def test_grid_keypoints_are_the_evaluated_keypoints_in_crop_pixels(world):
-    """The tiny models score AP 0, so the grid's geometry is checked on its own: the picked crops'
-    keypoints, mapped back through each crop's frame, are the ones evaluation decodes in the image."""
-    cfg = parse_config(student_toml(world))
+    """The picked crops' keypoints, mapped back through each crop's frame, are the ones evaluation decodes
+    in the image."""
+    cfg = parse_config(report_toml(world))
     instances = load_instances(cfg.data, "val")
     picks = pick_instances(instances, CROP_ROWS)
     assert picks == pick_instances(instances, CROP_ROWS) and len(picks) == min(CROP_ROWS, len(instances))
