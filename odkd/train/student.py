@@ -91,7 +91,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
     """Train the `[student]` of the pipeline config from its teacher store; returns the loop's summary
     (None on the ranks other than 0 under torchrun)."""
     if "student" not in cfg.raw:
-        raise OdkdError(f"{cfg.source}: no [student] section; add one (see the README's 'Training the student')")
+        raise OdkdError(f"{cfg.source}: no [student] section; add one (docs/config.md, [student])")
     scfg = cfg.student
     plan = StagePlan(scfg)
     ranks, dev = start_ranks(resolve_device(device or cfg.device))
