@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import re
 import sys
 import typing
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from odkd.errors import OdkdError, not_found
+from odkd.tomlwrite import as_toml_value, toml_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -467,60 +467,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return parse_config(path.read_text(), str(path), overrides)
 
 
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
-
-
-def _toml_inline(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)  # Python's float repr (1e-05, inf, nan) is TOML too
-    if isinstance(value, str):
-        # JSON's escapes are TOML's; TOML also wants DEL escaped
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_inline(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML for {type(value).__name__}")
-
-
-def _is_table_array(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
-
-
-def _toml_lines(table: dict, path: tuple[str, ...], header: str) -> list[str]:
-    """`table` under its `header` line, then its sub-tables and arrays of tables under their own."""
-    values = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_array(v)}
-    lines = [header] if header and (values or not table or header.startswith("[[")) else []
-    lines += [f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in values.items()]
-    for key, value in table.items():
-        sub = (*path, key)
-        dotted = ".".join(map(_toml_key, sub))
-        if isinstance(value, dict):
-            lines += ["", *_toml_lines(value, sub, f"[{dotted}]")]
-        elif _is_table_array(value):
-            for item in value:
-                lines += ["", *_toml_lines(item, sub, f"[[{dotted}]]")]
-    return lines
-
-
-def toml_text(table: dict) -> str:
-    """A TOML document that tomllib reads back as `table` (no TOML writer ships with Python)."""
-    text = "\n".join(_toml_lines(table, (), ""))
-    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"  # a table with no keys of its own adds no line
-
-
-def _plain(value):
-    """A dataclasses.asdict value as TOML takes it: tuples as arrays."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
 def _overlaid(table: dict, now: dict, as_read: dict) -> dict:
     """`table` with every value of `now` that differs from `as_read`, the values `table` itself gives."""
     out = dict(table)
@@ -529,7 +475,7 @@ def _overlaid(table: dict, now: dict, as_read: dict) -> dict:
             continue
         # a section the table leaves out is written whole: a written [teachers.senior] has other defaults
         both_tables = isinstance(value, dict) and isinstance(table.get(key), dict)
-        out[key] = _overlaid(table[key], value, as_read[key]) if both_tables else _plain(value)
+        out[key] = _overlaid(table[key], value, as_read[key]) if both_tables else as_toml_value(value)
     return out
 
 

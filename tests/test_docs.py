@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from odkd.cli import main
 from odkd.config import PipelineConfig
+from odkd.tomlwrite import as_toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -26,15 +27,6 @@ TOP_LEVEL = ""
 
 def _default(field: dataclasses.Field):
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
-
-
-def _as_toml(value):
-    """A Python default as tomllib would read it back: tuples become lists."""
-    if isinstance(value, (tuple, list)):
-        return [_as_toml(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_toml(v) for k, v in value.items()}
-    return value
 
 
 def config_keys() -> dict[str, dict[str, list]]:
@@ -57,9 +49,9 @@ def config_keys() -> dict[str, dict[str, list]]:
             elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
                 walk(typing.get_args(tp)[0], dotted, None)  # [[student.stages]]: an array of tables
             else:
-                defaults = [_as_toml(_default(field))]
-                if instance is not None and _as_toml(getattr(instance, field.name)) not in defaults:
-                    defaults.append(_as_toml(getattr(instance, field.name)))
+                defaults = [as_toml_value(_default(field))]
+                if instance is not None and as_toml_value(getattr(instance, field.name)) not in defaults:
+                    defaults.append(as_toml_value(getattr(instance, field.name)))
                 sections.setdefault(section, {})[field.name] = defaults
 
     walk(PipelineConfig, TOP_LEVEL, PipelineConfig())
