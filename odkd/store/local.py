@@ -140,11 +140,8 @@ def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], f
         writers = {}
         for name in names:
             tail, dtype = specs[name].tail, np.dtype(specs[name].dtype)
-            if int(np.prod(tail)) * dtype.itemsize >= COMPRESS_ROW_BYTES:
-                writers[name] = _CompressedRows(partial[name], n)
-            else:
-                writers[name] = np.lib.format.open_memmap(partial[name] / "rows.npy", mode="w+", dtype=dtype,
-                                                          shape=(n, *tail))
+            compress = int(np.prod(tail)) * dtype.itemsize >= COMPRESS_ROW_BYTES
+            writers[name] = (_CompressedRows if compress else _RawRows)(partial[name], n, tail, dtype)
         for shard in tqdm(range(layout.num_shards), desc="local copy", unit="shard", leave=False):
             start, stop = layout.shard_range(shard)
             for name in names:
@@ -154,28 +151,34 @@ def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], f
                     obj = shard_paths(root, group, layout, shard)[name]
                     raise OdkdError(f"{url}: {name} shard {shard} ({obj}) is damaged: {exc}; "
                                     f"`odkd cache verify {url}` lists every damaged shard") from None
-                values = values[: stop - start]
-                if isinstance(writers[name], _CompressedRows):
-                    writers[name].extend(values)
-                else:
-                    writers[name][start:stop] = values
+                writers[name].extend(values[: stop - start])
         for name in names:
-            writer = writers[name]
-            if isinstance(writer, _CompressedRows):
-                writer.close()
-            else:
-                writer.flush()
-                del writer
+            writers[name].close()
             os.rename(partial[name], folder / _array_folder(name))
     finally:
         for path in partial.values():
             shutil.rmtree(path, ignore_errors=True)
 
 
+class _RawRows:
+    """rows.npy: the rows as they are, one .npy array, filled in order."""
+
+    def __init__(self, folder: Path, rows: int, tail: tuple[int, ...], dtype: np.dtype):
+        self.rows = np.lib.format.open_memmap(folder / "rows.npy", mode="w+", dtype=dtype, shape=(rows, *tail))
+        self.count = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        self.rows[self.count:self.count + len(values)] = values
+        self.count += len(values)
+
+    def close(self) -> None:
+        self.rows.flush()
+
+
 class _CompressedRows:
     """rows.zst (every row zstd-compressed, end to end) and offsets.npy (row i is bytes offsets[i]:offsets[i+1])."""
 
-    def __init__(self, folder: Path, rows: int):
+    def __init__(self, folder: Path, rows: int, tail: tuple[int, ...], dtype: np.dtype):
         self.folder = folder
         self.file = open(folder / "rows.zst", "wb")
         self.offsets = np.zeros(rows + 1, np.int64)
