@@ -19,13 +19,20 @@ from odkd.store.local import LOCAL_COPIES_ENV
 
 # the tiny teacher pair of the cache and student tests: role -> (model_args, seg_head)
 TINY_TEACHERS = {"primary": ({"width": 8}, False), "senior": ({"width": 8}, True)}
-TINY_TEACHERS_TOML = """[teachers.primary]
+
+
+def hrnet_tiny_teachers_toml(primary_width: int, senior_width: int) -> str:
+    """[teachers.*] of two hrnet_tiny teachers of these widths, the senior with a seg head."""
+    return f"""[teachers.primary]
 model = "hrnet_tiny"
-model_args = { width = 8 }
+model_args = {{ width = {primary_width} }}
 [teachers.senior]
 model = "hrnet_tiny"
-model_args = { width = 8 }
+model_args = {{ width = {senior_width} }}
 seg_head = true"""
+
+
+TINY_TEACHERS_TOML = hrnet_tiny_teachers_toml(8, 8)
 
 
 def _person_keypoints(x0: float, y0: float, h: float) -> list[float]:

@@ -26,7 +26,7 @@ from odkd.models import build_from_checkpoint, read_checkpoint
 from odkd.synth import make_synthetic_dataset
 from odkd.teachers import build_cache
 from odkd.train.student import train_student
-from conftest import TINY_TEACHERS_TOML, ZOO, from_zoo_primary
+from conftest import TINY_TEACHERS_TOML, ZOO, from_zoo_primary, hrnet_tiny_teachers_toml
 from test_student import TWO_STAGES, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,13 +37,7 @@ epochs = 1
 teacher = "none"
 """
 ODKD = TWO_STAGES.replace("epochs = 2", "epochs = 1")  # one epoch each
-ZOO_TEACHERS_TOML = """[teachers.primary]
-model = "hrnet_tiny"
-model_args = { width = 12 }
-[teachers.senior]
-model = "hrnet_tiny"
-model_args = { width = 32 }
-seg_head = true"""
+ZOO_TEACHERS_TOML = hrnet_tiny_teachers_toml(12, 32)  # pipeline/demo.toml's released pair
 
 
 def report_toml(base: Path, stages: str = TWO_STAGES) -> str:
