@@ -19,7 +19,7 @@ import click
 from tqdm import tqdm
 
 from odkd import __version__
-from odkd.config import EvalConfig, choices, load_config
+from odkd.config import CACHE_SPLITS, EvalConfig, choices, load_config
 from odkd.errors import OdkdError
 
 CONFIG_HELP = "Pipeline TOML (default: the embedded demo pipeline, pipeline/demo.toml)."
@@ -154,19 +154,27 @@ def main():
 @click.option("--missing-labels", default=0.0, show_default=True, type=float,
               help="Share of the train split's keypoints left unlabelled (v=0, as COCO stores a skipped joint); "
                    "val and test stay complete, the images do not change.")
+@click.option("--unlabeled-images", default=0, show_default=True,
+              help="Images nobody labelled, as COCO's unlabeled2017 (none: no such files): images/unlabeled/*.jpg, "
+                   "annotations/image_info_unlabeled.json (image info, no annotations), "
+                   "person_detections_unlabeled.json (an imitated person detector's boxes and scores) and "
+                   "annotations/person_keypoints_unlabeled_true.json (their true labels, to score pseudo-labels "
+                   "with odkd evaluate); train, val and test do not change with it.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @user_errors
-def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, missing_labels, seed):
+def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, missing_labels, unlabeled_images,
+          seed):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
-    in exactly COCO 2017's format (test only with --test-images).
+    in exactly COCO 2017's format (test only with --test-images; unlabelled images with --unlabeled-images).
     """
     from odkd.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
                                      progress=True, test_images=test_images, difficulty=difficulty,
-                                     label_noise=label_noise, missing_labels=missing_labels)
+                                     label_noise=label_noise, missing_labels=missing_labels,
+                                     unlabeled_images=unlabeled_images)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -462,8 +470,10 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides):
 
 @main.command("cache-teachers")
 @config_option
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
-@click.option("--out", default=None, help="Store path or fsspec URL (default: [cache] store).")
+@click.option("--split", type=click.Choice(CACHE_SPLITS), default="train", show_default=True,
+              help="'unlabeled': the detector's boxes on the images of [data.unlabeled].")
+@click.option("--out", default=None,
+              help="Store path or fsspec URL (default: [cache] store; for --split unlabeled, [cache] unlabeled_store).")
 @click.option("--workers", type=int, default=None,
               help="LocalCluster worker processes (default: [cache] workers); with --device cuda, each gets one GPU.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")
@@ -478,7 +488,8 @@ def cache_teachers(config_path, overrides, split, out, workers, scheduler, decod
                    overwrite, limit):
     """Run PT and ST once over every person instance of SPLIT into a sharded Zarr store.
 
-    Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
+    With --split unlabeled the instances are the boxes of [data.unlabeled]: a pseudo-label store for
+    [student] unlabeled_cache. Binarized, bit-packed heatmaps of both teachers and ST's mask, with provenance. Interrupted
     builds resume: finished shards are kept and skipped.
     """
     from odkd.teachers.build import build_teacher_store

@@ -44,6 +44,20 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class UnlabeledConfig:
+    """Images nobody labelled, as person boxes from a detector: what `cache-teachers --split unlabeled` reads.
+
+    Paths are relative to [data] root, like the splits'."""
+
+    images: str = ""  # the images' folder, e.g. images/unlabeled2017
+    image_info: str = ""  # COCO image-info JSON: images, no annotations (image_info_unlabeled2017.json)
+    boxes: str = ""  # COCO detection results: [{image_id, category_id, bbox, score}]
+    # HRNet's val protocol keeps every box (image_thre 0): its AP ranks by score; a pseudo-label store
+    # trains on each box, and a false positive teaches "a person here"
+    min_score: float = 0.5
+
+
+@dataclass(frozen=True)
 class DataConfig:
     root: str = "data/demo"
     train_ann: str = "annotations/person_keypoints_train.json"
@@ -58,22 +72,27 @@ class DataConfig:
     sigma: float = 2.0
     strict: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
     def ann_file(self, split: str) -> Path:
-        return Path(self.root) / _of_split(split, self.train_ann, self.val_ann, self.test_ann)
+        """The split's COCO file; for "unlabeled", its image-info file."""
+        return Path(self.root) / _of_split(split, self.train_ann, self.val_ann, self.test_ann,
+                                           self.unlabeled.image_info)
 
     def image_dir(self, split: str) -> Path:
-        return Path(self.root) / _of_split(split, self.train_images, self.val_images, self.test_images)
+        return Path(self.root) / _of_split(split, self.train_images, self.val_images, self.test_images,
+                                           self.unlabeled.images)
 
 
-DATA_SPLITS = ("train", "val", "test")
+DATA_SPLITS = ("train", "val", "test")  # the labelled ones
+CACHE_SPLITS = (*DATA_SPLITS, "unlabeled")
 
 
 def _of_split(split: str, *per_split: str) -> str:
-    """The entry of `split` among one path per DATA_SPLITS."""
-    if split not in DATA_SPLITS:
-        raise OdkdError(f"data split {split!r}: expected one of {', '.join(DATA_SPLITS)}")
-    return per_split[DATA_SPLITS.index(split)]
+    """The entry of `split` among one path per CACHE_SPLITS."""
+    if split not in CACHE_SPLITS:
+        raise OdkdError(f"data split {split!r}: expected one of {', '.join(CACHE_SPLITS)}")
+    return per_split[CACHE_SPLITS.index(split)]
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,11 @@ class StudentConfig:
     # which model best.pth is: "last_stage", the best by val AP among the last stage's epochs (the
     # product of the whole schedule, which evaluate and export take as the student); "run": of all epochs
     best: Literal["last_stage", "run"] = "last_stage"
+    # a store of `cache-teachers --split unlabeled`: its instances train with the teachers' targets alone
+    unlabeled_cache: str = ""
+    # the share of each epoch's samples drawn from the unlabelled instances; the epoch still visits every
+    # labelled instance once, so the GT signal per epoch is what it is without them
+    unlabeled_share: float = 0.5
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     stages: tuple[StageConfig, ...] = field(default_factory=_method_stages)
 
@@ -193,6 +217,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     store: str = "cache/demo.zarr"
+    unlabeled_store: str = "cache/unlabeled.zarr"  # where cache-teachers --split unlabeled writes
     threshold: float = 0.5
     threshold_mode: Literal["absolute", "relative"] = "absolute"
     mask_threshold: float = 0.5
@@ -435,6 +460,8 @@ def _check_student(cfg: PipelineConfig, path: str) -> None:
                 raise OdkdError(f"{path}: {where}.{key} must be >= 0, got {getattr(stage, key)}")
         if stage.seg_weight > 0 and not student.seg_head:
             raise OdkdError(f"{path}: {where}.seg_weight is {stage.seg_weight} but student.seg_head is false")
+    if student.unlabeled_cache and not 0.0 < student.unlabeled_share < 1.0:
+        raise OdkdError(f"{path}: student.unlabeled_share must be above 0 and below 1, got {student.unlabeled_share}")
     if student.epochs <= 0:
         raise OdkdError(f"{path}: student.stages: the stages' epochs sum to {student.epochs}; "
                         f"the run needs a positive number of epochs")
@@ -516,7 +543,7 @@ def resolve_device(name: str):
 
 
 __all__ = [
-    "AugmentConfig", "CacheConfig", "DataConfig", "EvalConfig", "PipelineConfig",
+    "AugmentConfig", "CACHE_SPLITS", "CacheConfig", "DataConfig", "UnlabeledConfig", "EvalConfig", "PipelineConfig",
     "ScheduleConfig", "StageConfig", "StudentConfig", "TeacherConfig", "TeachersConfig",
     "choices", "keep_resolved_config", "load_config", "parse_config", "resolve_device", "resolved_table", "toml_text",
     "with_overrides",

@@ -58,12 +58,15 @@ class TopDownDataset(Dataset):
     """
 
     def __init__(self, instances: PersonInstances, data_cfg, train: bool, with_mask: bool = False, seed: int = 0,
-                 stored_rows: StoredRows | None = None):
+                 stored_rows: StoredRows | None = None, stream: int = 0):
         self.instances = instances
         self.cfg = data_cfg
         self.train = train
         self.with_mask = with_mask
         self.seed = seed
+        # another stream draws other augmentations for the same (seed, epoch, index): a second set's
+        # instance i is not augmented like the first set's; stream 0 keeps the generators runs were made with
+        self.rng_key = (seed,) if stream == 0 else (seed, stream)
         self.stored_rows = stored_rows
         self.aspect_ratio = data_cfg.input_size[0] / data_cfg.input_size[1]
 
@@ -74,7 +77,7 @@ class TopDownDataset(Dataset):
         inst = self.instances[index]
         if not self.train:
             return canonical_frame(inst)
-        rng = np.random.default_rng((self.seed, epoch, index))
+        rng = np.random.default_rng((*self.rng_key[:1], epoch, index, *self.rng_key[1:]))
         return random_frame(inst, self.cfg.augment, rng, self.aspect_ratio)
 
     def __getitem__(self, key) -> dict:
@@ -145,6 +148,60 @@ class EpochSampler(Sampler):
         order = self.order()
         padded = order + order[: len(self) * self.world_size - len(order)]
         return iter([(self.epoch, i) for i in padded[self.rank::self.world_size]])
+
+
+class LabeledAndUnlabeled(Dataset):
+    """A labelled training set followed by an unlabelled one (instances with no labelled joint, so no GT
+    loss): index i < len(labeled) is labelled instance i, the rest unlabelled instance i - len(labeled).
+    Every sample says which it is under "labeled"."""
+
+    def __init__(self, labeled: TopDownDataset, unlabeled: TopDownDataset):
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return len(self.labeled) + len(self.unlabeled)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        first = len(self.labeled)
+        sample = self.labeled[epoch, index] if index < first else self.unlabeled[epoch, index - first]
+        return {**sample, "labeled": index < first}
+
+
+class MixedEpochSampler(EpochSampler):
+    """(epoch, index) over a LabeledAndUnlabeled set: every labelled instance once per epoch, and as many
+    unlabelled ones as make `share` of the epoch's samples, shuffled together, so each batch holds that
+    share on average.
+
+    The unlabelled instances are walked through in seeded passes that run on across epochs: none comes
+    twice before all have come once, however many an epoch takes. Ranks split the order as EpochSampler's.
+    """
+
+    def __init__(self, labeled: int, unlabeled: int, share: float, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.per_epoch = min(round(labeled * share / (1.0 - share)), unlabeled) if unlabeled else 0
+        super().__init__(labeled + self.per_epoch, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+
+    def _permutation(self, size: int, *key: int) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(int(np.random.SeedSequence((self.seed, *key)).generate_state(1, np.uint64)[0] >> 1))
+        return torch.randperm(size, generator=generator).tolist()
+
+    def unlabeled_indices(self) -> list[int]:
+        """This epoch's unlabelled instances: positions [epoch * per_epoch, (epoch + 1) * per_epoch) of the
+        passes laid end to end."""
+        start, stop = self.epoch * self.per_epoch, (self.epoch + 1) * self.per_epoch
+        taken = []
+        for walk in range(start // self.unlabeled, -(-stop // self.unlabeled)):
+            order = self._permutation(self.unlabeled, 1, walk)
+            offset = walk * self.unlabeled
+            taken += order[max(start - offset, 0):stop - offset]
+        return taken
+
+    def order(self) -> list[int]:
+        samples = list(range(self.labeled)) + [self.labeled + i for i in self.unlabeled_indices()]
+        return [samples[i] for i in self._permutation(len(samples), 0, self.epoch)]
 
 
 def _seed_worker(worker_id: int) -> None:

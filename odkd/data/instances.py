@@ -199,13 +199,51 @@ class PersonInstances(_InstanceList):
         return self.coco.annToMask(ann)
 
 
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise not_found(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OdkdError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_detections(det_file: Path, min_score: float) -> list[tuple[int, dict]]:
+    """The person boxes of a COCO detections JSON ([{image_id, category_id, bbox, score}]) as (position in
+    the file, record): category 1 only, score at least `min_score`, as the official HRNet code filters
+    them (image_thre)."""
+    dets = _read_json(det_file, "detections file")
+    if not isinstance(dets, list):
+        raise OdkdError(f"{det_file}: must be a list of detections")
+    kept = []
+    for i, det in enumerate(dets):
+        if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
+            raise OdkdError(f"{det_file}: detection [{i}] needs image_id, bbox and score")
+        bbox = det["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise OdkdError(f"{det_file}: detection [{i}] 'bbox' must be [x, y, w, h]")
+        if det.get("category_id", 1) == 1 and det["score"] >= min_score:
+            kept.append((i, det))
+    return kept
+
+
+def _detected_instance(index: int, det: dict, img: dict, aspect_ratio: float, ann_id: int = -1) -> Instance:
+    """A detector's box as a crop, by the rule ground-truth boxes follow; no box cleaning (HRNet's _box2cs)."""
+    bbox = tuple(float(v) for v in det["bbox"])
+    center, scale = box_to_center_scale(bbox, aspect_ratio)
+    return Instance(index=index, image_id=int(det["image_id"]), ann_id=ann_id, file_name=img["file_name"],
+                    image_width=int(img["width"]), image_height=int(img["height"]), bbox=bbox, center=center,
+                    scale=scale, joints=np.zeros((NUM_JOINTS, 3), np.float32), area=bbox[2] * bbox[3],
+                    score=float(det["score"]))
+
+
 class DetectedPersons(_InstanceList):
     """Person crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
 
-    Follows the official HRNet detection path: only category 1, boxes with score above
-    `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes. Boxes on images
-    the annotations do not have (a full val2017 detections file on a val subset) are skipped and
-    counted in one logged warning; with `strict` the first is an error.
+    Follows the official HRNet detection path: only category 1, boxes scored at least `score_thr`, no
+    box cleaning, the same center/scale rule as ground-truth boxes. Boxes on images the annotations do
+    not have (a full val2017 detections file on a val subset) are skipped and counted in one logged
+    warning; with `strict` the first is an error.
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
@@ -213,21 +251,9 @@ class DetectedPersons(_InstanceList):
         self.det_file = Path(det_file)
         self.image_dir = Path(image_dir)
         self.coco = coco
-        if not self.det_file.is_file():
-            raise not_found(self.det_file, "detections file")
-        try:
-            dets = json.loads(self.det_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise OdkdError(f"{self.det_file}: not valid JSON ({exc})") from None
-        if not isinstance(dets, list):
-            raise OdkdError(f"{self.det_file}: must be a list of detections")
         self.instances: list[Instance] = []
         unknown_image_ids: list[int] = []
-        for i, det in enumerate(dets):
-            if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
-                raise OdkdError(f"{self.det_file}: detection [{i}] needs image_id, bbox and score")
-            if det.get("category_id", 1) != 1 or det["score"] <= score_thr:
-                continue
+        for i, det in read_detections(self.det_file, score_thr):
             img = coco.imgs.get(det["image_id"])
             if img is None:
                 if strict:
@@ -235,14 +261,7 @@ class DetectedPersons(_InstanceList):
                                     f"annotations ([data] strict = true)")
                 unknown_image_ids.append(det["image_id"])
                 continue
-            center, scale = box_to_center_scale(det["bbox"], aspect_ratio)
-            self.instances.append(Instance(
-                index=len(self.instances), image_id=int(det["image_id"]), ann_id=-1, file_name=img["file_name"],
-                image_width=int(img["width"]), image_height=int(img["height"]),
-                bbox=tuple(float(v) for v in det["bbox"]), center=center, scale=scale,
-                joints=np.zeros((NUM_JOINTS, 3), np.float32), area=float(det["bbox"][2] * det["bbox"][3]),
-                score=float(det["score"]),
-            ))
+            self.instances.append(_detected_instance(len(self.instances), det, img, aspect_ratio))
         if unknown_image_ids:
             images = list(dict.fromkeys(unknown_image_ids))
             log.warning(f"warning: {self.det_file}: skipped {len(unknown_image_ids)} detection(s) on {len(images)} "
@@ -250,7 +269,88 @@ class DetectedPersons(_InstanceList):
                         f"makes this an error")
 
 
-def load_instances(data_cfg, split: str) -> PersonInstances:
-    """The instances of `split` ('train', 'val' or 'test') named by a `[data]` config section."""
+def read_image_info(info_file: Path) -> dict[int, dict]:
+    """Image id -> image record of a COCO image-info JSON (images, no annotations: image_info_unlabeled2017)."""
+    info = _read_json(info_file, "image-info file")
+    if not isinstance(info, dict) or not isinstance(info.get("images"), list):
+        raise OdkdError(f"{info_file}: expected a JSON object with an 'images' list (COCO's image-info format)")
+    images = {}
+    for i, img in enumerate(info["images"]):
+        if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
+            raise OdkdError(f"{info_file}: images[{i}] needs id, file_name, width and height")
+        images[int(img["id"])] = img
+    return images
+
+
+class UnlabeledPersons(_InstanceList):
+    """The people of images nobody labelled, as a detector boxed them: what the teachers label for the student.
+
+    Each box of the detections file scored at least `min_score` becomes a crop the way the official
+    val protocol turns detections into crops (category 1, HRNet's _box2cs, no cleaning). A box on an
+    image id the image-info file lacks, a box with no area or wholly outside its image, and a box on an
+    image whose file is missing are skipped and counted in one logged warning per kind; with `strict`
+    the first is an error. `ann_id` is the box's position in the detections file, so a stored row leads
+    back to its record. The order is the image id, then that position; the fingerprint covers the
+    images and the boxes with their scores.
+    """
+
+    def __init__(self, image_info: str | Path, boxes: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
+                 min_score: float = 0.5, strict: bool = False):
+        self.image_info, self.boxes, self.image_dir = Path(image_info), Path(boxes), Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise not_found(self.image_dir, "image folder")
+        self.aspect_ratio, self.min_score = aspect_ratio, min_score
+        images = read_image_info(self.image_info)
+        skipped: dict[str, list[int]] = {"not in the image-info file": [], "with no area or outside the image": [],
+                                         "on a missing image file": []}
+        present: dict[int, bool] = {}
+        kept = []
+        for i, det in read_detections(self.boxes, min_score):
+            img = images.get(det["image_id"])
+            if img is None:
+                why = "not in the image-info file"
+            elif det["bbox"][2] <= 0 or det["bbox"][3] <= 0 or _clean_box(det["bbox"], img["width"], img["height"]) is None:
+                why = "with no area or outside the image"
+            elif not present.setdefault(img["id"], (self.image_dir / img["file_name"]).is_file()):
+                why = "on a missing image file"
+            else:
+                kept.append((int(img["id"]), i, det, img))
+                continue
+            if strict:
+                raise OdkdError(f"{self.boxes}: detection [{i}] (image_id {det['image_id']}) is {why} "
+                                f"([data] strict = true)")
+            skipped[why].append(i)
+        self.skipped = {why: positions for why, positions in skipped.items() if positions}
+        for why, positions in self.skipped.items():
+            log.warning(f"warning: {self.boxes}: skipped {len(positions)} box(es) {why} (detections "
+                        f"[{_first_ids(positions)}]); [data] strict = true makes this an error")
+        kept.sort(key=lambda item: item[:2])
+        self.instances = [_detected_instance(n, det, img, aspect_ratio, ann_id=i)
+                          for n, (_, i, det, img) in enumerate(kept)]
+        log.debug(f"{self.boxes}: {len(self.instances)} person box(es) on {len(images)} unlabelled image(s)")
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"odkd-unlabeled-v1 aspect={self.aspect_ratio:.6f} min_score={self.min_score!r} "
+                 f"n={len(self.instances)}\n".encode())
+        for inst in self.instances:
+            h.update(f"{inst.image_id} {inst.ann_id} {inst.file_name} {inst.image_width}x{inst.image_height} "
+                     f"{inst.score!r}\n".encode())
+            h.update(np.asarray(inst.bbox, np.float64).tobytes())
+        return "sha256:" + h.hexdigest()[:32]
+
+
+def load_instances(data_cfg, split: str) -> PersonInstances | UnlabeledPersons:
+    """The instances of `split` ('train', 'val', 'test', or 'unlabeled': the boxes of [data.unlabeled])
+    named by a `[data]` config section."""
     aspect = data_cfg.input_size[0] / data_cfg.input_size[1]
-    return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict)
+    if split != "unlabeled":
+        return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict)
+    unlabeled = data_cfg.unlabeled
+    unset = [key for key in ("images", "image_info", "boxes") if not getattr(unlabeled, key)]
+    if unset:
+        raise OdkdError(f"[data.unlabeled] {', '.join(unset)} not set: the unlabeled split needs its images, their "
+                        f"image-info file and a detections file (docs/config.md, [data.unlabeled])")
+    return UnlabeledPersons(data_cfg.ann_file(split), Path(data_cfg.root) / unlabeled.boxes,
+                            data_cfg.image_dir(split), aspect, unlabeled.min_score, strict=data_cfg.strict)

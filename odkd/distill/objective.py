@@ -72,9 +72,15 @@ class StudentObjective:
         heatmaps, mask_logits = output
         terms: dict[str, tuple[float, torch.Tensor]] = {}
         counts: dict[str, torch.Tensor] = {}
+        if "labeled" in batch:
+            labeled = batch["labeled"]
+            counts["n_labeled"], counts["n_unlabeled"] = labeled.sum(), (~labeled).sum()
         if stage.gt_weight > 0:
-            terms["gt_loss"] = (stage.gt_weight,
-                                joints_mse_loss(heatmaps, batch["heatmaps"], batch["target_weight"]))
+            gt_loss = joints_mse_loss(heatmaps, batch["heatmaps"], batch["target_weight"])
+            if "labeled" in batch:
+                # the mean over the labelled instances: unlabelled ones in the batch do not thin the GT signal
+                gt_loss = gt_loss * labeled.numel() / labeled.sum().clamp(min=1)
+            terms["gt_loss"] = (stage.gt_weight, gt_loss)
         teachers = stage_teachers(stage)
         if teachers or stage_uses_mask(stage):
             ok = batch["meta/ok"].bool()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from odkd import __version__
 from odkd.config import PipelineConfig, resolve_device
@@ -62,7 +63,8 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
                         workers: int | None = None, scheduler: str | None = None, batch_size: int | None = None,
                         device: str = "cpu", overwrite: bool = False, progress: bool = True, limit: int | None = None,
                         torch_threads: int | None = None, decode_threads: int | None = None) -> BuildSummary:
-    """Run both teachers over `split` into the store at `out` (default `[cache] store`); returns what the
+    """Run both teachers over `split` into the store at `out` (default `[cache] store`, or
+    `[cache] unlabeled_store` for the unlabeled split); returns what the
     run did (shards written and skipped, the store's URL).
 
     `scheduler` is a dask scheduler address (each of its workers loads the teachers once, on
@@ -74,7 +76,7 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
     a scheduler's workers. `decode_threads` (default `[cache] decode_threads`) decode and crop the
     images of each worker.
     """
-    url = str(out or cfg.cache.store)
+    url = str(out or (cfg.cache.unlabeled_store if split == "unlabeled" else cfg.cache.store))
     workers = workers or cfg.cache.workers
     batch_size = batch_size or cfg.cache.batch_size
     decode_threads = cfg.cache.decode_threads if decode_threads is None else decode_threads
@@ -87,7 +89,8 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
     instances = load_instances(cfg.data, split)
     count = len(instances) if limit is None else min(limit, len(instances))
     if count == 0:
-        raise OdkdError(f"{cfg.data.ann_file(split)}: no person instances to cache")
+        source = Path(cfg.data.root) / cfg.data.unlabeled.boxes if split == "unlabeled" else cfg.data.ann_file(split)
+        raise OdkdError(f"{source}: no person instances to cache")
     map_size, teacher_input = cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, cfg.cache.margin)
     teachers = resolve_teachers(cfg, teacher_input, map_size)
     layout = StoreLayout(count, NUM_JOINTS, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances,

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from odkd.config import ScheduleConfig
-from odkd.data.dataset import EpochSampler, TopDownDataset, make_loader
+from odkd.data.dataset import EpochSampler, LabeledAndUnlabeled, TopDownDataset, make_loader
 from odkd.dicts import first_difference
 from odkd.errors import OdkdError
 from odkd.models import CheckpointFile, read_checkpoint, save_checkpoint
@@ -312,12 +312,12 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, loader, loss_fn: Lo
     return {**means, "lr": state.optimizer.param_groups[0]["lr"], "img_per_s": seen / (time.perf_counter() - t0)}
 
 
-def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *, schedule, spec: ModelSpec,
-        out_dir: str | Path, loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None,
+def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | LabeledAndUnlabeled, *, schedule,
+        spec: ModelSpec, out_dir: str | Path, loss_fn: LossFn, device: torch.device, evaluate_fn: EvalFn | None = None,
         resume: bool = False, max_steps_per_epoch: int | None = None, lr_factor: LrFactor | None = None,
         signature: dict | None = None, milestones: dict[int, str] | None = None,
         after_epoch: Callable[[Path], None] | None = None, on_start: Callable[[Path], None] | None = None,
-        best_from_epoch: int = 0,
+        best_from_epoch: int = 0, sampler: EpochSampler | None = None,
         provenance: dict | None = None, ranks: Ranks = Ranks()) -> dict:
     """Train the model `make_model()` builds on `train_set` under `schedule` ([... .train] of the
     config); returns a summary.
@@ -329,7 +329,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
     `milestones` maps an epoch to a name: that epoch is evaluated and its weights kept as
     `NAME.pth` (the student's stage ends). best.pth is the best by val AP of the epochs from
     `best_from_epoch` (0-based) on. `after_epoch(out_dir)` runs on rank 0 once an epoch is logged,
-    `on_start(out_dir)` once the run's checks pass and its folder exists.
+    `on_start(out_dir)` once the run's checks pass and its folder exists. `sampler` orders each epoch
+    (default: every sample of `train_set` once, shuffled, split over the ranks).
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
@@ -346,8 +347,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset, *,
     on_cuda = device.type == "cuda"
     if on_cuda:
         model.to(memory_format=torch.channels_last)
-    sampler = EpochSampler(len(train_set), shuffle=True, seed=schedule.seed, rank=ranks.rank,
-                           world_size=ranks.world_size)
+    sampler = sampler or EpochSampler(len(train_set), shuffle=True, seed=schedule.seed, rank=ranks.rank,
+                                      world_size=ranks.world_size)
     drop_last = len(sampler) >= schedule.batch_size
     batches = len(sampler) // schedule.batch_size if drop_last else 1
     steps = batches // schedule.accumulate

@@ -2,7 +2,8 @@
 
 Before the first step everything the run depends on is checked, and nothing is written until it
 passes: the store opens (path or URL), was built for this dataset, holds what the stages ask for,
-and its geometry fits the student. Then the one training loop runs the stages in order.
+and its geometry fits the student; so does the unlabelled store of `[student] unlabeled_cache`, which
+must also come from the same teachers and settings. Then the one training loop runs the stages in order.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 import torch
 
 from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
-from odkd.data.dataset import TopDownDataset
+from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
 from odkd.distill.objective import StudentObjective, stored_arrays
-from odkd.distill.stages import StagePlan, required_arrays
+from odkd.distill.stages import StagePlan, required_arrays, stage_teachers, stage_uses_mask
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_training_curves
 from odkd.eval.evaluate import ModelEvaluator
@@ -46,14 +47,16 @@ def open_teacher_store(url: str, dataset_fingerprint: str) -> TeacherTargets:
         raise OdkdError(f"{url}: cannot open the teacher store ({type(exc).__name__}: {reason})") from None
 
 
-def check_store_fits(targets: TeacherTargets, cfg: PipelineConfig, plan: StagePlan, num_instances: int) -> None:
-    """The store holds a row for every train instance, the arrays every stage reads, and maps made for
+def check_store_fits(targets: TeacherTargets, cfg: PipelineConfig, plan: StagePlan, num_instances: int,
+                     split: str = "train") -> None:
+    """The store holds a row for every instance of `split`, the arrays every stage reads, and maps made for
     the student's crop geometry; else one line naming the store, the key and both values."""
     url, settings = targets.url, targets.attrs.get("settings", {})
-    if settings.get("split") != "train":
-        raise OdkdError(f"{url}: settings.split is {settings.get('split')!r}, the student trains on 'train'")
+    if settings.get("split") != split:
+        raise OdkdError(f"{url}: settings.split is {settings.get('split')!r}, the student reads it as its "
+                        f"{split!r} store")
     if len(targets) != num_instances:
-        raise OdkdError(f"{url}: holds {len(targets)} instances, the train split has {num_instances} "
+        raise OdkdError(f"{url}: holds {len(targets)} instances, the {split} split has {num_instances} "
                         f"(built with --limit?); rebuild it whole")
     for key in ("input_size", "heatmap_size"):
         want = list(getattr(cfg.data, key))
@@ -65,6 +68,28 @@ def check_store_fits(targets: TeacherTargets, cfg: PipelineConfig, plan: StagePl
             if name not in targets.names:
                 hint = "; rebuild it with [cache] store_soft = true" if "soft" in name else ""
                 raise OdkdError(f"{url}: stage '{stage.name}' needs {name} ({why}), the store has none{hint}")
+
+
+# what may differ between the labelled store and the unlabelled one: which instances they hold
+PER_SPLIT_SETTINGS = ("split", "dataset_fingerprint")
+
+
+def check_same_teachers(targets: TeacherTargets, unlabeled: TeacherTargets) -> None:
+    """The unlabelled store was made by the labelled one's teachers with its settings, so that one stage
+    teaches the same thing on both; else one line naming the first setting that differs."""
+    ours, theirs = (store.attrs.get("settings", {}) for store in (targets, unlabeled))
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in PER_SPLIT_SETTINGS and ours.get(key) != theirs.get(key):
+            raise OdkdError(f"{unlabeled.url}: settings.{key} is {theirs.get(key)!r} but {targets.url} has "
+                            f"{ours.get(key)!r}; build both stores with the same teachers and [cache] settings")
+
+
+def check_unlabeled_learns(plan: StagePlan, source: str) -> None:
+    """Every stage teaches the unlabelled instances something: they have no GT."""
+    for stage in plan.stages:
+        if stage.epochs > 0 and not (stage_teachers(stage) or stage_uses_mask(stage)):
+            raise OdkdError(f"{source}: student.stages '{stage.name}' learns from no teacher, so the instances of "
+                            f"student.unlabeled_cache would teach it nothing; drop the key or give the stage a teacher")
 
 
 def stage_lr_factor(plan: StagePlan) -> Callable[[int], Callable[[int], float]]:
@@ -99,6 +124,13 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         instances = load_instances(cfg.data, "train")
         targets = open_teacher_store(cache or scfg.cache, instances.fingerprint)
         check_store_fits(targets, cfg, plan, len(instances))
+        unlabeled = unlabeled_targets = None
+        if scfg.unlabeled_cache:
+            check_unlabeled_learns(plan, cfg.source)
+            unlabeled = load_instances(cfg.data, "unlabeled")
+            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint)
+            check_store_fits(unlabeled_targets, cfg, plan, len(unlabeled), split="unlabeled")
+            check_same_teachers(targets, unlabeled_targets)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
                          input_size=tuple(cfg.data.input_size))
 
@@ -120,12 +152,24 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         out_dir = Path(out or default_student_dir(cfg))
         signature = {**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()}
         provenance = {"store": targets.identity(), "stages": plan.signature()}
+        if unlabeled_targets is not None:
+            signature["unlabeled_share"] = scfg.unlabeled_share
+            provenance["unlabeled_store"] = unlabeled_targets.identity()
         if resume and (out_dir / "last.pth").exists():
             refuse_another_run(out_dir / "last.pth", spec, signature, provenance)  # before the copy below
         # every rank asks; the first on this machine copies, under a lock, and the others map its files
-        rows = LocalRows.fetch(targets, stored_arrays(plan))
         train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
-                                   stored_rows=rows)
+                                   stored_rows=LocalRows.fetch(targets, stored_arrays(plan)))
+        sampler = None
+        if unlabeled_targets is not None:
+            train_set = LabeledAndUnlabeled(train_set, TopDownDataset(
+                unlabeled, cfg.data, train=True, with_mask=False, seed=scfg.train.seed, stream=1,
+                stored_rows=LocalRows.fetch(unlabeled_targets, stored_arrays(plan))))
+            sampler = MixedEpochSampler(len(instances), len(unlabeled), scfg.unlabeled_share, seed=scfg.train.seed,
+                                        rank=ranks.rank, world_size=ranks.world_size)
+            if ranks.is_main:
+                log.info(f"{len(instances)} labelled instances and {sampler.per_epoch} of the {len(unlabeled)} "
+                         f"unlabelled ones an epoch (student.unlabeled_share {scfg.unlabeled_share})")
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=scfg.seg_loss,
                                      keep_blob_size=scfg.keep_blob_size)
         evaluator = None
@@ -139,7 +183,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                    signature=signature, milestones=plan.milestones(),
                    after_epoch=lambda d: plot_training_curves(d / "log.jsonl", d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
-                   provenance=provenance, ranks=ranks, on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
+                   sampler=sampler, provenance=provenance, ranks=ranks,
+                   on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
         return summary if ranks.is_main else None
     finally:
         stop_ranks(ranks)
