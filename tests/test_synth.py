@@ -21,6 +21,7 @@ from odkd.synth.annotation import mask_polygons, person_annotation, uncompressed
 from odkd.synth.appearance import render_person
 from odkd.synth.body import Pose, View, sample_body
 from odkd.synth.dataset import PERSON_CATEGORY
+from odkd.synth.detections import detection_hardness, imitate_person_detector
 from odkd.synth.scene import EASY, HARD, MEDIUM, scene_for
 
 SPLITS = ("train", "val")
@@ -212,6 +213,7 @@ def test_mask_polygons_and_uncompressed_rle_round_trip():
         ({"seed": 1.5}, "synth.seed"),
         ({"image_size": (10, 256)}, "image_size"),
         ({"test_images": -2}, "synth.test_images"),
+        ({"unlabeled_images": -1}, "synth.unlabeled_images"),
         ({"difficulty": "extreme"}, "synth.difficulty"),
         ({"difficulty": 1.5}, "synth.difficulty"),
         ({"difficulty": True}, "synth.difficulty"),
@@ -411,3 +413,128 @@ def test_missing_labels_is_checked_and_reaches_the_command(tmp_path):
     train = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_train.json").read_text())
     val = json.loads((tmp_path / "d" / "annotations" / "person_keypoints_val.json").read_text())
     assert train["info"]["missing_labels"] == 0.25 and "missing_labels" not in val["info"]
+
+
+UNLABELED_FILES = ["annotations/image_info_unlabeled.json", "annotations/person_keypoints_unlabeled_true.json",
+                   "person_detections_unlabeled.json"]
+
+
+def test_unlabeled_images_leave_train_val_and_test_bytes_alone_and_repeat_with_the_seed(tmp_path):
+    args = dict(train_images=2, val_images=1, test_images=1, seed=2, image_size=(128, 96))
+    make_synthetic_dataset(tmp_path / "none", **args)
+    make_synthetic_dataset(tmp_path / "five", unlabeled_images=5, **args)
+    make_synthetic_dataset(tmp_path / "again", unlabeled_images=5, missing_labels=0.5, **args)
+    without, five = _tree_digest(tmp_path / "none"), _tree_digest(tmp_path / "five")
+    added = sorted(k for k in five if k not in without)
+    assert added == sorted(UNLABELED_FILES + [f"images/unlabeled/{i:012d}.jpg" for i in range(5, 10)])
+    assert {k: v for k, v in five.items() if k not in added} == without
+    # the same seed gives the same unlabelled files, whose labels stay complete when train's are not
+    again = _tree_digest(tmp_path / "again")
+    assert sorted(k for k in five if again[k] != five[k]) == ["annotations/person_keypoints_train.json"]
+
+
+def _greedy_matches(people: list[dict], detections: list[dict]) -> list[tuple[dict, dict]]:
+    """(person, detection) pairs at IoU > 0.5, highest score first, as COCOeval matches one image's boxes."""
+    pairs, free = [], list(people)
+    for det in sorted(detections, key=lambda d: -d["score"]):
+        if not free:
+            break
+        ious = mask_utils.iou([det["bbox"]], [p["bbox"] for p in free], [0] * len(free))[0]
+        if ious.max() > 0.5:
+            pairs.append((free.pop(int(ious.argmax())), det))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory):
+    """One train, val and test image and eight unlabelled ones, made by the command."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    res = CliRunner().invoke(main, ["synth", str(root), "--train-images", "1", "--val-images", "1",
+                                    "--test-images", "1", "--unlabeled-images", "8", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    return root, json.loads(res.output[res.output.index("{"):])
+
+
+def test_unlabeled_images_come_with_coco_image_info_and_a_record_of_their_files(unlabeled):
+    root, summary = unlabeled
+    image_info = json.loads((root / "annotations" / "image_info_unlabeled.json").read_text())
+    assert set(image_info) == {"info", "licenses", "images", "categories"}  # as COCO's image_info_unlabeled2017
+    assert image_info["categories"] == [PERSON_CATEGORY]
+    assert [i["id"] for i in image_info["images"]] == list(range(4, 12))  # after train, val and test
+    for entry in image_info["images"]:
+        pixels = cv2.imread(str(root / "images" / "unlabeled" / entry["file_name"]))
+        assert pixels.shape == (entry["height"], entry["width"], 3) and entry["license"] == 1
+    assert summary["unlabeled"]["images"] == image_info["info"]["unlabeled_images"] == 8
+    assert {image_info["info"][k] for k in ("image_info", "true_annotations", "detections")} == set(UNLABELED_FILES)
+    truth = COCO(str(root / "annotations" / "person_keypoints_unlabeled_true.json"))
+    assert truth.dataset["images"] == image_info["images"] and truth.dataset["info"] == image_info["info"]
+    assert len(truth.getAnnIds()) == summary["unlabeled"]["annotations"]
+    test_ann_ids = {a["id"] for a in json.loads((root / "annotations" / "person_keypoints_test.json").read_text())
+                    ["annotations"]}
+    assert min(truth.getAnnIds()) > max(test_ann_ids)
+
+
+def test_unlabeled_true_labels_are_what_evaluate_scores_pseudo_labels_against(unlabeled, tmp_path):
+    root, _ = unlabeled
+    true_file = root / "annotations" / "person_keypoints_unlabeled_true.json"
+    res = CliRunner().invoke(main, ["evaluate", "--ann", str(true_file), "--gt-as-results",
+                                    "--stats-json", str(tmp_path / "stats.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "stats.json").read_text())["AP"] == 1.0
+
+
+def test_unlabeled_detections_are_coco_results_around_the_true_people(unlabeled):
+    root, summary = unlabeled
+    detections = json.loads((root / "person_detections_unlabeled.json").read_text())
+    truth = COCO(str(root / "annotations" / "person_keypoints_unlabeled_true.json"))
+    assert isinstance(detections, list) and len(detections) == summary["unlabeled"]["detections"]
+    for det in detections:
+        assert set(det) == {"image_id", "category_id", "bbox", "score"} and det["category_id"] == 1
+        image = truth.imgs[det["image_id"]]
+        x, y, w, h = det["bbox"]
+        assert x >= 0 and y >= 0 and w > 0 and h > 0
+        assert x + w <= image["width"] + 1e-9 and y + h <= image["height"] + 1e-9
+        assert 0 < det["score"] <= 1
+    truth.loadRes(detections)  # pycocotools takes them as bbox results
+    people = [a for a in truth.dataset["annotations"] if not a["iscrowd"]]
+    matched = sum(len(_greedy_matches([p for p in people if p["image_id"] == i],
+                                      [d for d in detections if d["image_id"] == i])) for i in truth.imgs)
+    assert matched >= 0.6 * len(people)
+    missed, false_positives = len(people) - matched, len(detections) - matched
+    assert missed + false_positives > 0
+
+
+def _person(height: float, seen: int) -> dict:
+    """A non-crowd annotation of a person `height` px tall whose first `seen` keypoints are visible."""
+    return {"iscrowd": 0, "bbox": [40.0, 20.0, height / 2.5, height],
+            "keypoints": [60, 60, 2] * seen + [0, 0, 0] * (17 - seen)}
+
+
+def test_the_imitated_detector_misses_loosens_and_doubts_small_occluded_people_more():
+    image = {"id": 7, "width": 320, "height": 256}
+    easy, hard = _person(150.0, 17), _person(24.0, 3)
+    easy["bbox"][0] = 180.0
+    assert detection_hardness(easy) == 0.0 and detection_hardness(hard) == 1.0
+    rng = np.random.default_rng(0)
+    found = {"easy": [], "hard": []}
+    background = []
+    runs = 2000
+    for _ in range(runs):
+        detections = imitate_person_detector(rng, image, [easy, hard])
+        assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+        for det in detections:
+            x, y, w, h = det["bbox"]
+            assert det["image_id"] == 7 and x >= 0 and y >= 0 and x + w <= 320 + 1e-9 and y + h <= 256 + 1e-9
+        pairs = _greedy_matches([easy, hard], detections)
+        for person, det in pairs:
+            iou = mask_utils.iou([det["bbox"]], [person["bbox"]], [0])[0, 0]
+            found["easy" if person is easy else "hard"].append((iou, det["score"]))
+        background += [d["score"] for d in detections if all(d is not det for _, det in pairs)]
+    easy_found, hard_found = np.array(found["easy"]), np.array(found["hard"])
+    assert 0.015 < 1 - len(easy_found) / runs < 0.05  # EASY_MISS 0.03
+    assert 0.3 < 1 - len(hard_found) / runs < 0.45  # HARD_MISS 0.35, and a loose box now and then
+    assert np.median(easy_found[:, 0]) > 0.85 > np.median(hard_found[:, 0])
+    assert np.median(easy_found[:, 1]) > 0.9 and 0.35 < np.median(hard_found[:, 1]) < 0.65
+    assert 0.8 < len(background) / runs < 1.1  # FALSE_POSITIVES_PER_IMAGE 1
+    background = np.array(background)
+    assert np.median(background) < 0.3 and 0.01 < (background >= 0.5).mean() < 0.15

@@ -16,9 +16,15 @@ apart. missing_labels leaves a share of the train split's keypoints unlabelled, 
 joints its annotators skipped. Val and test stay exact and complete, so a model is scored against
 where the joints are.
 
+An unlabelled split stands in for COCO's unlabeled2017: its images, an image-info file, and the
+boxes a person detector would give, imitated from the true people (misses, loose boxes, spread
+scores, boxes on the background); its exact labels go to a file of their own, to score
+pseudo-labels against.
+
 One module per concern, each built on the ones before it: body (the 3D body, its pose and its
 projection), appearance (painting a person), annotation (COCO labels read off the paint, and
-annotators' errors), scene (a whole image), dataset (the splits and their files).
+annotators' errors), scene (a whole image), detections (a person detector's boxes on it),
+dataset (the splits and their files).
 """
 
 from odkd.synth.dataset import make_synthetic_dataset

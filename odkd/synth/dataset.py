@@ -1,5 +1,6 @@
 """Writing the dataset: the splits and their seed streams, one JPEG per image, one COCO annotation file
-per split, and what the files record about how they were made."""
+per split, the unlabelled split's image-info, detections and true-label files, and what the files record
+about how they were made."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
 from odkd.synth.annotation import add_annotator_noise, unlabel_keypoints
+from odkd.synth.detections import imitate_person_detector
 from odkd.synth.scene import DIFFICULTY_LEVELS, Scene, difficulty_value, render_image, scene_for
 
 PERSON_CATEGORY = {
@@ -25,8 +27,14 @@ PERSON_CATEGORY = {
     "skeleton": [list(pair) for pair in SKELETON],
 }
 LICENSE = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}
-SPLITS = ("train", "val", "test")  # also the seed stream of each: test never shifts train or val
+# also the seed stream of each: test and unlabeled never shift the splits before them
+SPLITS = ("train", "val", "test", "unlabeled")
 JPEG_QUALITY = 90
+# the unlabelled split's files, beside its images/unlabeled: what a user of COCO's unlabeled2017 has
+# (image info, a person detector's boxes) and the labels nobody would have, to score pseudo-labels with
+UNLABELED_IMAGE_INFO = "annotations/image_info_unlabeled.json"
+UNLABELED_DETECTIONS = "person_detections_unlabeled.json"
+UNLABELED_TRUE_ANNOTATIONS = "annotations/person_keypoints_unlabeled_true.json"
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ def make_synthetic_dataset(
     difficulty: str | float = "medium",
     label_noise: float = 0.0,
     missing_labels: float = 0.0,
+    unlabeled_images: int = 0,
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
@@ -63,34 +72,42 @@ def make_synthetic_dataset(
     add_annotator_noise) and is recorded in its info.label_noise; missing_labels in [0, 1) unlabels
     each of its labelled keypoints with that probability (see unlabel_keypoints), recorded in
     info.missing_labels. Neither changes an image or another split.
-    The same arguments give byte-identical files, and train and val do not depend on test_images.
-    Returns {split: {"images", "annotations", "crowd_annotations"}}.
+    unlabeled_images > 0 adds images/unlabeled, made like train's images but with ids after test's,
+    with UNLABELED_IMAGE_INFO (COCO's image-info format, no annotations), UNLABELED_DETECTIONS (an
+    imitated person detector's boxes, see imitate_person_detector) and UNLABELED_TRUE_ANNOTATIONS
+    (their exact, complete labels, which no command reads by default).
+    The same arguments give byte-identical files, and train and val do not depend on test_images, nor
+    train, val and test on unlabeled_images.
+    Returns {split: {"images", "annotations", "crowd_annotations"}}, and "detections" for unlabeled.
     """
     out_dir = Path(out_dir)
-    level = _check_arguments(out_dir, train_images, val_images, test_images, seed, difficulty, label_noise,
-                             missing_labels, image_size)
+    level = _check_arguments(out_dir, train_images, val_images, test_images, unlabeled_images, seed, difficulty,
+                             label_noise, missing_labels, image_size)
     scene = scene_for(level)
-    counts = {"train": train_images, "val": val_images, "test": test_images}
+    counts = {"train": train_images, "val": val_images, "test": test_images, "unlabeled": unlabeled_images}
     summary = {}
     first_ann_id = 1
     for plan in plan_splits(counts, label_noise, missing_labels):
         images, annotations = render_split(out_dir, plan, seed, image_size, scene, first_ann_id, progress)
-        write_annotations(out_dir / "annotations" / f"person_keypoints_{plan.name}.json",
-                          dataset_info(seed, level, plan), images, annotations)
         first_ann_id += len(annotations)
         summary[plan.name] = {
             "images": len(images),
             "annotations": len(annotations),
             "crowd_annotations": sum(a["iscrowd"] for a in annotations),
         }
+        if plan.name == "unlabeled":
+            summary[plan.name]["detections"] = write_unlabeled(out_dir, plan, seed, level, images, annotations)
+        else:
+            write_annotations(out_dir / "annotations" / f"person_keypoints_{plan.name}.json",
+                              dataset_info(seed, level, plan), images, annotations)
     return summary
 
 
-def _check_arguments(out_dir: Path, train_images, val_images, test_images, seed, difficulty, label_noise,
-                     missing_labels, image_size) -> float:
+def _check_arguments(out_dir: Path, train_images, val_images, test_images, unlabeled_images, seed, difficulty,
+                     label_noise, missing_labels, image_size) -> float:
     """The difficulty as a number, once every argument is known good; the first bad one is a one-line OdkdError."""
     for name, value in (("train_images", train_images), ("val_images", val_images),
-                        ("test_images", test_images), ("seed", seed)):
+                        ("test_images", test_images), ("unlabeled_images", unlabeled_images), ("seed", seed)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise OdkdError(f"synth.{name}: expected an integer >= 0, got {value!r}")
     level = difficulty_value(difficulty)
@@ -112,8 +129,8 @@ def plan_splits(counts: dict[str, int], label_noise: float, missing_labels: floa
     plans = []
     first_image_id = 1
     for stream, name in enumerate(SPLITS):
-        if name == "test" and not counts[name]:
-            continue  # no empty test files: a train/val dataset is the same bytes with or without this split
+        if name in ("test", "unlabeled") and not counts[name]:
+            continue  # no empty files: a dataset is the same bytes with or without these splits
         noise, missing = (float(label_noise), float(missing_labels)) if name == "train" else (0.0, 0.0)
         plans.append(SplitPlan(name, stream, int(counts[name]), first_image_id, noise, missing))
         first_image_id += int(counts[name])
@@ -176,18 +193,43 @@ def dataset_info(seed: int, level: float, plan: SplitPlan) -> dict:
     return info
 
 
+def write_unlabeled(out_dir: Path, plan: SplitPlan, seed: int, level: float, images: list[dict],
+                    annotations: list[dict]) -> int:
+    """The unlabelled split's image-info, detections and true-label files; returns how many detections."""
+    info = {**dataset_info(seed, level, plan), "unlabeled_images": len(images),
+            "image_info": UNLABELED_IMAGE_INFO, "detections": UNLABELED_DETECTIONS,
+            "true_annotations": UNLABELED_TRUE_ANNOTATIONS}
+    per_image: dict[int, list[dict]] = {image["id"]: [] for image in images}
+    for ann in annotations:
+        per_image[ann["image_id"]].append(ann)
+    detections = []
+    for i, image in enumerate(images):
+        # a stream after the label errors' 1 and 2: each image's boxes depend on it alone, not on how many follow
+        rng = np.random.default_rng([seed, plan.stream, i, 3])
+        detections += imitate_person_detector(rng, image, per_image[image["id"]])
+    write_annotations(out_dir / UNLABELED_TRUE_ANNOTATIONS, info, images, annotations)
+    _write_json(out_dir / UNLABELED_DETECTIONS, detections)
+    _write_json(out_dir / UNLABELED_IMAGE_INFO,
+                {"info": info, "licenses": [LICENSE], "images": images, "categories": [PERSON_CATEGORY]})
+    return len(detections)
+
+
 def write_annotations(path: Path, info: dict, images: list[dict], annotations: list[dict]) -> None:
     """One COCO person_keypoints file, written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset = {
+    _write_json(path, {
         "info": info,
         "licenses": [LICENSE],
         "images": images,
         "annotations": annotations,
         "categories": [PERSON_CATEGORY],
-    }
+    })
+
+
+def _write_json(path: Path, content) -> None:
+    """Compact JSON, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dataset, separators=(",", ":")))
+    tmp.write_text(json.dumps(content, separators=(",", ":")))
     os.replace(tmp, path)
 
 
