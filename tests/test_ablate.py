@@ -15,7 +15,7 @@ from conftest import from_zoo_primary, make_tiny_world, odkd_log
 from odkd.apps.ablate import check_hypothesis, run_ablation, spread
 from odkd.cli import main
 from odkd.config import StageConfig, parse_config
-from odkd.distill.variants import VARIANTS
+from odkd.distill.variants import VARIANTS, variant_student
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import read_checkpoint
@@ -63,7 +63,14 @@ seg_weight = 0.01
         "soft": (dataclasses.replace(pt, targets="soft"), dataclasses.replace(st, targets="soft")),
         "no_mask": (pt, dataclasses.replace(st, seg_weight=0.0)),
         "mask_gate": (pt, dataclasses.replace(st, mask_gate=True)),
+        "orderly+unlabeled": (pt, st),
     }
+    # only the +unlabeled variant reads the unlabelled store, and it refuses a config without one
+    with_store = dataclasses.replace(student, unlabeled_cache="cache/u.zarr")
+    assert {name: variant_student(with_store, name).unlabeled_cache for name in ("gt", "orderly", "orderly+unlabeled")} \
+        == {"gt": "", "orderly": "", "orderly+unlabeled": "cache/u.zarr"}
+    with pytest.raises(OdkdError, match="variant 'orderly\\+unlabeled' needs \\[student\\] unlabeled_cache"):
+        variant_student(student, "orderly+unlabeled")
     # a config without the method's PT-then-ST stages builds the variants that do not need them only
     st_first = parse_config(student_toml(tmp_path, stages="""
 [[student.stages]]
@@ -165,5 +172,5 @@ def test_unknown_variant_is_one_line_and_writes_nothing(world, tmp_path):
                                        "--out", str(tmp_path / "ablation")])
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: --variants: unknown variant 'ordrly'; the variants are gt, pt, st, "
-                                     "joint, orderly, reverse, soft, no_mask, mask_gate")
+                                     "joint, orderly, reverse, soft, no_mask, mask_gate, orderly+unlabeled")
     assert not (tmp_path / "ablation").exists()

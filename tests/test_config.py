@@ -62,7 +62,8 @@ def test_every_key_with_choices_is_a_literal_and_the_cli_takes_the_same_decoders
     ('[[student.stages]]\nname = "a"\nepochs = 1\n[[student.stages]]\nname = "b"\nepochs = 1\nteacher = "seniour"\n',
      "p.toml: student.stages[1].teacher: 'seniour' is not one of primary, senior, both, none"),
     ("[student]\ntrian = {lr = 1}\n", "p.toml: unknown key 'student.trian' (allowed: best, cache, init, keep_blob_size, "
-                                      "lr_span, model, model_args, seg_head, seg_loss, stages, train)"),
+                                      "lr_span, model, model_args, seg_head, seg_loss, stages, train, unlabeled_cache, "
+                                      "unlabeled_share)"),
     ("extend = 'x.toml'\n", "p.toml: unknown key 'extend' (allowed: cache, data, device, eval, runs, student, teachers)"),
     ("[data]\ninput_size = [192, 'wide']\n", "p.toml: data.input_size[1]: expected an integer, got 'wide'"),
     ("[data]\ninput_size = [192, 256, 3]\n", "p.toml: data.input_size: expected 2 values, got 3"),
@@ -259,7 +260,7 @@ def test_set_on_the_command_line(tmp_path):
                                "--set", "data.sigmaa=1"])
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         "Error: --set data.sigmaa=1: unknown key 'data.sigmaa' (allowed: augment, heatmap_size, input_size, root, "
-        "sigma, strict, test_ann, test_images, train_ann, train_images, val_ann, val_images)"]
+        "sigma, strict, test_ann, test_images, train_ann, train_images, unlabeled, val_ann, val_images)"]
     res = runner.invoke(main, ["cache", "verify", str(tmp_path / "s.zarr"), "--set", "data.sigma=1"])
     assert res.exit_code == 2 and "--set changes keys of --config; give --config too" in res.output
 

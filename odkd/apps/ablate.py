@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from odkd.config import PipelineConfig, StageConfig, resolve_device
+from odkd.config import PipelineConfig, StudentConfig, resolve_device
 from odkd.data.instances import load_instances
 from odkd.dicts import first_difference
 from odkd.distill.stages import StagePlan, required_arrays
-from odkd.distill.variants import VARIANTS
+from odkd.distill.variants import UNLABELED_VARIANTS, VARIANTS, variant_student
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_from_checkpoint, read_checkpoint
-from odkd.train.student import check_store_fits, open_teacher_store, train_student
+from odkd.train.student import check_same_teachers, check_store_fits, open_teacher_store, train_student
 
 REPORTED = ("AP", "AP .5", "AR")
 # best.pth is chosen by val AP; scoring it would select on the reported split whenever that is val
@@ -45,13 +45,14 @@ HYPOTHESES = (
     ("orderly", "soft", "binarized targets beat soft ones"),
     ("orderly", "no_mask", "the mask loss helps"),
     ("mask_gate", "orderly", "mask gating helps"),
+    ("orderly+unlabeled", "orderly", "the unlabelled images help"),
+    ("orderly+unlabeled", "gt", "the teachers and the unlabelled images beat GT alone"),
 )
 
 
-def variant_config(cfg: PipelineConfig, stages: tuple[StageConfig, ...], seed: int) -> PipelineConfig:
-    student = cfg.student
+def variant_config(cfg: PipelineConfig, student: StudentConfig, seed: int) -> PipelineConfig:
     train = dataclasses.replace(student.train, seed=seed)
-    return dataclasses.replace(cfg, student=dataclasses.replace(student, stages=stages, train=train))
+    return dataclasses.replace(cfg, student=dataclasses.replace(student, train=train))
 
 
 def run_record(cfg: PipelineConfig) -> dict:
@@ -131,8 +132,13 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
     for name in names:
         if name not in VARIANTS:
             raise OdkdError(f"--variants: unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
+    skipped = {}
+    if not cfg.student.unlabeled_cache:
+        for name in (name for name in UNLABELED_VARIANTS if name in names):
+            skipped[name] = "the config sets no [student] unlabeled_cache"
+            log.warning(f"warning: variant {name!r} skipped: {skipped[name]}")
     try:
-        stage_lists = {name: VARIANTS[name](cfg.student) for name in names}
+        students = {name: variant_student(cfg.student, name) for name in names if name not in skipped}
     except OdkdError as exc:
         raise OdkdError(f"{cfg.source}: {exc}") from None
     split = split or default_split(cfg)
@@ -144,27 +150,34 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
     # everything every run needs is checked before the first one starts
     instances = load_instances(cfg.data, "train")
     targets = open_teacher_store(cfg.student.cache, instances.fingerprint)
-    skipped = {}
-    for name, stages in stage_lists.items():
-        missing = sorted({array for stage in stages for array in required_arrays(stage)
+    unlabeled = unlabeled_targets = None
+    if cfg.student.unlabeled_cache and any(name in UNLABELED_VARIANTS for name in students):
+        unlabeled = load_instances(cfg.data, "unlabeled")
+        unlabeled_targets = open_teacher_store(cfg.student.unlabeled_cache, unlabeled.fingerprint)
+        check_same_teachers(targets, unlabeled_targets)
+    for name, student in students.items():
+        missing = sorted({array for stage in student.stages for array in required_arrays(stage)
                           if array.endswith("soft_heatmaps")} - set(targets.names))
         if name == "soft" and missing:
             skipped[name] = (f"{targets.url} has no {', '.join(missing)}; build the store with "
                              f"[cache] store_soft = true")
             log.warning(f"warning: variant 'soft' skipped: {skipped[name]}")
             continue
-        run_cfg = variant_config(cfg, stages, seed_list[0])
-        check_store_fits(targets, run_cfg, StagePlan(run_cfg.student), len(instances))
+        plan = StagePlan(student)
+        run_cfg = variant_config(cfg, student, seed_list[0])
+        check_store_fits(targets, run_cfg, plan, len(instances))
+        if student.unlabeled_cache:
+            check_store_fits(unlabeled_targets, run_cfg, plan, len(unlabeled), split="unlabeled")
     evaluated = load_instances(cfg.data, split)
     dev = resolve_device(device or cfg.device)
     evaluator = ModelEvaluator(evaluated, cfg.data, cfg.eval, evaluated.coco, device=dev, with_mask=False,
                                workers=cfg.student.train.workers)
 
-    runs: dict[str, list[dict]] = {name: [] for name in stage_lists if name not in skipped}
+    runs: dict[str, list[dict]] = {name: [] for name in students if name not in skipped}
     for seed in seed_list:  # seeds outermost: an interrupted ablation has every variant at the first seeds
         for name in runs:
             run_dir = out / name / f"seed{seed}"
-            status = train_or_reuse(variant_config(cfg, stage_lists[name], seed), run_dir, device=device,
+            status = train_or_reuse(variant_config(cfg, students[name], seed), run_dir, device=device,
                                     max_steps_per_epoch=max_steps_per_epoch)
             net, _ = build_from_checkpoint(run_dir / SCORED_WEIGHTS, dev)
             stats = evaluator(net).stats
@@ -172,11 +185,12 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
                                **{key: stats[key] for key in REPORTED}})
             log.info(f"ablate: {name} seed {seed}: {status}; {split} AP {stats['AP']:.4f}")
 
-    results = {name: {"stages": [dataclasses.asdict(stage) for stage in stage_lists[name]], "n": len(rows),
+    results = {name: {"stages": [dataclasses.asdict(stage) for stage in students[name].stages], "n": len(rows),
                       **{key: spread([row[key] for row in rows]) for key in REPORTED}, "runs": rows}
                for name, rows in runs.items()}
     summary = {
-        "command": command, "store": targets.url, "split": split, "weights": SCORED_WEIGHTS,
+        "command": command, "store": targets.url,
+        "unlabeled_store": unlabeled_targets.url if unlabeled_targets is not None else None, "split": split, "weights": SCORED_WEIGHTS,
         "epochs": cfg.student.epochs, "seeds": seed_list, "out": str(out),
         "variants": results, "skipped": skipped,
         "hypotheses": [{"a": a, "b": b, "claim": claim, **check_hypothesis(results[a], results[b])}
@@ -207,7 +221,9 @@ def ablation_markdown(summary: dict) -> str:
         "# Ablation",
         "",
         f"- command: `{summary['command']}`",
-        f"- store: `{summary['store']}`",
+        f"- store: `{summary['store']}`"
+        + (f"; unlabelled store (the +unlabeled variants): `{summary['unlabeled_store']}`"
+           if summary.get("unlabeled_store") else ""),
         f"- scored: every run's {summary['weights']} on {summary['split']} (not best.pth, which is chosen by val AP)",
         f"- {summary['epochs']} epochs per run; seeds {', '.join(map(str, summary['seeds']))}",
         f"- wall time: {summary['wall_s'] / 60:.1f} min ("

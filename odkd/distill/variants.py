@@ -4,7 +4,8 @@
 Every key the user set (the loss weights, conf_floor, the ST stage's seg_weight) carries into every
 variant, and only what the variant is about changes; all keep the config's total epochs. The GT-only
 baseline is the exception: it keeps only the PT stage's gt_weight, so that tuning a teacher key
-(kd_weight, conf_floor, targets) leaves it the same run, which odkd ablate then reuses.
+(kd_weight, conf_floor, targets) leaves it the same run, which odkd ablate then reuses. Only the
+"+unlabeled" variants read [student] unlabeled_cache: the others are the labelled images' runs.
 """
 
 from __future__ import annotations
@@ -58,12 +59,23 @@ VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
     "soft": lambda student: tuple(dataclasses.replace(stage, targets="soft") for stage in orderly(student)),
     "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
     "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
+    "orderly+unlabeled": orderly,
 }
+# the variants that also learn from [student] unlabeled_cache; every other one trains on the labelled store alone
+UNLABELED_VARIANTS = ("orderly+unlabeled",)
+
+
+def variant_student(student: StudentConfig, name: str) -> StudentConfig:
+    """The student of variant `name`: its stages, and the unlabelled store only where the variant is about it."""
+    if name not in VARIANTS:
+        raise OdkdError(f"unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
+    unlabeled = name in UNLABELED_VARIANTS
+    if unlabeled and not student.unlabeled_cache:
+        raise OdkdError(f"variant {name!r} needs [student] unlabeled_cache, a store of cache-teachers --split unlabeled")
+    return dataclasses.replace(student, stages=VARIANTS[name](student),
+                               unlabeled_cache=student.unlabeled_cache if unlabeled else "")
 
 
 def with_variant(cfg: PipelineConfig, name: str) -> PipelineConfig:
-    """The config with its student's stages replaced by variant `name`."""
-    if name not in VARIANTS:
-        raise OdkdError(f"unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
-    student = dataclasses.replace(cfg.student, stages=VARIANTS[name](cfg.student))
-    return dataclasses.replace(cfg, student=student)
+    """The config with its student replaced by variant `name`'s (variant_student)."""
+    return dataclasses.replace(cfg, student=variant_student(cfg.student, name))
