@@ -186,7 +186,9 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model to evaluate on the config's data.")
 @click.option("--model", "model_name", default=None,
               help="Architecture of an official HRNet or mmpose checkpoint (e.g. hrnet_w32); odkd files record it.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(CACHE_SPLITS), default="val", show_default=True,
+              help="'unlabeled': the crops of [data.unlabeled] boxes (what a pseudo-label store holds), "
+                   "scored against --ann, those images' true labels.")
 @click.option("--boxes", default="gt", show_default=True,
               help="'gt' for ground-truth boxes, or a COCO detections JSON (bbox + score per person).")
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
@@ -203,19 +205,21 @@ def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, mo
     \b
     Score a results file:   odkd evaluate --ann GT.json --results RESULTS.json
     Evaluate a model:       odkd evaluate --config PIPELINE.toml --checkpoint CKPT [--boxes DETS.json]
+    Score pseudo-labels:    odkd evaluate --checkpoint TEACHER --split unlabeled --ann TRUE.json
     """
     from odkd.eval import metrics
 
     if checkpoint:
-        if ann or results or gt_as_results:
-            raise click.UsageError("--checkpoint evaluates on the config's data; drop --ann/--results")
+        if results or gt_as_results or ann and split != "unlabeled":
+            raise click.UsageError("--checkpoint evaluates on the config's data; drop --ann/--results "
+                                   "(--ann goes with --split unlabeled)")
         from odkd.eval.evaluate import evaluate_checkpoint
 
         cfg = load_config(config_path, overrides)
         if decode:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, decode=decode))
         report = evaluate_checkpoint(cfg, checkpoint, split=split, boxes=boxes, flip_test=flip_test,
-                                     results_out=out, device=device, model=model_name)
+                                     results_out=out, device=device, model=model_name, ann=ann)
         stats = report.stats
         click.echo(metrics.format_stats_table(stats))
         if report.mask_iou is not None:

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from odkd.config import resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch, make_loader
 from odkd.data.decode import decode_heatmaps
-from odkd.data.instances import DetectedPersons, load_instances
+from odkd.data.instances import DetectedPersons, PersonInstances, load_instances
 from odkd.data.transforms import PIXEL_STD
+from odkd.errors import OdkdError
 from odkd.eval import metrics
 from odkd.models.inference import predict_batch
 
@@ -69,7 +70,7 @@ class ModelEvaluator:
     def __init__(self, instances, data_cfg, eval_cfg, gt_coco, *, device, with_mask: bool, workers: int = 0):
         self.instances, self.eval_cfg, self.gt_coco, self.device = instances, eval_cfg, gt_coco, device
         self.sigma = data_cfg.sigma
-        with_mask = with_mask and not isinstance(instances, DetectedPersons)
+        with_mask = with_mask and isinstance(instances, PersonInstances)  # a detected box has no mask
         dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
         self.loader = make_loader(dataset, eval_cfg.batch_size, workers)
 
@@ -98,20 +99,25 @@ def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, fli
 
 def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str = "gt",
                         flip_test: bool | None = None, results_out: str | None = None,
-                        device: str | None = None, model: str | None = None) -> EvalReport:
+                        device: str | None = None, model: str | None = None, ann: str | None = None) -> EvalReport:
     """`odkd evaluate --checkpoint`: rebuild the model from its file (or as `model`, for official and
-    mmpose files) and evaluate it on `split`."""
+    mmpose files) and evaluate it on `split`. Split "unlabeled" runs it on the boxes of [data.unlabeled],
+    the crops a pseudo-label store holds, and scores it against `ann`, those images' true annotations."""
     from odkd.models import build_from_checkpoint
 
+    if split == "unlabeled" and (not ann or boxes != "gt"):
+        raise OdkdError("--split unlabeled scores the crops of [data.unlabeled] boxes against --ann TRUE.json, "
+                        "those images' labels; give --ann and no --boxes")
     dev = resolve_device(device or cfg.device)
     net, _ = build_from_checkpoint(checkpoint, dev, model=model)
-    gt = load_instances(cfg.data, split)
-    if boxes == "gt":
-        instances = gt
+    aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
+    if split == "unlabeled":
+        gt = PersonInstances(ann, cfg.data.image_dir(split), aspect, strict=cfg.data.strict)
+        instances = load_instances(cfg.data, split)
     else:
-        aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
-        instances = DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr,
-                                    strict=cfg.data.strict)
+        gt = load_instances(cfg.data, split)
+        instances = gt if boxes == "gt" else DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect,
+                                                              cfg.eval.det_score_thr, strict=cfg.data.strict)
     report = evaluate_model(net, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
     if results_out:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)
