@@ -87,6 +87,13 @@ def _clean_box(bbox, width: int, height: int):
     return (x1, y1, x2 - x1, y2 - y1)
 
 
+def _overlaps_image(bbox, width: int, height: int) -> bool:
+    """A box with area that covers some of its image; HRNet's cleaning would keep one wholly left of or
+    above it (it moves such a box to the edge) while its crop, made from the box as given, is padding."""
+    x, y, w, h = bbox
+    return w > 0 and h > 0 and x < width and y < height and x + w > 0 and y + h > 0
+
+
 def _box_problem(bbox, box, area, img) -> str:
     """Why a labelled person's box gives no crop, or "" when it does."""
     if bbox[2] <= 0 or bbox[3] <= 0:
@@ -309,7 +316,7 @@ class UnlabeledPersons(_InstanceList):
             img = images.get(det["image_id"])
             if img is None:
                 why = "not in the image-info file"
-            elif det["bbox"][2] <= 0 or det["bbox"][3] <= 0 or _clean_box(det["bbox"], img["width"], img["height"]) is None:
+            elif not _overlaps_image(det["bbox"], img["width"], img["height"]):
                 why = "with no area or outside the image"
             elif not present.setdefault(img["id"], (self.image_dir / img["file_name"]).is_file()):
                 why = "on a missing image file"

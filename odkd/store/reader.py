@@ -30,14 +30,21 @@ class TeacherTargets:
         self._markers: dict[int, dict] | None = None
 
     @classmethod
-    def open(cls, url: str, *, dataset_fingerprint: str | None = None, storage_options: dict | None = None,
-             require_complete: bool = True) -> "TeacherTargets":
-        """Open and validate a store: schema version, dataset fingerprint (when given), completeness."""
+    def open(cls, url: str, *, dataset_fingerprint: str | None = None, split: str | None = None,
+             storage_options: dict | None = None, require_complete: bool = True) -> "TeacherTargets":
+        """Open and validate a store: schema version, split and dataset fingerprint (when given), completeness.
+
+        The split first: a store of another split has another fingerprint too, and "rebuild it" would be
+        the wrong advice for a store given in the wrong place."""
         url = str(url).rstrip("/")
         attrs = read_attrs(url, storage_options)
         if attrs["schema_version"] != SCHEMA_VERSION:
             raise OdkdError(f"{url}: store schema version {attrs['schema_version']}, this odkd reads "
                             f"version {SCHEMA_VERSION}; rebuild it with odkd cache-teachers")
+        stored_split = attrs.get("settings", {}).get("split")
+        if split is not None and stored_split != split:
+            raise OdkdError(f"{url}: settings.split is {stored_split!r}, but it is read here as the {split!r} "
+                            f"split's store; is it the other store of the config?")
         stored = attrs.get("settings", {}).get("dataset_fingerprint")
         if dataset_fingerprint is not None and stored != dataset_fingerprint:
             raise OdkdError(f"{url}: built for dataset fingerprint {stored}, but the dataset's is "

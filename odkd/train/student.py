@@ -36,10 +36,10 @@ def default_student_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.runs) / "student"
 
 
-def open_teacher_store(url: str, dataset_fingerprint: str) -> TeacherTargets:
-    """The store at `url`, validated against the dataset; any failure to reach it is one line."""
+def open_teacher_store(url: str, dataset_fingerprint: str, split: str = "train") -> TeacherTargets:
+    """The store at `url`, validated against the split and its dataset; any failure to reach it is one line."""
     try:
-        return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint)
+        return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint, split=split)
     except OdkdError:
         raise
     except Exception as exc:  # fsspec and its transports raise their own kinds (aiohttp, botocore, OSError)
@@ -49,12 +49,10 @@ def open_teacher_store(url: str, dataset_fingerprint: str) -> TeacherTargets:
 
 def check_store_fits(targets: TeacherTargets, cfg: PipelineConfig, plan: StagePlan, num_instances: int,
                      split: str = "train") -> None:
-    """The store holds a row for every instance of `split`, the arrays every stage reads, and maps made for
-    the student's crop geometry; else one line naming the store, the key and both values."""
+    """The store of `split` (open_teacher_store checked which) holds a row for every instance, the arrays
+    every stage reads, and maps made for the student's crop geometry; else one line naming the store, the
+    key and both values."""
     url, settings = targets.url, targets.attrs.get("settings", {})
-    if settings.get("split") != split:
-        raise OdkdError(f"{url}: settings.split is {settings.get('split')!r}, the student reads it as its "
-                        f"{split!r} store")
     if len(targets) != num_instances:
         raise OdkdError(f"{url}: holds {len(targets)} instances, the {split} split has {num_instances} "
                         f"(built with --limit?); rebuild it whole")
@@ -128,7 +126,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         if scfg.unlabeled_cache:
             check_unlabeled_learns(plan, cfg.source)
             unlabeled = load_instances(cfg.data, "unlabeled")
-            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint)
+            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, split="unlabeled")
             check_store_fits(unlabeled_targets, cfg, plan, len(unlabeled), split="unlabeled")
             check_same_teachers(targets, unlabeled_targets)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
