@@ -1,6 +1,7 @@
 """The student's teacher targets at COCO size and beyond, on the CPU: disk, start-up, memory per process, rows/s.
 
-    .venv/bin/python bench/scale.py [--instances 150000 600000] [--ranks 1 2 4] [--workers 2] [--record]
+    .venv/bin/python bench/scale.py [--instances 150000 600000] [--ranks 1 2 4] [--workers 2] [--tables ...]
+        [--rounds 1] [--record]
 
 Stores are synthetic (odkd.store.synthetic's binarized Gaussians, no teachers) at COCO geometry: 48x64
 heatmaps cached at margin 1.25 (64x80 stored maps), chunks of 64, shards of 1024. Their rows are drawn
@@ -10,17 +11,20 @@ compression works chunk by chunk (or row by row), so bytes per instance are thos
 1. store: bytes per instance on disk, and the write time (zarr encode and write, the producer excluded);
 2. candidates for "the targets once per machine", on the first store: bytes each machine holds, us per
    sample for the method's arrays (three packed maps, two conf rows, ok, the stored crop), and the time
-   to make it. (a) the local copy odkd uses: maps zstd-compressed row by row, memory-mapped; (b) the
-   packed rows raw in one memory-mapped file; (c) no copy: the store's own chunks, one decoded per row;
+   to make it. (a) the local copy odkd uses: maps zstd-compressed row by row, every row read with
+   pread; (b) the packed rows raw in one memory-mapped file; (c) no copy: the store's own chunks, one
+   decoded per row;
 3. start-up: a fresh process from opening the store to the first batch of a loader with --workers
-   workers, on the first run on this machine (the local copy is made) and on the second (it is mapped);
+   workers, on the first run on this machine (the local copy is made) and on the second (it is read);
 4. rows per second that one loader worker delivers (LocalRows.row in a loop over a random order);
 5. memory: --ranks gloo ranks (torch.distributed, DDP of the COCO student, hrnet_w16 as
    pipeline/coco_hrnet_w16.toml configures it, batch 8 at 256x192, two Adam steps), each with --workers
    persistent loader workers that go once through the rank's share of every row: PSS per process
    (/proc smaps, shared pages divided among the processes that map them) with KD rows against the same
    trainer whose loader delivers only indices (no KD). Images are left out of both: the no-KD
-   trainer is then smaller than a real one, and the targets' share larger.
+   trainer is then smaller than a real one, and the targets' share larger. The local copy is read,
+   not mapped, so its pages are in the kernel's page cache, once per machine and evictable, and in no
+   process's PSS: the table gives the copy's size beside the PSS.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ MAP_SIZE = cache_geometry((48, 64), (192, 256), 1.25)[0]
 NAMES = stored_arrays(StagePlan(COCO.student))  # the method's arrays: both teachers' maps and conf, mask, ok, crop
 POOL = 8192
 SAMPLES = 20_000  # rows timed per candidate and for rows/s
+TABLES = ("store", "candidates", "startup", "rate", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +126,7 @@ def candidates(url: Path, tmp: Path) -> list[list]:
     arrays = {name: group[name] for name in NAMES}
     store_bytes = disk_bytes(url)
     return [
-        ["(a) local copy, maps zstd per row, mmap (odkd)", f"{disk_bytes(local.folder) / n:.0f}",
+        ["(a) local copy, maps zstd per row, pread (odkd)", f"{disk_bytes(local.folder) / n:.0f}",
          f"{per_sample_us(local.row, n):.0f}", f"{local_s:.1f}"],
         ["(b) packed rows raw, mmap", f"{disk_bytes(raw_dir) / n:.0f}",
          f"{per_sample_us(lambda i: {k: np.array(v[i]) for k, v in raw.items()}, n):.0f}", f"{raw_s:.1f}"],
@@ -204,8 +209,15 @@ def pss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_full_info().pss / 2**20
 
 
-def memory(url: Path, world: int, kd: bool, workers: int) -> tuple[float, float, float]:
-    """(mean PSS MB of a rank, mean of a loader worker, sum over every process) with every worker alive."""
+def copy_mapped_mb(pid: int) -> float:
+    """PSS MB of the process's mappings of files in the local copies (nothing, when rows are read, not mapped)."""
+    root = os.environ[LOCAL_COPIES_ENV]
+    return sum(m.pss for m in psutil.Process(pid).memory_maps() if m.path.startswith(root)) / 2**20
+
+
+def memory(url: Path, world: int, kd: bool, workers: int) -> tuple[float, float, float, float]:
+    """(mean PSS MB of a rank, mean of a loader worker, sum over every process, the part of that sum that
+    maps the local copy) with every worker alive."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=rank_main, args=(r, world, str(url), kd, workers, queue, done)) for r in range(world)]
@@ -214,10 +226,21 @@ def memory(url: Path, world: int, kd: bool, workers: int) -> tuple[float, float,
     got = [queue.get(timeout=3600) for _ in procs]
     ranks = [pss_mb(pid) for _, pid, _ in got]
     loaders = [pss_mb(c) for _, _, children in got for c in children]
+    mapped = sum(copy_mapped_mb(pid) for _, rank, children in got for pid in (rank, *children))
     done.set()
     for p in procs:
         p.join()
-    return statistics.mean(ranks), statistics.mean(loaders) if loaders else 0.0, sum(ranks) + sum(loaders)
+    return statistics.mean(ranks), statistics.mean(loaders) if loaders else 0.0, sum(ranks) + sum(loaders), mapped
+
+
+def memory_medians(url: Path, world: int, workers: int, rounds: int) -> tuple[list[float], list[float]]:
+    """memory() without KD and with KD, each value the median of `rounds` interleaved runs: a rank's PSS
+    swings by tens of MB from run to run, with or without KD."""
+    runs = {False: [], True: []}
+    for _ in range(rounds):
+        for kd in runs:
+            runs[kd].append(memory(url, world, kd, workers))
+    return tuple([statistics.median(values) for values in zip(*runs[kd])] for kd in (False, True))
 
 
 def main(argv=None) -> int:
@@ -225,9 +248,15 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, nargs="+", default=[150_000, 600_000])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                        help="the tables to measure (default: all; the stores are built for any)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved no-KD / KD rounds of the memory table, medians kept")
     parser.add_argument("--tmp", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--record", action="store_true", help="write the tables into bench/RESULTS.md")
     args = parser.parse_args(argv)
+    if args.record and set(args.tables) != set(TABLES):
+        parser.error("--record replaces the whole section of bench/RESULTS.md: it needs every table")
     tmp = Path(tempfile.mkdtemp(prefix="odkd-scale-", dir=args.tmp))
     os.environ[LOCAL_COPIES_ENV] = str(tmp / "copies")
     try:
@@ -239,35 +268,43 @@ def main(argv=None) -> int:
             seconds = build(stores[n], n, pool)
             store_rows.append([f"{n:,}", f"{disk_bytes(stores[n]) / n:.0f}", f"{seconds:.0f}"])
         first = min(stores)
-        sections = [
-            "store\n\n" + table(["instances", "B/instance on disk", "write s"], store_rows),
-            f"candidates, {first:,} instances\n\n" + table(
-                ["candidate", "B/instance held per machine", "us/sample", "made in s"],
-                candidates(stores[first], tmp)),
-        ]
-        startup_rows, rate_rows = [], []
-        for n, url in stores.items():
-            copies = tmp / f"startup-{n}"
-            imports, cold = startup_seconds(url, args.workers, copies)
-            _, warm = startup_seconds(url, args.workers, copies)
-            startup_rows.append([f"{n:,}", f"{cold:.2f}", f"{warm:.2f}", f"{imports:.2f}"])
-            rows = LocalRows.fetch(TeacherTargets.open(str(url)), NAMES, root=copies)
-            rate_rows.append([f"{n:,}", f"{1e6 / per_sample_us(rows.row, n):,.0f}"])
-        sections.append(f"start-up to the first batch ({args.workers} workers, batch 32)\n\n" + table(
-            ["instances", "first run s (copy made)", "second run s (mapped)", "imports s (not counted)"], startup_rows))
-        sections.append("one loader worker\n\n" + table(["instances", "rows/s"], rate_rows))
-        memory_rows = []
-        for n, url in stores.items():
-            LocalRows.fetch(TeacherTargets.open(str(url)), NAMES)  # made once before: each run maps it
-            for world in args.ranks:
-                plain = memory(url, world, False, args.workers)
-                kd = memory(url, world, True, args.workers)
-                memory_rows.append([f"{n:,}", world, f"{plain[0]:.0f}", f"{kd[0]:.0f}", f"{plain[1]:.0f}",
-                                    f"{kd[1]:.0f}", f"{plain[2]:.0f}", f"{kd[2]:.0f}",
-                                    f"{(kd[2] - plain[2]) / plain[2]:+.1%}"])
-        sections.append(f"memory, PSS MB ({args.workers} loader workers a rank)\n\n" + table(
-            ["instances", "ranks", "rank, no KD", "rank, KD", "worker, no KD", "worker, KD", "all, no KD",
-             "all, KD", "KD vs no KD"], memory_rows))
+        sections = []
+        if "store" in args.tables:
+            sections.append("store\n\n" + table(["instances", "B/instance on disk", "write s"], store_rows))
+        if "candidates" in args.tables:
+            sections.append(f"candidates, {first:,} instances\n\n" + table(
+                ["candidate", "B/instance held per machine", "us/sample", "made in s"], candidates(stores[first], tmp)))
+        if "startup" in args.tables:
+            startup_rows = []
+            for n, url in stores.items():
+                copies = tmp / f"startup-{n}"
+                imports, cold = startup_seconds(url, args.workers, copies)
+                _, warm = startup_seconds(url, args.workers, copies)
+                startup_rows.append([f"{n:,}", f"{cold:.2f}", f"{warm:.2f}", f"{imports:.2f}"])
+            sections.append(f"start-up to the first batch ({args.workers} workers, batch 32)\n\n" + table(
+                ["instances", "first run s (copy made)", "second run s (copy made before)", "imports s (not counted)"],
+                startup_rows))
+        if "rate" in args.tables:
+            rate_rows = []
+            for n, url in stores.items():
+                rows = LocalRows.fetch(TeacherTargets.open(str(url)), NAMES)
+                rate_rows.append([f"{n:,}", f"{1e6 / per_sample_us(rows.row, n):,.0f}"])
+            sections.append("one loader worker\n\n" + table(["instances", "rows/s"], rate_rows))
+        if "memory" in args.tables:
+            memory_rows = []
+            for n, url in stores.items():
+                copy = LocalRows.fetch(TeacherTargets.open(str(url)), NAMES)  # made once before: each run reads it
+                copy_mb = f"{disk_bytes(copy.folder) / 2**20:.0f}"
+                for world in args.ranks:
+                    plain, kd = memory_medians(url, world, args.workers, args.rounds)
+                    memory_rows.append([f"{n:,}", world, f"{plain[0]:.0f}", f"{kd[0]:.0f}", f"{plain[1]:.0f}",
+                                        f"{kd[1]:.0f}", f"{plain[2]:.0f}", f"{kd[2]:.0f}",
+                                        f"{(kd[2] - plain[2]) / plain[2]:+.1%}", f"{kd[3]:.0f}", copy_mb])
+            rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+            sections.append(f"memory, PSS MB ({args.workers} loader workers a rank{rounds})\n\n" + table(
+                ["instances", "ranks", "rank, no KD", "rank, KD", "worker, no KD", "worker, KD", "all, no KD",
+                 "all, KD", "KD vs no KD", "all, KD: of it the copy's mapped pages", "copy in the page cache, MB "
+                 "(once per machine)"], memory_rows))
         text = "\n\n".join(sections)
         print(text)
         if args.record:

@@ -1,5 +1,5 @@
-"""The per-machine local copy of a store's rows: one copy shared by processes, never half-written, never stale,
-never from a damaged shard, and rows that travel with their samples through the loader."""
+"""The per-machine local copy of a store's rows: one copy shared by processes, read rather than mapped, never
+half-written, never stale, never from a damaged shard, and rows that travel with their samples through the loader."""
 
 from __future__ import annotations
 
@@ -64,6 +64,50 @@ def test_only_the_named_arrays_are_copied_and_more_are_added_later(tmp_path):
     assert sorted(p.name for p in rows.folder.iterdir() if p.is_dir()) == ["meta-ok", "pt-heatmaps", "st-mask"]
     with pytest.raises(OdkdError, match="no arrays"):
         LocalRows.fetch(targets, ["pt/nothing"], root=tmp_path / "copies")
+
+
+def _mapped_from(folder: Path) -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+
+
+def _read_every_row_in_process(rows: LocalRows, queue) -> None:
+    queue.put((rows_of(rows, range(LAYOUT.num_instances)), _mapped_from(rows.folder)))
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_every_row_is_read_not_mapped_in_the_process_and_in_its_workers(tmp_path, start):
+    targets = build(tmp_path / "s.zarr")
+    rows = LocalRows.fetch(targets, ALL, root=tmp_path / "copies")
+    want = targets.get_batch(np.arange(LAYOUT.num_instances))
+    # read here first, so a forked worker inherits open files (a DataLoader forks); a spawned one unpickles
+    here = rows_of(rows, range(LAYOUT.num_instances))
+    ctx = multiprocessing.get_context(start)
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_read_every_row_in_process, args=(rows, queue))
+    worker.start()
+    there, mapped_there = queue.get(timeout=120)
+    worker.join(timeout=60)
+    assert worker.exitcode == 0
+    for got in (here, there):
+        for name in ALL:
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+            np.testing.assert_array_equal(got[name], want[name])
+    # the copy stays in the page cache, in no process's mappings (so in no process's PSS)
+    assert _mapped_from(rows.folder) == [] and mapped_there == []
+    for outside in (LAYOUT.num_instances, -1):
+        with pytest.raises(IndexError):
+            rows.row(outside)
+
+
+def test_a_local_copy_cut_short_later_is_one_line_naming_the_file(tmp_path):
+    targets = build(tmp_path / "s.zarr")
+    rows = LocalRows.fetch(targets, MAPS, root=tmp_path / "copies")
+    blob = rows.folder / "st-heatmaps" / "rows.zst"
+    blob.write_bytes(blob.read_bytes()[:-1])
+    np.testing.assert_array_equal(rows.row(0)["st/heatmaps"], targets.get_batch(np.array([0]))["st/heatmaps"][0])
+    with pytest.raises(OdkdError) as err:
+        rows.row(LAYOUT.num_instances - 1)
+    assert "\n" not in str(err.value) and str(blob) in str(err.value) and str(rows.folder) in str(err.value)
 
 
 def _fetch_in_process(url: str, root: str, queue) -> None:

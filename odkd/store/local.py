@@ -1,4 +1,4 @@
-"""A store's rows, copied once per machine into read-only files that every rank and loader worker maps.
+"""A store's rows, copied once per machine into read-only files that every rank and loader worker reads.
 
 A student run reads a few rows per sample, in the loader worker that makes the sample. zarr answers a
 row by decoding its whole chunk, and holding the unpacked arrays in each process costs 13.5 KB an
@@ -6,8 +6,11 @@ instance per rank (2 GB for COCO train, times the GPUs of a machine). So the fir
 reads the store once, shard by shard (a URL is fetched once, with plain GETs), checks every shard
 against the digests its writer recorded, and writes the arrays a run needs into a folder keyed by the
 store's identity: the packed maps compressed row by row (zstd: a row decodes in ~15 us and keeps the
-store's few hundred bytes an instance), the small arrays as they are. Every process maps those files
-read-only, so the page cache holds them once per machine, and later runs start at once.
+store's few hundred bytes an instance), the small arrays as they are. Every process reads its rows
+with positional reads (pread) on files it opens itself, never a memory map: the files' pages then live
+only in the kernel's page cache, once per machine, evictable, and in no process's resident memory
+(a map would make every page an epoch touches resident in each process that maps it, conf and meta
+rows included). Later runs start at once.
 
 A copy is written into a temporary folder and renamed into place under a lock, so an interrupted copy
 is never read and concurrent ranks copy once. A store rebuilt under the same path has other
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -39,6 +43,8 @@ LOCAL_COPIES_ENV = "ODKD_LOCAL_COPIES"
 # arrays of this many bytes a row or more are compressed row by row; smaller ones (conf, meta) stay raw
 COMPRESS_ROW_BYTES = 256
 _ZSTD = numcodecs.Zstd(level=3)
+_OFFSET_DTYPE = np.dtype("<i8")  # offsets.npy's on any machine, so that _OFFSET_PAIR reads two of them
+_OFFSET_PAIR = struct.Struct("<2q")
 
 
 def local_copies_root() -> Path:
@@ -65,7 +71,9 @@ class LocalRows:
         self.identity = identity  # the identity of the store copied (TeacherTargets.identity)
         self.specs = specs  # name -> (row shape, dtype)
         self.map_size = tuple(map_size)  # (width, height) of the stored maps
-        self._files: dict[str, tuple[np.ndarray, ...]] = {}
+        self._readers: dict[str, _RawRowsReader | _CompressedRowsReader] = {}
+        self._pid: int | None = None  # the process that opened _readers
+        self._count = 0  # instances in the copy, from the files' headers
 
     @classmethod
     def fetch(cls, targets: TeacherTargets, names, root: Path | None = None) -> "LocalRows":
@@ -96,31 +104,28 @@ class LocalRows:
     def names(self) -> tuple[str, ...]:
         return tuple(self.specs)
 
-    def _open(self, name: str) -> tuple[np.ndarray, ...]:
-        if name not in self._files:
-            sub = self.folder / _array_folder(name)
-            if (sub / "rows.npy").exists():
-                self._files[name] = (np.load(sub / "rows.npy", mmap_mode="r"),)
-            else:
-                self._files[name] = (np.load(sub / "offsets.npy", mmap_mode="r"),
-                                     np.memmap(sub / "rows.zst", dtype=np.uint8, mode="r"))
-        return self._files[name]
+    def _open(self) -> dict:
+        # a forked loader worker inherits its parent's readers: it opens its own, and its inherited
+        # descriptors close with the readers it drops
+        if self._pid != os.getpid():
+            readers = {}
+            for name, (tail, dtype) in self.specs.items():
+                sub = self.folder / _array_folder(name)
+                readers[name] = (_RawRowsReader(sub) if (sub / "rows.npy").exists()
+                                 else _CompressedRowsReader(sub, tail, np.dtype(dtype)))
+            self._readers, self._pid = readers, os.getpid()
+            self._count = min((reader.rows for reader in readers.values()), default=0)
+        return self._readers
 
     def row(self, index: int) -> dict[str, np.ndarray]:
-        out = {}
-        for name, (tail, dtype) in self.specs.items():
-            files = self._open(name)
-            if len(files) == 1:
-                out[name] = np.array(files[0][index])
-            else:
-                offsets, blob = files
-                raw = _ZSTD.decode(blob[offsets[index]:offsets[index + 1]])
-                out[name] = np.frombuffer(raw, dtype=dtype).reshape(tail).copy()
-        return out
+        readers = self._open()
+        if not 0 <= index < self._count:
+            raise IndexError(f"instance {index} is outside the {self._count} of {self.folder}")
+        return {name: reader.row(index) for name, reader in readers.items()}
 
     def __getstate__(self):
-        # a loader worker maps the files itself rather than receiving them pickled
-        return {**self.__dict__, "_files": {}}
+        # a spawned loader worker opens the files itself rather than receiving them pickled
+        return {**self.__dict__, "_readers": {}, "_pid": None}
 
 
 def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], folder: Path, identity: dict) -> None:
@@ -141,7 +146,7 @@ def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], f
         for name in names:
             tail, dtype = specs[name].tail, np.dtype(specs[name].dtype)
             compress = int(np.prod(tail)) * dtype.itemsize >= COMPRESS_ROW_BYTES
-            writers[name] = (_CompressedRows if compress else _RawRows)(partial[name], n, tail, dtype)
+            writers[name] = (_CompressedRowsWriter if compress else _RawRowsWriter)(partial[name], n, tail, dtype)
         for shard in tqdm(range(layout.num_shards), desc="local copy", unit="shard", leave=False):
             start, stop = layout.shard_range(shard)
             for name in names:
@@ -160,7 +165,7 @@ def _copy(targets: TeacherTargets, markers: dict[int, dict], names: list[str], f
             shutil.rmtree(path, ignore_errors=True)
 
 
-class _RawRows:
+class _RawRowsWriter:
     """rows.npy: the rows as they are, one .npy array, filled in order."""
 
     def __init__(self, folder: Path, rows: int, tail: tuple[int, ...], dtype: np.dtype):
@@ -175,13 +180,13 @@ class _RawRows:
         self.rows.flush()
 
 
-class _CompressedRows:
+class _CompressedRowsWriter:
     """rows.zst (every row zstd-compressed, end to end) and offsets.npy (row i is bytes offsets[i]:offsets[i+1])."""
 
     def __init__(self, folder: Path, rows: int, tail: tuple[int, ...], dtype: np.dtype):
         self.folder = folder
         self.file = open(folder / "rows.zst", "wb")
-        self.offsets = np.zeros(rows + 1, np.int64)
+        self.offsets = np.zeros(rows + 1, _OFFSET_DTYPE)
         self.count = 0
 
     def extend(self, values: np.ndarray) -> None:
@@ -194,3 +199,48 @@ class _CompressedRows:
     def close(self) -> None:
         self.file.close()
         np.save(self.folder / "offsets.npy", self.offsets)
+
+
+def _open_npy(path: Path) -> tuple:
+    """(the .npy file opened read-only and unbuffered, where its data starts, its shape, its dtype)."""
+    file = open(path, "rb", buffering=0)
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(file)
+    return file, file.tell(), shape, dtype
+
+
+def _pread(file, size: int, offset: int) -> bytes:
+    """`size` bytes of `file` at `offset`, by one positional read: no map, no file position shared with a fork."""
+    data = os.pread(file.fileno(), size, offset)
+    if len(data) != size:
+        raise OdkdError(f"{file.name}: cut short before byte {offset + size}; delete its local copy "
+                        f"({Path(file.name).parent.parent}) to have the next run copy it again")
+    return data
+
+
+class _RawRowsReader:
+    """Rows from a _RawRowsWriter's rows.npy, one read a row."""
+
+    def __init__(self, folder: Path):
+        self.file, self.start, (self.rows, *tail), self.dtype = _open_npy(folder / "rows.npy")
+        self.tail = tuple(tail)
+        self.row_bytes = int(np.prod(self.tail)) * self.dtype.itemsize
+
+    def row(self, index: int) -> np.ndarray:
+        data = _pread(self.file, self.row_bytes, self.start + index * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(self.tail).copy()
+
+
+class _CompressedRowsReader:
+    """Rows from a _CompressedRowsWriter's files: a row's two offsets read, then its bytes read and decoded."""
+
+    def __init__(self, folder: Path, tail: tuple[int, ...], dtype: np.dtype):
+        self.offsets, self.offsets_start, (ends,), _ = _open_npy(folder / "offsets.npy")
+        self.blob = open(folder / "rows.zst", "rb", buffering=0)
+        self.rows, self.tail, self.dtype = ends - 1, tail, dtype
+
+    def row(self, index: int) -> np.ndarray:
+        at = self.offsets_start + _OFFSET_DTYPE.itemsize * index
+        start, stop = _OFFSET_PAIR.unpack(_pread(self.offsets, _OFFSET_PAIR.size, at))
+        return _ZSTD.decode(_pread(self.blob, stop - start, start), out=np.empty(self.tail, self.dtype))
