@@ -126,12 +126,13 @@ def main():
     \b
     A typical run (make demo, with the released demo teachers in zoo/):
       odkd synth data/demo-teachers --train-images 1000 --val-images 100 --difficulty easy --seed 0
-      odkd synth data/demo --train-images 1000 --val-images 100 --test-images 200 --difficulty easy
-          --seed 1 --missing-labels 0.5          # the student's data: other images, half the labels
+      odkd synth data/demo --train-images 200 --val-images 100 --test-images 200 --unlabeled-images 2000
+          --difficulty easy --seed 1             # the student's data: 200 labelled images, 2,000 unlabelled
       odkd check-teachers                        # the pinned teacher files, trained on data/demo-teachers
-      odkd cache-teachers                        # both teachers once, into cache/demo.zarr
+      odkd cache-teachers                        # both teachers once over the labelled people: cache/demo.zarr
+      odkd cache-teachers --split unlabeled      # and over the detector's boxes: cache/demo_unlabeled.zarr
       odkd train-student --variant gt            # the baseline: ground truth alone
-      odkd train-student                         # orderly PT -> ST from the store, no teacher loaded
+      odkd train-student                         # orderly PT -> ST from both stores, no teacher loaded
       odkd report --split test                   # runs/demo/report.md: every model's AP, size, speed
       odkd export --checkpoint runs/demo/student/best.pth --out student.onnx
 

@@ -364,11 +364,11 @@ def with_data_root(toml: str, root: Path) -> str:
 
 
 def test_teachers_released_on_their_own_data_are_checked_against_their_data_root(world, released, tmp_path):
-    """The demo's arrangement: [data] is the student's dataset (other images, half the keypoints
-    unlabelled); the teachers were trained on another, which data_root names."""
+    """The demo's arrangement: [data] is the student's dataset (other images, and images nobody
+    labelled); the teachers were trained on another, which data_root names."""
     out, metas, _ = released
     student_data = tmp_path / "student"
-    make_synthetic_dataset(student_data, train_images=6, val_images=2, seed=1, missing_labels=0.5)
+    make_synthetic_dataset(student_data, train_images=6, val_images=2, seed=1, unlabeled_images=3)
     plain = checked_toml(world, released, data=student_data)
     code, text = run_cli("check-teachers", "--config", str(write(tmp_path / "plain.toml", plain)))
     assert code == 1 and text.startswith(f"Error: {student_data / 'annotations' / 'person_keypoints_train.json'}: "
