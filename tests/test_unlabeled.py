@@ -118,6 +118,14 @@ def test_end_to_end_from_synth_to_a_student_that_learned_from_both_stores(world,
     assert f"identity     content {identity['content_digest']}, settings {identity['settings_digest']}" in info
     assert read_checkpoint(run / "last.pth").extra["signature"]["unlabeled_share"] == SHARE
 
+    code, out = run_cli("report", "--config", base / "unlabeled.toml", "--runs", f"mixed={run}",
+                        "--out", tmp_path / "report", "--device", "cpu")
+    assert code == 0, out
+    text = (tmp_path / "report" / "report.md").read_text()
+    learned = [row for row in text[text.index("## Where the students learned"):].splitlines() if row.startswith("| mixed ")]
+    assert len(learned) == 1 and f"`{cfg.student.cache}`, unlabelled `{store}` (content `{identity['content_digest']}`)" \
+        in learned[0], learned
+
 
 def write_json(path: Path, content) -> Path:
     path.write_text(json.dumps(content))

@@ -207,7 +207,10 @@ def provenance_lines(results: list[ModelResult]) -> list[str]:
         teachers = ", ".join(f"{key} `{fp}`" for key, fp in store["teachers"].items()) or "none recorded"
         stages = " -> ".join(f"{s['name']} ({s['teacher']}, {s['epochs']})" for s in provenance.get("stages", []))
         chosen = f"epoch {extra['epoch']}" + (f", {extra['stage']}" if extra.get("stage") else "")
-        rows.append([r.row.name, chosen, f"`{store['url']}`", f"`{store['dataset_fingerprint']}`", teachers,
+        unlabeled = provenance.get("unlabeled_store")
+        stores = f"`{store['url']}`" + (f", unlabelled `{unlabeled['url']}` (content `{unlabeled['content_digest']}`)"
+                                        if unlabeled else "")
+        rows.append([r.row.name, chosen, stores, f"`{store['dataset_fingerprint']}`", teachers,
                      f"`{store['content_digest']}` / `{store['settings_digest']}`", stages])
     if not rows:
         return []
