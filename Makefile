@@ -38,7 +38,8 @@ demo: $(VENV_STAMP)
 # other at two threads, and a one-thread CPU run gives the same weights run after run. The GT-only
 # student logs to a file, so that the ODKD student's progress bar stays readable, and prints its
 # summary when it ends. It trains twice the epochs over its 200 images: as many steps as the ODKD
-# student, whose epochs also hold as many unlabelled people, so neither wins by training longer.
+# student, whose epochs also hold as many unlabelled people, so neither wins by training longer
+# (tests/test_pipelines.py holds it to demo.toml's stages and share).
 GT_SAME_STEPS := --set 'student.stages[0].epochs=40' --set 'student.stages[1].epochs=40'
 demo-student-gt:
 	mkdir -p runs/demo

@@ -3,6 +3,7 @@ recipe's student takes the ImageNet file it names, and the OCHuman recipe evalua
 
 import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_coco
 from odkd.cli import main
 from odkd.config import load_config, parse_config
+from odkd.distill.variants import variant_student
 from odkd.models import MODELS, build_model, load_checkpoint, save_checkpoint
 from odkd.models.registry import override_keys
 from odkd.train.release import check_teacher
@@ -158,3 +160,14 @@ def test_the_released_demo_teachers_are_the_ones_the_teacher_data_regenerates_fo
     assert total <= RELEASE_LIMIT_BYTES
     assert checks["senior"].val_ap >= 0.30, "the demo's goal for ST on val"
     assert checks["senior"].val_ap >= checks["primary"].val_ap + 0.05, "ST is clearly the stronger teacher"
+
+
+def test_the_demo_gt_only_student_trains_as_many_steps_as_the_odkd_one():
+    """The Makefile's GT_SAME_STEPS restates demo.toml's schedule: an ODKD epoch holds 1 / (1 - share)
+    labelled epochs' samples, so the GT-only student's epochs must be that many times the stages'."""
+    line = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("GT_SAME_STEPS :=")]
+    assert len(line) == 1, "the Makefile defines GT_SAME_STEPS once"
+    sets = [word for word in shlex.split(line[0].split(":=", 1)[1]) if word != "--set"]
+    odkd = load_config(ROOT / "pipeline" / "demo.toml").student
+    gt = variant_student(load_config(ROOT / "pipeline" / "demo.toml", sets).student, "gt")
+    assert gt.epochs == round(odkd.epochs / (1 - odkd.unlabeled_share))
