@@ -180,7 +180,7 @@ def whole_objectives(cfg: PipelineConfig, targets: TeacherTargets, batch: dict, 
     plan = StagePlan(cfg.student)
     out = []
     for label, epoch in (("PT", 0), ("ST", plan.start(len(plan.stages) - 1))):
-        loss_fn = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=cfg.student.seg_loss,
+        loss_fn = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma, seg_loss=cfg.student.seg_loss,
                                    keep_blob_size=cfg.student.keep_blob_size)
         stage = loss_fn.begin_epoch(epoch)["stage"]
         # a bound method: torch.compile takes functions and modules, and the objective is neither

@@ -224,7 +224,7 @@ def objective(variant: str, cfg: PipelineConfig, world: Path, device: torch.devi
     if variant == NO_KD:
         plan = StagePlan(dataclasses.replace(scfg, stages=(StageConfig(name="gt", epochs=1, teacher="none"),)))
     loss_fn = StudentObjective(plan, TeacherTargets.open(store_url(world)), heatmap_size=cfg.data.heatmap_size,
-                               seg_loss=scfg.seg_loss)
+                               sigma=cfg.data.sigma, seg_loss=scfg.seg_loss)
     loss_fn.begin_epoch(plan.start(1) if variant == ODKD_ST else 0)
     return loss_fn
 

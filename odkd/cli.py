@@ -281,8 +281,9 @@ def models(config_path, overrides):
 
 @main.command("train-teacher")
 @config_option
-@click.option("--role", type=click.Choice(["primary", "senior"]), required=True,
-              help="primary: keypoints only; senior: keypoints + person mask ([teachers.ROLE]).")
+@click.option("--role", type=click.Choice(["primary", "senior", "init"]), required=True,
+              help="primary: keypoints only; senior: keypoints + person mask; init: the students' starting point "
+                   "([teachers.ROLE]).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: RUNS/teacher_ROLE).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth.")
 @click.option("--init", type=click.Path(dir_okay=False), default=None,
@@ -290,7 +291,7 @@ def models(config_path, overrides):
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
 @user_errors
 def train_teacher_cmd(config_path, overrides, role, out, resume, init, device):
-    """Train the primary or the senior teacher; writes last.pth, best.pth and log.jsonl."""
+    """Train the primary or the senior teacher, or the students' init; writes last.pth, best.pth and log.jsonl."""
     from odkd.train.teacher import train_teacher
 
     cfg = load_config(config_path, overrides)
@@ -300,13 +301,13 @@ def train_teacher_cmd(config_path, overrides, role, out, resume, init, device):
 
 @main.command("release-teacher")
 @config_option
-@click.option("--role", type=click.Choice(["primary", "senior"]), required=True)
+@click.option("--role", type=click.Choice(["primary", "senior", "init"]), required=True)
 @click.option("--from", "source", type=click.Path(dir_okay=False), default=None,
               help="The trained file (default: RUNS/teacher_ROLE/best.pth).")
 @click.option("--device", default=None, help="Evaluation device (default: the config's).")
 @user_errors
 def release_teacher_cmd(config_path, overrides, role, source, device):
-    """Pack a trained teacher as float16 weights into [teachers.ROLE] checkpoint, for sharing.
+    """Pack a trained teacher (or the students' init) as float16 weights into [teachers.ROLE] checkpoint.
 
     The file records the train split's dataset fingerprint and the val stats of the packed weights
     (GT boxes, [eval] flip_test and decode). Prints the fingerprint to put in [teachers.ROLE] fingerprint.
@@ -328,12 +329,13 @@ def release_teacher_cmd(config_path, overrides, role, source, device):
 @config_option
 @user_errors
 def check_teachers_cmd(config_path, overrides):
-    """Check both teacher files before use: each has the [teachers.ROLE] fingerprint, and a released
-    file was trained on the dataset that [data] names now (same dataset fingerprint)."""
+    """Check both teacher files (and the students' init, where [teachers.init] names one) before use: each
+    has the [teachers.ROLE] fingerprint, and a released file was trained on the dataset that [data] names
+    now (same dataset fingerprint)."""
     from odkd.train.release import check_teacher
 
     cfg = load_config(config_path, overrides)
-    for role in ("primary", "senior"):
+    for role in cfg.teachers.released_roles():
         click.echo(check_teacher(cfg, role).line())
 
 

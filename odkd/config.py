@@ -150,6 +150,13 @@ class TeachersConfig:
     senior: TeacherConfig = field(
         default_factory=lambda: TeacherConfig(model="hrnet_w48", seg_head=True)
     )
+    # not a third teacher: the students' starting point, trained on the teachers' data and released by
+    # the same commands (--role init) and checks; a pipeline uses it when it sets its checkpoint
+    init: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def released_roles(self) -> tuple[str, ...]:
+        """The roles whose files check-teachers checks: both teachers, and the init when it names a file."""
+        return ("primary", "senior", "init") if self.init.checkpoint else ("primary", "senior")
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,10 @@ class StageConfig:
     kd_weight: float = 1.0  # JointsMSE against the warped teacher heatmaps
     seg_weight: float = 0.0  # BCE (+dice) of the aux head against ST's stored mask
     conf_floor: float = 0.0  # a teacher keypoint whose stored peak is below this teaches nothing
-    targets: Literal["binary", "soft"] = "binary"  # "soft": the raw maps (needs [cache] store_soft)
+    # what the student learns from the stored maps (odkd.distill.targets): "gaussian", a Gaussian of the GT's
+    # sigma at each binary blob's centroid; "disc", the ODKD paper's warped blob; "soft", the raw maps
+    # (needs [cache] store_soft)
+    targets: Literal["gaussian", "gaussian_conf", "disc", "soft"] = "gaussian"
     mask_gate: bool = False  # keep ST's keypoint responses inside its mask grown by mask_gate_dilation
     mask_gate_dilation: int = 3
 

@@ -252,7 +252,7 @@ def test_gt_loss_of_a_mixed_batch_is_the_labelled_samples_loss(world):
     is_labeled = torch.tensor([True, False, True, False, False])
     assert torch.equal(batch["labeled"], is_labeled)
     assert not batch["target_weight"][~is_labeled].any() and batch["target_weight"][is_labeled].any()
-    objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=cfg.student.seg_loss)
+    objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma, seg_loss=cfg.student.seg_loss)
     objective.begin_epoch(0)
     heatmaps = torch.rand(5, 17, 32, 24, generator=torch.Generator().manual_seed(0))
     _, parts = objective((heatmaps, None), batch)

@@ -29,7 +29,8 @@ from odkd.models.registry import EXTERNAL_KINDS
 from odkd.models.teacher import teacher_checkpoint
 
 # the rows a run folder has by default: row name -> [teachers.ROLE], and row name -> run subfolder
-TEACHER_ROWS = {"PT": "primary", "ST": "senior"}
+# the released files' rows, the students' init among them where [teachers.init] names one
+TEACHER_ROWS = {"primary": "PT", "senior": "ST", "init": "init"}
 STUDENT_ROWS = {"GT-only": "student_gt", "ODKD": "student"}
 STAT_COLUMNS = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR")
 CROP_ROWS = 4
@@ -79,7 +80,8 @@ def report_rows(cfg, runs: dict[str, str]) -> tuple[list[ReportRow], list[str]]:
     for name, folder in runs.items():
         if not (Path(folder) / "best.pth").is_file():
             raise OdkdError(f"{Path(folder) / 'best.pth'}: not found (--runs {name}={folder})")
-    for name, role in TEACHER_ROWS.items():
+    for role in cfg.teachers.released_roles():
+        name = TEACHER_ROWS[role]
         tcfg = getattr(cfg.teachers, role)
         if name in runs:
             rows.append(_run_row(name, Path(runs[name])))
@@ -98,7 +100,7 @@ def report_rows(cfg, runs: dict[str, str]) -> tuple[list[ReportRow], list[str]]:
         else:
             notes.append(f"{name}: skipped, {folder / 'best.pth'} not found")
     rows += [_run_row(name, Path(folder)) for name, folder in runs.items()
-             if name not in TEACHER_ROWS and name not in STUDENT_ROWS]
+             if name not in TEACHER_ROWS.values() and name not in STUDENT_ROWS]
     return rows, notes
 
 

@@ -14,7 +14,8 @@ import torch
 
 from odkd.config import StageConfig
 from odkd.distill.stages import StagePlan, heatmap_array, required_arrays, stage_teachers, stage_uses_mask
-from odkd.distill.warp import flip_keypoint_values, warp_batch, warp_binary_batch
+from odkd.distill.targets import TARGET_FORMS, WarpInputs
+from odkd.distill.warp import flip_keypoint_values, warp_binary_batch
 from odkd.models.losses import joints_mse_loss, mask_loss
 from odkd.store.binarize import gate_by_mask
 from odkd.store.reader import TeacherTargets
@@ -40,10 +41,12 @@ def stored_arrays(plan: StagePlan) -> list[str]:
 class StudentObjective:
     """(student output, batch) -> (loss, logged parts) under the current stage of `plan`."""
 
-    def __init__(self, plan: StagePlan, targets: TeacherTargets, *, heatmap_size, seg_loss: str,
+    def __init__(self, plan: StagePlan, targets: TeacherTargets, *, heatmap_size, sigma: float, seg_loss: str,
                  keep_blob_size: bool = True):
         self.plan = plan
-        self.blob_radius = teacher_blob_radius(targets.attrs.get("settings", {})) if keep_blob_size else 0.0
+        self.blob_radius = teacher_blob_radius(targets.attrs.get("settings", {}))
+        self.keep_blob_size = keep_blob_size
+        self.sigma = float(sigma)
         self.map_width = targets.layout.map_size[0]
         self.heatmap_size = tuple(heatmap_size)
         self.seg_loss = seg_loss
@@ -58,14 +61,12 @@ class StudentObjective:
         seg_head = getattr(model, "seg_head", None)
         return [seg_head] if seg_head is not None and self.stage.seg_weight == 0 else []
 
-    def teacher_maps(self, key: str, batch: dict) -> torch.Tensor:
-        stage = self.stage
-        stored = batch[heatmap_array(key, stage.targets)]
-        if stage.targets == "binary":
-            return warp_binary_batch(stored, self.map_width, batch["teacher_theta"], self.heatmap_size,
-                                     batch["flip"], keypoint_channels=True, blob_radius=self.blob_radius,
-                                     zoom=batch["teacher_zoom"])
-        return warp_batch(stored, batch["teacher_theta"], self.heatmap_size, batch["flip"], keypoint_channels=True)
+    def teacher_maps(self, key: str, batch: dict, conf: torch.Tensor) -> torch.Tensor:
+        """The current stage's target form of teacher `key`'s stored maps, in each sample's crop."""
+        warp = WarpInputs(theta=batch["teacher_theta"], zoom=batch["teacher_zoom"], flip=batch["flip"],
+                          out_size=self.heatmap_size, stored_width=self.map_width, blob_radius=self.blob_radius,
+                          keep_blob_size=self.keep_blob_size, sigma=self.sigma)
+        return TARGET_FORMS[self.stage.targets].make(batch[heatmap_array(key, self.stage.targets)], conf, warp)
 
     def __call__(self, output, batch: dict):
         stage = self.stage
@@ -90,10 +91,10 @@ class StudentObjective:
             mask = warp_binary_batch(batch["st/mask"], self.map_width, batch["teacher_theta"], self.heatmap_size,
                                      batch["flip"], keypoint_channels=False)
         for key in teachers:
-            target = self.teacher_maps(key, batch)
+            conf = flip_keypoint_values(batch[f"{key}/conf"].float(), batch["flip"])
+            target = self.teacher_maps(key, batch, conf)
             if stage.mask_gate and key == "st":
                 target = gate_by_mask(target > 0, mask > 0, stage.mask_gate_dilation) * target
-            conf = flip_keypoint_values(batch[f"{key}/conf"].float(), batch["flip"])
             weight = (ok[:, None] & (conf >= stage.conf_floor)).float().unsqueeze(-1)
             # both teachers at once share the KD weight, so "both" distils as much as one teacher
             terms[f"kd_{key}_loss"] = (stage.kd_weight / len(teachers), joints_mse_loss(heatmaps, target, weight))

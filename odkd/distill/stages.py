@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from odkd.config import StageConfig, StudentConfig
+from odkd.distill.targets import TARGET_FORMS
 
 # the store's prefix of each stage teacher
 TEACHER_KEYS = {"primary": ("pt",), "senior": ("st",), "both": ("pt", "st"), "none": ()}
@@ -20,7 +21,8 @@ def stage_uses_mask(stage: StageConfig) -> bool:
 
 
 def heatmap_array(key: str, targets: str) -> str:
-    return f"{key}/heatmaps" if targets == "binary" else f"{key}/soft_heatmaps"
+    """The stored array that target form `targets` of teacher `key` reads."""
+    return f"{key}/{TARGET_FORMS[targets].array}"
 
 
 def required_arrays(stage: StageConfig) -> dict[str, str]:

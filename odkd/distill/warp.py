@@ -45,10 +45,13 @@ def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Te
     b, c = maps.shape[:2]
     grid = F.affine_grid(theta.float(), [b, c, int(out_size[1]), int(out_size[0])], align_corners=True)
     out = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    if keypoint_channels:
-        swapped = out[:, _flip_index(out.device)]
-        out = torch.where(flip.view(-1, 1, 1, 1).bool(), swapped, out)
-    return out
+    return flip_keypoint_channels(out, flip) if keypoint_channels else out
+
+
+def flip_keypoint_channels(maps: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Keypoint maps (B, K, h, w) of mirrored samples with each channel swapped with its mirror pair."""
+    swapped = maps[:, _flip_index(maps.device)]
+    return torch.where(flip.view(-1, 1, 1, 1).bool(), swapped, maps)
 
 
 @functools.cache

@@ -23,6 +23,8 @@ from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, l
 from odkd.models.registry import build_model
 
 ROLES = {"pt": "primary", "st": "senior"}
+# the roles train-teacher trains and release-teacher packs: both teachers and the students' init
+TRAINED_ROLES = ("primary", "senior", "init")
 # the keys that describe an ONNX or TorchScript file's input and mask (load_external_teacher's keywords)
 CONTRACT_KEYS = ("input_mean", "input_std", "input_order", "mask_output")
 # two crops, so a file exported with a fixed batch of one fails before the build, not in its first task

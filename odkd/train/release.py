@@ -22,7 +22,7 @@ from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
 from odkd.models.checkpoint import ODKD_FORMAT, apply_checkpoint, model_fingerprint, read_checkpoint
 from odkd.models.registry import EXTERNAL_KINDS
-from odkd.models.teacher import ROLES, load_configured_teacher
+from odkd.models.teacher import TRAINED_ROLES, load_configured_teacher
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     """Pack `source` (a train-teacher checkpoint) as float16 weights into the role's configured
     checkpoint path, score the packed weights on val, and record the train data; returns the file's
     meta. Nothing is left behind if any step fails."""
-    if role not in ROLES.values():
-        raise OdkdError(f"--role must be one of {', '.join(ROLES.values())}, got {role!r}")
+    if role not in TRAINED_ROLES:
+        raise OdkdError(f"--role must be one of {', '.join(TRAINED_ROLES)}, got {role!r}")
     tcfg = getattr(cfg.teachers, role)
     if not tcfg.checkpoint:
         raise OdkdError(f"teachers.{role}.checkpoint: say where the released file goes")

@@ -168,7 +168,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             if ranks.is_main:
                 log.info(f"{len(instances)} labelled instances and {sampler.per_epoch} of the {len(unlabeled)} "
                          f"unlabelled ones an epoch (student.unlabeled_share {scfg.unlabeled_share})")
-        objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, seg_loss=scfg.seg_loss,
+        objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma,
+                                     seg_loss=scfg.seg_loss,
                                      keep_blob_size=scfg.keep_blob_size)
         evaluator = None
         if ranks.is_main:

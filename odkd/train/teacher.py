@@ -12,7 +12,7 @@ from odkd.errors import OdkdError
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
 from odkd.models.losses import joints_mse_loss, mask_loss
-from odkd.models.teacher import ROLES
+from odkd.models.teacher import TRAINED_ROLES
 from odkd.train.loop import ModelSpec, fit
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def default_teacher_dir(cfg, role: str) -> Path:
 def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = False, init: str | None = None,
                   device: str | None = None, max_steps_per_epoch: int | None = None) -> dict:
     """Train the `role` teacher of the pipeline config; returns the loop's summary."""
-    if role not in ROLES.values():
-        raise OdkdError(f"--role must be one of {', '.join(ROLES.values())}, got {role!r}")
+    if role not in TRAINED_ROLES:
+        raise OdkdError(f"--role must be one of {', '.join(TRAINED_ROLES)}, got {role!r}")
     tcfg = getattr(cfg.teachers, role)
     dev = resolve_device(device or cfg.device)
     init = init if init is not None else tcfg.init
