@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: test demo demo-student-gt demo-student demo-teachers install clean
+.PHONY: test demo demo-student-gt demo-student demo-teachers demo-student-init install clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -62,6 +62,14 @@ demo-teachers: $(VENV_STAMP)
 	$(ODKD) train-teacher --role senior $(TRAIN_ON) $(call resume_if,runs/demo/teacher_senior)
 	$(ODKD) release-teacher --role primary
 	$(ODKD) release-teacher --role senior
+
+# Train the students' init (pipeline/demo.toml's [teachers.init]) on the teachers' data and release it into
+# zoo/; paste the fingerprint it prints into [teachers.init]. The released file was trained on 2 CPU cores
+# at one torch thread, which reproduces bit for bit on the same machine only.
+demo-student-init: $(VENV_STAMP)
+	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
+	OMP_NUM_THREADS=1 $(ODKD) train-teacher --role init $(TRAIN_ON) $(call resume_if,runs/demo/teacher_init)
+	$(ODKD) release-teacher --role init
 
 clean:
 	rm -rf .venv runs data cache/*.zarr

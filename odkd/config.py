@@ -170,10 +170,13 @@ class StageConfig:
     kd_weight: float = 1.0  # JointsMSE against the warped teacher heatmaps
     seg_weight: float = 0.0  # BCE (+dice) of the aux head against ST's stored mask
     conf_floor: float = 0.0  # a teacher keypoint whose stored peak is below this teaches nothing
-    # what the student learns from the stored maps (odkd.distill.targets): "gaussian", a Gaussian of the GT's
-    # sigma at each binary blob's centroid; "disc", the ODKD paper's warped blob; "soft", the raw maps
-    # (needs [cache] store_soft)
-    targets: Literal["gaussian", "gaussian_conf", "disc", "soft"] = "gaussian"
+    # what the student learns from the stored maps (odkd.distill.targets): "disc", the ODKD paper's warped
+    # blob; "gaussian", a Gaussian of the GT's sigma at each blob's centroid; "gaussian_conf", that Gaussian
+    # at the teacher's stored peak; "soft", the raw maps (needs [cache] store_soft)
+    targets: Literal["disc", "gaussian", "gaussian_conf", "soft"] = "disc"
+    # false: a teacher teaches only the joints no label gives (unlabelled images, unlabelled joints); true:
+    # every joint, against the label where there is one
+    kd_on_labels: bool = True
     mask_gate: bool = False  # keep ST's keypoint responses inside its mask grown by mask_gate_dilation
     mask_gate_dilation: int = 3
 

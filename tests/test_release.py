@@ -387,3 +387,42 @@ def test_teachers_released_on_their_own_data_are_checked_against_their_data_root
     assert meta["release"]["train_data"]["annotations"] == str(world / "data" / "annotations" /
                                                                "person_keypoints_train.json")
     assert meta["release"]["val_stats"] == pytest.approx(metas["primary"]["release"]["val_stats"])
+
+
+def test_the_students_init_is_trained_released_checked_and_reported_like_a_teacher(world, released, tmp_path):
+    """[teachers.init]: train-teacher and release-teacher --role init, check-teachers holds it to its
+    fingerprint, and report shows it as a row when the students start from it."""
+    from odkd.apps.report import report_rows
+    from odkd.distill.variants import variant_student
+
+    dst = tmp_path / "init.pth"
+    init = (f'[teachers.init]\nmodel = "mobilenetv2_tiny"\ncheckpoint = "{dst}"\n'
+            f"[teachers.init.train]\nepochs = 1\nbatch_size = 4\nworkers = 0\namp = false\n")
+    toml = checked_toml(world, released) + init
+    config = write(tmp_path / "p.toml", toml)
+    code, out = run_cli("train-teacher", "--config", str(config), "--role", "init", "--out", str(tmp_path / "run"))
+    assert code == 0, out
+    code, out = run_cli("release-teacher", "--config", str(config), "--role", "init", "--from",
+                        str(tmp_path / "run" / "best.pth"))
+    assert code == 0, out
+    pinned = printed(out)[1]
+    assert pinned.startswith('[teachers.init] fingerprint = "')
+    config.write_text(toml.replace(f'checkpoint = "{dst}"\n', f'checkpoint = "{dst}"\n{pinned.split("] ", 1)[1]}\n'))
+    code, text = run_cli("check-teachers", "--config", str(config))
+    assert code == 0 and [line.split(":")[0] for line in printed(text)] == ["primary", "senior", "init"], text
+    assert f"init: {dst} (mobilenetv2_tiny), fingerprint {read_checkpoint(dst).meta['fingerprint']}" in text
+
+    # other weights in its place are refused, naming the key
+    net, _ = build_from_checkpoint(dst, "cpu")
+    with torch.no_grad():
+        next(net.parameters()).add_(0.5)
+    save_checkpoint(dst, net, model_name="mobilenetv2_tiny", model_args={}, seg_head=False)
+    code, text = run_cli("check-teachers", "--config", str(config))
+    assert code == 1 and printed(text)[-1].startswith("Error: teachers.init.fingerprint: "), text
+
+    # the report rows it only where the students start from it, and every variant starts from it
+    cfg = parse_config(toml)
+    assert "init" not in [row.name for row in report_rows(cfg, {})[0]]
+    cfg = parse_config(toml.replace("[student]\n", f'[student]\ninit = "{dst}"\n', 1))
+    assert [row.name for row in report_rows(cfg, {})[0]][:3] == ["PT", "ST", "init"]
+    assert {variant_student(cfg.student, name).init for name in VARIANTS if name != "orderly+unlabeled"} == {str(dst)}

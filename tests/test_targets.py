@@ -121,7 +121,7 @@ def test_disc_and_soft_forms_keep_the_maps_under_an_identity_warp():
     soft = torch.from_numpy(maps.astype(np.float16))[None] * 0.8
     assert torch.allclose(TARGET_FORMS["soft"].make(soft, None, warp), soft.float(), atol=1e-4)
     assert {name: form.array for name, form in TARGET_FORMS.items()} == {
-        "gaussian": "heatmaps", "gaussian_conf": "heatmaps", "disc": "heatmaps", "soft": "soft_heatmaps"}
+        "disc": "heatmaps", "gaussian": "heatmaps", "gaussian_conf": "heatmaps", "soft": "soft_heatmaps"}
 
 
 def test_gaussian_conf_peaks_at_the_teachers_stored_peak_in_the_samples_channel_order():

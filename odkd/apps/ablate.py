@@ -43,6 +43,8 @@ HYPOTHESES = (
     ("orderly", "reverse", "PT then ST beats ST then PT"),
     ("orderly", "gt", "the teachers beat GT alone"),
     ("orderly", "soft", "binarized targets beat soft ones"),
+    ("gaussian", "disc", "a Gaussian at the blob's centroid beats the paper's disc"),
+    ("gaussian_conf", "disc", "that Gaussian at the teacher's peak beats the paper's disc"),
     ("orderly", "no_mask", "the mask loss helps"),
     ("mask_gate", "orderly", "mask gating helps"),
     ("orderly+unlabeled", "orderly", "the unlabelled images help"),

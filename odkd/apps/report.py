@@ -29,7 +29,7 @@ from odkd.models.registry import EXTERNAL_KINDS
 from odkd.models.teacher import teacher_checkpoint
 
 # the rows a run folder has by default: row name -> [teachers.ROLE], and row name -> run subfolder
-# the released files' rows, the students' init among them where [teachers.init] names one
+# the released files' rows; the students' init where [student] init is [teachers.init]'s file
 TEACHER_ROWS = {"primary": "PT", "senior": "ST", "init": "init"}
 STUDENT_ROWS = {"GT-only": "student_gt", "ODKD": "student"}
 STAT_COLUMNS = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR")
@@ -73,6 +73,10 @@ def _run_row(name: str, folder: Path) -> ReportRow:
     return ReportRow(name, folder / "best.pth", folder / "log.jsonl")
 
 
+def same_file(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
 def report_rows(cfg, runs: dict[str, str]) -> tuple[list[ReportRow], list[str]]:
     """The rows to measure, in table order, and a note for each default row that has no checkpoint.
     `runs` replaces default rows of the same name and adds the others; its folders must hold best.pth."""
@@ -81,6 +85,8 @@ def report_rows(cfg, runs: dict[str, str]) -> tuple[list[ReportRow], list[str]]:
         if not (Path(folder) / "best.pth").is_file():
             raise OdkdError(f"{Path(folder) / 'best.pth'}: not found (--runs {name}={folder})")
     for role in cfg.teachers.released_roles():
+        if role == "init" and not same_file(cfg.student.init, cfg.teachers.init.checkpoint):
+            continue  # the students did not start from it: it has no gain to show
         name = TEACHER_ROWS[role]
         tcfg = getattr(cfg.teachers, role)
         if name in runs:

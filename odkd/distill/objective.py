@@ -95,7 +95,10 @@ class StudentObjective:
             target = self.teacher_maps(key, batch, conf)
             if stage.mask_gate and key == "st":
                 target = gate_by_mask(target > 0, mask > 0, stage.mask_gate_dilation) * target
-            weight = (ok[:, None] & (conf >= stage.conf_floor)).float().unsqueeze(-1)
+            weight = ok[:, None] & (conf >= stage.conf_floor)
+            if not stage.kd_on_labels:
+                weight &= batch["target_weight"][..., 0] == 0
+            weight = weight.float().unsqueeze(-1)
             # both teachers at once share the KD weight, so "both" distils as much as one teacher
             terms[f"kd_{key}_loss"] = (stage.kd_weight / len(teachers), joints_mse_loss(heatmaps, target, weight))
         if stage.seg_weight > 0:

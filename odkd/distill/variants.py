@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 from odkd.config import PipelineConfig, StageConfig, StudentConfig
+from odkd.distill.targets import TARGET_FORMS
 from odkd.errors import OdkdError
 
 
@@ -44,6 +46,10 @@ def single_stage(student: StudentConfig, like: str, name: str, **changes) -> tup
     return (dataclasses.replace(only_stage(student, like), name=name, epochs=student.epochs, **changes),)
 
 
+def with_targets(student: StudentConfig, form: str) -> tuple[StageConfig, ...]:
+    return tuple(dataclasses.replace(stage, targets=form) for stage in orderly(student))
+
+
 def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ...]:
     st = only_stage(student, "senior")
     return tuple(dataclasses.replace(stage, **changes) if stage == st else stage for stage in orderly(student))
@@ -56,7 +62,8 @@ VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
     "joint": lambda student: single_stage(student, "senior", "joint", teacher="both"),
     "orderly": orderly,
     "reverse": lambda student: orderly(student)[::-1],
-    "soft": lambda student: tuple(dataclasses.replace(stage, targets="soft") for stage in orderly(student)),
+    # one variant per target form: the orderly stages learning from it (odkd.distill.targets)
+    **{form: partial(with_targets, form=form) for form in TARGET_FORMS},
     "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
     "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
     "orderly+unlabeled": orderly,
