@@ -289,7 +289,7 @@ def test_release_refuses_its_own_source_a_missing_checkpoint_key_and_an_unknown_
     code, out = run_cli("release-teacher", "--config", str(config), "--role", "primary")
     assert code == 1 and out.strip() == "Error: teachers.primary.checkpoint: say where the released file goes", out
 
-    with pytest.raises(OdkdError, match=r"--role must be one of primary, senior, got 'tertiary'"):
+    with pytest.raises(OdkdError, match=r"--role must be one of primary, senior, init, got 'tertiary'"):
         release_teacher(parse_config(config.read_text()), "tertiary", str(src))
 
 
