@@ -136,7 +136,8 @@ def main():
       odkd report --split test                   # runs/demo/report.md: every model's AP, size, speed
       odkd export --checkpoint runs/demo/student/best.pth --out student.onnx
 
-    Your own teachers: odkd train-teacher --role primary|senior, then odkd release-teacher.
+    Your own teachers: odkd train-teacher --role primary|senior, then odkd release-teacher
+    (--role init: a students' starting point trained on the teachers' data, [teachers.init]).
     """
 
 
