@@ -3,6 +3,8 @@ mixes them into each epoch and learns no GT from them, and the commands around t
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -262,6 +264,20 @@ def test_gt_loss_of_a_mixed_batch_is_the_labelled_samples_loss(world):
     # a batch of unlabelled samples alone learns from the teacher and has a GT term of 0, not 0 / 0
     _, parts = objective((heatmaps[~is_labeled], None), {k: v[~is_labeled] for k, v in batch.items()})
     assert parts["gt_loss"].item() == 0.0 and parts["kd_pt_loss"].item() > 0
+
+    # kd_on_labels = false: a teacher teaches no joint that a label gives, so the student's maps there
+    # do not move its term; with true they do
+    labelled_joints = batch["target_weight"][..., 0] > 0
+    moved = torch.where(labelled_joints[..., None, None], heatmaps + 0.5, heatmaps)
+    kd = {}
+    for on_labels in (True, False):
+        stages = tuple(dataclasses.replace(stage, kd_on_labels=on_labels) for stage in cfg.student.stages)
+        off = StudentObjective(StagePlan(dataclasses.replace(cfg.student, stages=stages)), targets,
+                               heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma, seg_loss=cfg.student.seg_loss)
+        off.begin_epoch(0)
+        kd[on_labels] = [off((maps, None), batch)[1]["kd_pt_loss"].item() for maps in (heatmaps, moved)]
+    assert kd[False][0] == kd[False][1] and kd[False][0] > 0
+    assert kd[True][0] != kd[True][1]
 
 
 @pytest.fixture(scope="module")
