@@ -4,7 +4,6 @@ mixes them into each epoch and learns no GT from them, and the commands around t
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
