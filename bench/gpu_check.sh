@@ -14,8 +14,8 @@
 # bench/cache.py --precision, the cache build rate per precision.
 #
 # Where zarr, dask or pycocotools are missing (the device machine), the wheels in .whl/ are installed
-# into a folder of this run first (../shared/device/wheels.sh fills .whl/; name it in the device
-# call's carry). odkd itself runs from this checkout as `python -m odkd`, with no install.
+# into a folder of this run first (`pip download -d .whl` fills .whl/; copy it to
+# the GPU machine with the checkout). odkd itself runs from this checkout as `python -m odkd`, with no install.
 set -u -o pipefail
 export LC_NUMERIC=C  # EPOCHREALTIME and awk with a decimal point
 [ -n "${EPOCHREALTIME:-}" ] || { echo "gpu_check.sh: needs bash 5 (EPOCHREALTIME)" >&2; exit 2; }
@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
 done
 case $device in cpu|cuda|cuda:*) ;; *) echo "gpu_check.sh: --device must be cpu or cuda, got $device" >&2; exit 2 ;; esac
 on_cpu=$([ "$device" = cpu ] && echo 1 || echo 0)
-# 8 minutes on a GPU (issue 18); the CPU smoke run's sizes take about 4 on 2 busy cores
+# 8 minutes on a GPU; the CPU smoke run's sizes take about 4 on 2 busy cores
 budget=${budget:-$([ "$on_cpu" = 1 ] && echo 600 || echo 480)}
 out=${OUT:-${out_arg:-/tmp/odkd-gpu-check}}
 
@@ -101,7 +101,7 @@ setup() {
   if "$py" -c "import zarr, numcodecs, dask, distributed, pycocotools" 2>/dev/null; then
     echo "zarr, numcodecs, dask, distributed and pycocotools import: nothing to install"
   else
-    ls .whl/*.whl > /dev/null || { echo "no .whl/: run ../shared/device/wheels.sh here and carry .whl"; return 1; }
+    ls .whl/*.whl > /dev/null || { echo "no .whl/: pip download -d .whl the missing wheels (bench/RESULTS.md, GPU check)"; return 1; }
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$work/site" .whl/*.whl || return 1
   fi
