@@ -74,12 +74,13 @@ def blob_centroids(bits: torch.Tensor, window: int) -> tuple[torch.Tensor, torch
 def points_into_crop(points: torch.Tensor, theta: torch.Tensor, src_size, dst_size) -> torch.Tensor:
     """Pixel points (B, K, 2) of maps of `src_size` (w, h) -> pixels of the sample crops of `dst_size`,
     through the inverse of affine_grid's theta (align_corners=True: pixel 0 is -1, pixel n-1 is +1)."""
-    src = torch.tensor([src_size[0] - 1, src_size[1] - 1], dtype=torch.float32, device=points.device)
-    dst = torch.tensor([dst_size[0] - 1, dst_size[1] - 1], dtype=torch.float32, device=points.device)
-    normalized = points * (2.0 / src) - 1.0
+    # the sizes scale x and y by Python floats: a small tensor made here each step would be one more
+    # copy from pageable host memory that the device waits for
+    x, y = points[..., 0] * (2.0 / (src_size[0] - 1)) - 1.0, points[..., 1] * (2.0 / (src_size[1] - 1)) - 1.0
     linear, shift = theta[:, :, :2].float(), theta[:, :, 2].float()
-    moved = torch.linalg.solve(linear[:, None], (normalized - shift[:, None])[..., None])[..., 0]
-    return (moved + 1.0) * dst / 2.0
+    moved = torch.linalg.solve(linear[:, None], (torch.stack((x, y), -1) - shift[:, None])[..., None])[..., 0]
+    return torch.stack(((moved[..., 0] + 1.0) * ((dst_size[0] - 1) / 2.0),
+                        (moved[..., 1] + 1.0) * ((dst_size[1] - 1) / 2.0)), -1)
 
 
 def render_gaussians(points: torch.Tensor, present: torch.Tensor, size, sigma: float) -> torch.Tensor:
