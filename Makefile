@@ -5,7 +5,7 @@ VENV_STAMP := .venv/.installed
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install -q -e '.[test,export]'
+	$(PY) -m pip install -q -e '.[test,export,s3]'
 	touch $(VENV_STAMP)
 
 install: $(VENV_STAMP)

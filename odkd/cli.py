@@ -513,7 +513,7 @@ def cache_teachers(config_path, overrides, split, out, workers, scheduler, decod
         click.echo(f"{summary.url}: already complete ({summary.skipped} shard{'s' * (summary.skipped > 1)} "
                    f"checked), nothing built; --overwrite rebuilds it")
     click.echo(f"teacher targets in {summary.url}")
-    click.echo(f"precision: {store_precision_line(summary.url)}")
+    click.echo(f"precision: {store_precision_line(summary.url, cfg.cache.storage_options or None)}")
 
 
 @main.group()
@@ -523,12 +523,16 @@ def cache():
 
 @cache.command("info")
 @click.argument("store")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Pipeline TOML whose [cache] storage_options reach STORE (an s3:// endpoint, say); "
+                   "without it, the AWS_* environment alone.")
 @user_errors
-def cache_info_cmd(store):
+def cache_info_cmd(store, config_path):
     """Counts, sizes, bytes per instance, compression, provenance and build progress of STORE."""
     from odkd.store import cache_info
 
-    click.echo(cache_info(store))
+    options = load_config(config_path).cache.storage_options if config_path else None
+    click.echo(cache_info(store, options or None))
 
 
 @cache.command("verify")
@@ -547,7 +551,8 @@ def cache_verify_cmd(store, config_path, overrides, sample, device):
     if overrides and not config_path:
         raise click.UsageError("--set changes keys of --config; give --config too")
     cfg = load_config(config_path, overrides) if config_path else None
-    report = verify_cache(store, cfg, sample=sample, device=device)
+    report = verify_cache(store, cfg, sample=sample, device=device,
+                          storage_options=(cfg.cache.storage_options or None) if cfg else None)
     click.echo(str(report))
     if not report.ok:
         raise SystemExit(1)

@@ -247,6 +247,9 @@ class CacheConfig:
     # 1.6x but it moves more bits and argmaxes (README, "Precision")
     precision: Literal["fp32", "tf32", "bf16"] = "tf32"
     decode_threads: int = 0  # JPEG decode + crop threads per worker; 0: 4 on a GPU worker, 1 on a CPU one
+    # fsspec options of every store a URL names (s3fs: endpoint_url, client_kwargs, anon, ...); never
+    # credentials: the pipeline is recorded in every store and run, so they come from AWS_* or a profile
+    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -455,6 +458,21 @@ def _check_sizes(cfg: PipelineConfig, path: str) -> None:
                         f"aspect of data.input_size {list(cfg.data.input_size)}")
 
 
+# key names that hold credentials in fsspec's filesystems (s3fs, gcsfs, adlfs) and in botocore's client
+SECRET_KEYS = ("key", "secret", "token", "password", "username", "credentials", "connection_string")
+SECRET_PARTS = ("secret", "token", "password", "access_key", "account_key", "credential")
+
+
+def _check_no_secrets(options: dict, path: str, where: str = "cache.storage_options") -> None:
+    for key, value in options.items():
+        name = str(key).lower()
+        if name in SECRET_KEYS or any(part in name for part in SECRET_PARTS):
+            raise OdkdError(f"{path}: {where}.{key}: credentials never go in a pipeline file (stores and runs "
+                            f"record it); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
+        if isinstance(value, dict):
+            _check_no_secrets(value, path, f"{where}.{key}")
+
+
 def _check_student(cfg: PipelineConfig, path: str) -> None:
     student = cfg.student
     if not student.stages:
@@ -494,6 +512,7 @@ def parse_config(text: str, source: str = "<string>", overrides: typing.Sequence
         raise OdkdError(f"{source}: {exc}") from None
     cfg = dataclasses.replace(cfg, source=source, overrides=tuple(overrides), raw=table)
     _check_sizes(cfg, source)
+    _check_no_secrets(cfg.cache.storage_options, source)
     if "student" in table:
         _check_student(cfg, source)
     return cfg

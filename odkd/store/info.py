@@ -8,7 +8,7 @@ import numpy as np
 
 from odkd.store.reader import MAP_ARRAYS
 from odkd.store.schema import StoreLayout
-from odkd.store.store import read_attrs, read_markers, store_fs, store_identity
+from odkd.store.store import read_attrs, read_markers, storage_errors, store_fs, store_identity
 
 SHOWN_FAILURES = 10
 
@@ -42,20 +42,22 @@ def precision_line(requested: str, markers: dict) -> str:
 
 def store_precision_line(url: str, storage_options: dict | None = None) -> str:
     """precision_line of the store at `url`."""
-    attrs = read_attrs(url, storage_options)
-    fs, root = store_fs(url, storage_options)
-    markers = read_markers(fs, root, StoreLayout.from_dict(attrs["layout"]).num_shards)
+    with storage_errors(url):
+        attrs = read_attrs(url, storage_options)
+        fs, root = store_fs(url, storage_options)
+        markers = read_markers(fs, root, StoreLayout.from_dict(attrs["layout"]).num_shards)
     return precision_line(attrs.get("settings", {}).get("precision", "fp32"), markers)
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> str:
     """The report `odkd cache info STORE` prints."""
     url = str(url).rstrip("/")
-    attrs = read_attrs(url, storage_options)
+    with storage_errors(url):
+        attrs = read_attrs(url, storage_options)
+        fs, root = store_fs(url, storage_options)
+        markers = read_markers(fs, root, StoreLayout.from_dict(attrs["layout"]).num_shards)
     layout = StoreLayout.from_dict(attrs["layout"])
     settings = attrs.get("settings", {})
-    fs, root = store_fs(url, storage_options)
-    markers = read_markers(fs, root, layout.num_shards)
     done = sum(m["stop"] - m["start"] for m in markers.values())
     failed = sorted((f for m in markers.values() for f in m.get("failed", [])), key=lambda f: f["index"])
     specs = layout.arrays()

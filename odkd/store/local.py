@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from odkd.errors import OdkdError
 from odkd.store.reader import TeacherTargets
-from odkd.store.store import ShardError, open_group, read_checked_shard, shard_paths, store_fs
+from odkd.store.store import ShardError, open_group, read_checked_shard, shard_paths, storage_errors, store_fs
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class LocalRows:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 missing = [n for n in wanted if not (folder / _array_folder(n)).is_dir()]
                 if missing:
-                    _copy(targets, markers, missing, folder, identity)
+                    with storage_errors(targets.url):
+                        _copy(targets, markers, missing, folder, identity)
         except OSError as exc:
             raise OdkdError(f"{root}: cannot write the local copy of {targets.url} ({exc.strerror or exc}); "
                             f"set {LOCAL_COPIES_ENV} to a writable local folder") from None

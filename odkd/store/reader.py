@@ -13,7 +13,7 @@ import numpy as np
 from odkd.errors import OdkdError
 from odkd.store.bitpack import unpack_maps
 from odkd.store.schema import SCHEMA_VERSION, StoreLayout
-from odkd.store.store import open_group, read_attrs, read_markers, store_fs, store_identity
+from odkd.store.store import open_group, read_attrs, read_markers, storage_errors, store_fs, store_identity
 
 MAP_ARRAYS = ("pt/heatmaps", "st/heatmaps", "st/mask")
 
@@ -37,7 +37,8 @@ class TeacherTargets:
         The split first: a store of another split has another fingerprint too, and "rebuild it" would be
         the wrong advice for a store given in the wrong place."""
         url = str(url).rstrip("/")
-        attrs = read_attrs(url, storage_options)
+        with storage_errors(url):
+            attrs = read_attrs(url, storage_options)
         if attrs["schema_version"] != SCHEMA_VERSION:
             raise OdkdError(f"{url}: store schema version {attrs['schema_version']}, this odkd reads "
                             f"version {SCHEMA_VERSION}; rebuild it with odkd cache-teachers")
@@ -59,8 +60,9 @@ class TeacherTargets:
     def markers(self) -> dict[int, dict]:
         """The shards' done-markers (what their writers recorded: rows, digests), read once."""
         if self._markers is None:
-            fs, root = store_fs(self.url, self.storage_options)
-            self._markers = read_markers(fs, root, self.layout.num_shards)
+            with storage_errors(self.url):
+                fs, root = store_fs(self.url, self.storage_options)
+                self._markers = read_markers(fs, root, self.layout.num_shards)
         return self._markers
 
     def identity(self) -> dict:

@@ -2,11 +2,14 @@
 
 A store is a local path or an fsspec URL. zarr reads and writes the arrays; fsspec reads and
 writes the small JSON done-markers next to them (`done/000012.json`), one per shard, each
-written by the task that owns the shard and only after its data.
+written by the task that owns the shard and only after its data. Nothing is ever renamed,
+appended to or locked, so a store works the same on a disk and on object storage (S3), where
+each object is written whole or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -41,11 +44,74 @@ def store_exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(f"{root}/zarr.json")
 
 
+# fsspec filesystems whose first path component is a bucket that must exist before anything is written
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+# transport errors by class name: botocore and aiohttp are optional, so their classes are not imported
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                  "ProfileNotFound", "InvalidConfigError")
+NO_ANSWER = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+             "ServerDisconnectedError", "ConnectionError", "TimeoutError")
+
+
+def missing_bucket(url: str, storage_options: dict | None = None) -> str | None:
+    """The bucket of an object-storage URL when it does not exist, else None."""
+    fs, root = store_fs(url, storage_options)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if not set(protocols) & set(BUCKET_PROTOCOLS):
+        return None
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.info(bucket)  # not fs.exists, which answers False for missing credentials and denied access too
+    except FileNotFoundError:
+        return bucket
+    return None
+
+
+def storage_error(url: str, exc: BaseException) -> OdkdError | None:
+    """What a failure to reach the storage under `url` means to a user and what to do, or None when
+    `exc` is not such a failure."""
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if kinds & set(NO_CREDENTIALS):
+        return OdkdError(f"{url}: no credentials to reach it ({reason}); set AWS_ACCESS_KEY_ID and "
+                         f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (docs/scaling.md, \"A store on S3\")")
+    if isinstance(exc, PermissionError):
+        return OdkdError(f"{url}: access denied ({reason}); check that the credentials in AWS_* or AWS_PROFILE "
+                         f"may read this bucket (and, to build, write it)")
+    if isinstance(exc, FileNotFoundError) and "bucket" in reason.lower():
+        return OdkdError(f"{url}: the bucket does not exist ({reason}); create it first or fix the URL")
+    if kinds & set(NO_ANSWER):
+        return OdkdError(f"{url}: the storage does not answer ({reason}); check the endpoint "
+                         f"(AWS_ENDPOINT_URL, or endpoint_url in [cache] storage_options) and the network")
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """Failures to reach the storage of `url` (credentials, access, bucket, endpoint) as one OdkdError line."""
+    try:
+        yield
+    except OdkdError:
+        raise
+    except Exception as exc:
+        error = storage_error(url, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
 def read_attrs(url: str, storage_options: dict | None = None) -> dict:
     """The store's attributes; an OdkdError naming the URL when it is not an odkd store."""
+    fs, root = store_fs(url, storage_options)
     try:
+        # one plain request first: when the storage cannot be reached, zarr's concurrent probes of the
+        # group's keys leave coroutines behind whose tracebacks print as the process exits
+        fs.info(f"{root}/zarr.json")
         group = open_group(url, "r", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        bucket = is_url(url) and missing_bucket(url, storage_options)
+        if bucket:
+            raise OdkdError(f"{url}: the bucket {bucket!r} does not exist; fix the URL") from None
         raise OdkdError(f"{url}: no teacher-target store there") from None
     attrs = group.attrs.asdict()
     if "schema_version" not in attrs:

@@ -26,8 +26,8 @@ from odkd.dicts import first_difference
 from odkd.errors import OdkdError
 from odkd.store.schema import SCHEMA_VERSION, StoreLayout, compressors, settings_digest
 from odkd.store.store import (
-    array_digest, check_shard, clear_shard, is_url, open_group, read_markers, remove_marker, shard_sizes,
-    store_exists, store_fs, write_marker,
+    array_digest, check_shard, clear_shard, is_url, missing_bucket, open_group, read_markers, remove_marker, shard_sizes,
+    storage_error, storage_errors, store_exists, store_fs, write_marker,
 )
 
 WORKER_START_TIMEOUT = "120s"  # a local worker that has not joined by then did not start
@@ -64,41 +64,98 @@ def _jsonable(tree: dict) -> dict:
     return json.loads(json.dumps(tree))
 
 
+CREATION_CLAIM = "creating.json"  # written with create-only semantics by the one build that creates the store
+CREATION_WAIT_S = 120.0  # how long a build waits for another to finish creating the store it shares
+
+
 def _create(url: str, layout: StoreLayout, attrs: dict, storage_options: dict | None) -> None:
-    group = open_group(url, "w", storage_options)
+    group = open_group(url, "a", storage_options)  # "a", not "w": "w" would delete the creation claim
     for name, spec in layout.arrays().items():
         group.create_array(
             name, shape=(layout.stored_rows, *spec.tail), dtype=spec.dtype,
             chunks=(layout.chunk_instances, *spec.tail), shards=(layout.shard_instances, *spec.tail),
-            compressors=compressors(), fill_value=0,
+            compressors=compressors(), fill_value=0, overwrite=True,
         )
     # attributes last: a store without schema_version is one whose creation never finished
     group.update_attributes(attrs)
+
+
+def _claim_creation(fs, root: str) -> bool:
+    """True when this build is the one to create the store at `root`: the claim object is written only if
+    none is there (O_EXCL on a disk, If-None-Match on S3), so of two builds started together one wins."""
+    fs.makedirs(root, exist_ok=True)
+    try:
+        with fs.open(f"{root}/{CREATION_CLAIM}", "xb") as claim:
+            claim.write(json.dumps({"writer": f"{socket.gethostname()}:{os.getpid()}", "at": utc_now()}).encode())
+    except FileExistsError:
+        return False
+    return True
+
+
+def _claimed_by_a_dead_process(claim: bytes) -> bool:
+    """Whether a creation claim was written by a process of this machine that no longer runs."""
+    try:
+        host, pid = json.loads(claim)["writer"].rsplit(":", 1)
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+        return False
+    return False
+
+
+def _created_attrs(url: str, fs, root: str, storage_options: dict | None) -> dict:
+    """The attributes of a store that exists or that another build is creating (waited for)."""
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while True:
+        fs.invalidate_cache()  # object stores' listings are cached per process; another build wrote these
+        claim = fs.cat_file(f"{root}/{CREATION_CLAIM}") if fs.exists(f"{root}/{CREATION_CLAIM}") else None
+        existing = open_group(url, "r", storage_options).attrs.asdict() if store_exists(url, storage_options) else {}
+        if "schema_version" in existing:
+            return existing
+        if claim is None or _claimed_by_a_dead_process(claim):
+            raise OdkdError(f"{url}: a store whose creation never finished is there; pass --overwrite to replace it")
+        if time.monotonic() > deadline:
+            raise OdkdError(f"{url}: another build has been creating this store for {CREATION_WAIT_S:.0f} s "
+                            f"({claim.decode(errors='replace')}); if none is running, it was killed: "
+                            f"pass --overwrite to replace what it left")
+        time.sleep(0.5)
 
 
 def prepare_store(url: str, layout: StoreLayout, settings: dict, attrs: dict, *, overwrite: bool,
                   storage_options: dict | None = None) -> bool:
     """Create the store, or resume an existing one built with the same settings (True then).
 
-    With `overwrite` an existing store is replaced, whatever its settings.
+    With `overwrite` an existing store is replaced, whatever its settings. Two builds started together
+    into one store agree on one creator; the other waits for the store and resumes it, and both then
+    write every shard they find unmarked, the same bytes, so the store ends as one build leaves it.
     """
     fs, root = store_fs(url, storage_options)
+    bucket = is_url(url) and missing_bucket(url, storage_options)
+    if bucket:  # s3fs would create it, with whatever region and policy the credentials get by default
+        raise OdkdError(f"{url}: the bucket {bucket!r} does not exist; create it first or fix the URL")
     wanted = {"schema_version": SCHEMA_VERSION, "layout": layout.to_dict(), "settings": settings}
-    if store_exists(url, storage_options):
-        if not overwrite:
-            existing = open_group(url, "r", storage_options).attrs.asdict()
-            diff = first_difference({key: existing.get(key) for key in wanted}, wanted)
-            if diff is None:
-                return True
-            raise OdkdError(f"{url}: a store built with other settings is there ({diff}); "
-                            f"pass --overwrite to replace it")
+    if overwrite and (store_exists(url, storage_options) or fs.exists(f"{root}/{CREATION_CLAIM}")):
         fs.rm(root, recursive=True)
-    elif fs.exists(root) and fs.ls(root):
-        # never delete what is not a zarr store, --overwrite or not: a mistyped --out must not cost a folder
-        raise OdkdError(f"{url}: exists and is not a teacher-target store; choose another path")
-    _create(url, layout, {**attrs, **wanted, "settings_digest": settings_digest(settings),
-                          "complete": False, "failed": []}, storage_options)
-    return False
+    if not store_exists(url, storage_options):
+        others = fs.ls(root, detail=False) if fs.exists(root) else []
+        if [path for path in others if not str(path).endswith(f"/{CREATION_CLAIM}")]:
+            # never delete what is not a zarr store, --overwrite or not: a mistyped --out must not cost a folder
+            raise OdkdError(f"{url}: exists and is not a teacher-target store; choose another path")
+        if _claim_creation(fs, root):
+            try:
+                _create(url, layout, {**attrs, **wanted, "settings_digest": settings_digest(settings),
+                                      "complete": False, "failed": []}, storage_options)
+            finally:
+                fs.rm(f"{root}/{CREATION_CLAIM}")
+            return False
+    existing = _created_attrs(url, fs, root, storage_options)
+    diff = first_difference({key: existing.get(key) for key in wanted}, wanted)
+    if diff is None:
+        return True
+    raise OdkdError(f"{url}: a store built with other settings is there ({diff}); pass --overwrite to replace it")
 
 
 def _check_targets(out: ShardTargets, layout: StoreLayout, start: int, stop: int) -> None:
@@ -138,8 +195,8 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
         }
         write_marker(fs, root, shard, marker)
     except OSError as exc:
-        raise OdkdError(f"{url}: writing shard {shard} failed ({exc}); the finished shards are kept, "
-                        f"run again to resume") from None
+        raise storage_error(url, exc) or OdkdError(f"{url}: writing shard {shard} failed ({exc}); the finished "
+                                                   f"shards are kept, run again to resume") from None
     return marker
 
 
@@ -213,36 +270,37 @@ def build_store(url: str, layout: StoreLayout, settings: dict, produce: Producer
     entry of `worker_envs` when given: the environment variables that worker starts with).
     """
     url = str(url).rstrip("/") if is_url(url) else os.path.abspath(url)  # workers may run elsewhere
-    if url.startswith("memory://") and scheduler != "synchronous":
-        raise OdkdError(f"{url}: a memory:// store lives in one process; build it with scheduler='synchronous'")
-    settings = _jsonable(settings)
-    digest = settings_digest(settings)
-    prepare_store(url, layout, settings, _jsonable(attrs or {}), overwrite=overwrite,
-                  storage_options=storage_options)
+    with storage_errors(url):
+        if url.startswith("memory://") and scheduler != "synchronous":
+            raise OdkdError(f"{url}: a memory:// store lives in one process; build it with scheduler='synchronous'")
+        settings = _jsonable(settings)
+        digest = settings_digest(settings)
+        prepare_store(url, layout, settings, _jsonable(attrs or {}), overwrite=overwrite,
+                      storage_options=storage_options)
 
-    fs, root = store_fs(url, storage_options)
-    group = open_group(url, "r", storage_options)
-    markers = read_markers(fs, root, layout.num_shards)
-    redone = []
-    for shard, marker in sorted(markers.items()):
-        problem = (f"shard {shard}: written with other settings" if marker.get("settings_digest") != digest
-                   else check_shard(group, layout, shard, marker))
-        if problem:
-            redone.append(problem)
-            remove_marker(fs, root, shard)
-            del markers[shard]
-    todo = [shard for shard in range(layout.num_shards) if shard not in markers]
-    done_rows = sum(m["stop"] - m["start"] for m in markers.values())
+        fs, root = store_fs(url, storage_options)
+        group = open_group(url, "r", storage_options)
+        markers = read_markers(fs, root, layout.num_shards)
+        redone = []
+        for shard, marker in sorted(markers.items()):
+            problem = (f"shard {shard}: written with other settings" if marker.get("settings_digest") != digest
+                       else check_shard(group, layout, shard, marker))
+            if problem:
+                redone.append(problem)
+                remove_marker(fs, root, shard)
+                del markers[shard]
+        todo = [shard for shard in range(layout.num_shards) if shard not in markers]
+        done_rows = sum(m["stop"] - m["start"] for m in markers.values())
 
-    with tqdm(total=layout.num_instances, initial=done_rows, unit="inst", desc=desc, disable=not progress,
-              dynamic_ncols=True) as bar:
-        _run_shards(todo, url, layout, produce, digest, storage_options, scheduler, workers, worker_envs,
-                    lambda marker: bar.update(marker["stop"] - marker["start"]))
+        with tqdm(total=layout.num_instances, initial=done_rows, unit="inst", desc=desc, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            _run_shards(todo, url, layout, produce, digest, storage_options, scheduler, workers, worker_envs,
+                        lambda marker: bar.update(marker["stop"] - marker["start"]))
 
-    markers = read_markers(fs, root, layout.num_shards)
-    failed = sorted((f for m in markers.values() for f in m.get("failed", [])), key=lambda f: f["index"])
-    complete = len(markers) == layout.num_shards
-    open_group(url, "r+", storage_options).update_attributes(
-        {"complete": complete, "failed": failed, "finished_at": utc_now()})
-    return BuildSummary(url=url, written=len(todo), skipped=layout.num_shards - len(todo), redone=redone,
-                        failed=failed, complete=complete)
+        markers = read_markers(fs, root, layout.num_shards)
+        failed = sorted((f for m in markers.values() for f in m.get("failed", [])), key=lambda f: f["index"])
+        complete = len(markers) == layout.num_shards
+        open_group(url, "r+", storage_options).update_attributes(
+            {"complete": complete, "failed": failed, "finished_at": utc_now()})
+        return BuildSummary(url=url, written=len(todo), skipped=layout.num_shards - len(todo), redone=redone,
+                            failed=failed, complete=complete)

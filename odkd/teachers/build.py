@@ -113,4 +113,5 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
     gpus = visible_gpus() if scheduler is None and device in ("cuda", "auto") else []
     return build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,
                        worker_envs=gpu_worker_envs(workers, gpus) if gpus else None,
-                       overwrite=overwrite, progress=progress, desc=f"caching {split}")
+                       overwrite=overwrite, storage_options=cfg.cache.storage_options or None, progress=progress,
+                       desc=f"caching {split}")

@@ -12,7 +12,7 @@ from odkd.models.teacher import resolve_teachers
 from odkd.store.info import ran_precision_of
 from odkd.store.reader import TeacherTargets
 from odkd.store.schema import settings_digest
-from odkd.store.store import check_shard, open_group, read_markers, store_fs
+from odkd.store.store import check_shard, open_group, read_markers, storage_errors, store_fs
 from odkd.teachers.producer import InstanceRecords, TeacherProducer
 
 # bits allowed to differ on a re-run: a GPU-built store checked on a CPU flips a few pixels that sit
@@ -116,7 +116,8 @@ def verify_cache(url: str, cfg=None, sample: int = 16, device: str = "cpu",
     settings = targets.attrs.get("settings", {})
     if targets.attrs.get("settings_digest") != settings_digest(settings):
         report.bad("the store's settings do not match their recorded digest (attributes edited?)")
-    _check_shards(targets, report)
+    with storage_errors(targets.url):
+        _check_shards(targets, report)
     if cfg is None:
         report.note("dataset and teachers not checked (no --config)")
         return report

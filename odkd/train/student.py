@@ -36,10 +36,12 @@ def default_student_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.runs) / "student"
 
 
-def open_teacher_store(url: str, dataset_fingerprint: str, split: str = "train") -> TeacherTargets:
+def open_teacher_store(url: str, dataset_fingerprint: str, split: str = "train",
+                       storage_options: dict | None = None) -> TeacherTargets:
     """The store at `url`, validated against the split and its dataset; any failure to reach it is one line."""
     try:
-        return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint, split=split)
+        return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint, split=split,
+                                   storage_options=storage_options or None)
     except OdkdError:
         raise
     except Exception as exc:  # fsspec and its transports raise their own kinds (aiohttp, botocore, OSError)
@@ -120,13 +122,15 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
     ranks, dev = start_ranks(resolve_device(device or cfg.device))
     try:
         instances = load_instances(cfg.data, "train")
-        targets = open_teacher_store(cache or scfg.cache, instances.fingerprint)
+        targets = open_teacher_store(cache or scfg.cache, instances.fingerprint,
+                                     storage_options=cfg.cache.storage_options)
         check_store_fits(targets, cfg, plan, len(instances))
         unlabeled = unlabeled_targets = None
         if scfg.unlabeled_cache:
             check_unlabeled_learns(plan, cfg.source)
             unlabeled = load_instances(cfg.data, "unlabeled")
-            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, split="unlabeled")
+            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, split="unlabeled",
+                                                   storage_options=cfg.cache.storage_options)
             check_store_fits(unlabeled_targets, cfg, plan, len(unlabeled), split="unlabeled")
             check_same_teachers(targets, unlabeled_targets)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
