@@ -483,7 +483,8 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides):
 @click.option("--split", type=click.Choice(CACHE_SPLITS), default="train", show_default=True,
               help="'unlabeled': the detector's boxes on the images of [data.unlabeled].")
 @click.option("--out", default=None,
-              help="Store path or fsspec URL (default: [cache] store; for --split unlabeled, [cache] unlabeled_store).")
+              help="Store path or fsspec URL, e.g. s3://bucket/coco.zarr with odkd[s3] and AWS_* set (default: "
+                   "[cache] store; for --split unlabeled, [cache] unlabeled_store).")
 @click.option("--workers", type=int, default=None,
               help="LocalCluster worker processes (default: [cache] workers); with --device cuda, each gets one GPU.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler, e.g. tcp://host:8786.")
@@ -526,12 +527,15 @@ def cache():
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Pipeline TOML whose [cache] storage_options reach STORE (an s3:// endpoint, say); "
                    "without it, the AWS_* environment alone.")
+@set_option
 @user_errors
-def cache_info_cmd(store, config_path):
+def cache_info_cmd(store, config_path, overrides):
     """Counts, sizes, bytes per instance, compression, provenance and build progress of STORE."""
     from odkd.store import cache_info
 
-    options = load_config(config_path).cache.storage_options if config_path else None
+    if overrides and not config_path:
+        raise click.UsageError("--set changes keys of --config; give --config too")
+    options = load_config(config_path, overrides).cache.storage_options if config_path else None
     click.echo(cache_info(store, options or None))
 
 

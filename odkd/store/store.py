@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -171,24 +172,33 @@ def shard_paths(root: str, group: zarr.Group, layout: StoreLayout, shard: int) -
             for name, spec in layout.arrays().items()}
 
 
+def for_each_array(fn, items: dict) -> dict:
+    """{name: fn(value)} over a shard's arrays, all at once: on object storage each is a request, and
+    eleven in flight cost one round trip instead of eleven."""
+    with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+        return dict(zip(items, pool.map(fn, items.values())))
+
+
 def shard_sizes(fs, root: str, group: zarr.Group, layout: StoreLayout, shard: int) -> dict[str, int]:
     """Bytes on storage of each array's part of `shard` (0 where zarr stored nothing: all fill value)."""
-    sizes = {}
-    for name, path in shard_paths(root, group, layout, shard).items():
+    def size(path: str) -> int:
         try:
-            sizes[name] = int(fs.size(path))
+            return int(fs.size(path))
         except FileNotFoundError:
-            sizes[name] = 0
-    return sizes
+            return 0
+
+    return for_each_array(size, shard_paths(root, group, layout, shard))
 
 
 def clear_shard(fs, root: str, group: zarr.Group, layout: StoreLayout, shard: int) -> None:
     """Delete a shard's objects, so a rewrite never reads back a half-written one."""
-    for path in shard_paths(root, group, layout, shard).values():
+    def remove(path: str) -> None:
         try:
             fs.rm(path)
         except FileNotFoundError:
             pass
+
+    for_each_array(remove, shard_paths(root, group, layout, shard))
 
 
 class ShardError(Exception):

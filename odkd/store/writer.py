@@ -26,7 +26,7 @@ from odkd.dicts import first_difference
 from odkd.errors import OdkdError
 from odkd.store.schema import SCHEMA_VERSION, StoreLayout, compressors, settings_digest
 from odkd.store.store import (
-    array_digest, check_shard, clear_shard, is_url, missing_bucket, open_group, read_markers, remove_marker, shard_sizes,
+    array_digest, check_shard, clear_shard, for_each_array, is_url, missing_bucket, open_group, read_markers, remove_marker, shard_sizes,
     storage_error, storage_errors, store_exists, store_fs, write_marker,
 )
 
@@ -183,8 +183,8 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
     try:
         group = open_group(url, "r+", storage_options)
         clear_shard(fs, root, group, layout, shard)
-        for name, values in padded.items():
-            group[name][rows] = values
+        for_each_array(lambda item: group[item[0]].__setitem__(rows, item[1]),
+                       {name: (name, values) for name, values in padded.items()})
         marker = {
             "shard": shard, "start": start, "stop": stop, "settings_digest": digest,
             "digests": {name: array_digest(values) for name, values in padded.items()},
