@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,10 @@ def test_rows_equal_the_store_rows(tmp_path):
     folder = rows.folder
     raw_row = int(np.prod(LAYOUT.arrays()["pt/heatmaps"].tail))
     assert (folder / "pt-heatmaps" / "rows.zst").stat().st_size < 200 * raw_row / 4
-    assert np.load(folder / "meta-center" / "rows.npy").shape == (200, 2)
+    records = np.load(folder / "meta-center" / "rows.npy")  # each row beside the CRC32 of its bytes
+    assert records.shape == (200,) and records["row"].shape == (200, 2)
+    np.testing.assert_array_equal(records["row"], targets.get_batch(np.arange(200))["meta/center"])
+    assert records["crc32"][7] == zlib.crc32(records["row"][7].tobytes())
 
 
 def test_only_the_named_arrays_are_copied_and_more_are_added_later(tmp_path):
@@ -107,7 +111,8 @@ def test_a_local_copy_cut_short_later_is_one_line_naming_the_file(tmp_path):
     np.testing.assert_array_equal(rows.row(0)["st/heatmaps"], targets.get_batch(np.array([0]))["st/heatmaps"][0])
     with pytest.raises(OdkdError) as err:
         rows.row(LAYOUT.num_instances - 1)
-    assert "\n" not in str(err.value) and str(blob) in str(err.value) and str(rows.folder) in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{blob.parent}: ") and "rows.zst" in message
 
 
 def _fetch_in_process(url: str, root: str, queue) -> None:
