@@ -19,14 +19,18 @@ ODKD := .venv/bin/odkd
 # are scarce: 200 labelled images and 2,000 unlabelled ones with a person detector's boxes.
 TEACHER_DATA := --train-images 1000 --val-images 100 --difficulty easy --seed 0
 DEMO_DATA := --train-images 200 --val-images 100 --test-images 200 --unlabeled-images 2000 --difficulty easy --seed 1
+# odkd synth refuses a folder that already holds a dataset, so every synth line below passes --force: it
+# clears what synth wrote there and writes it again. Simpler than skipping a dataset whose parameters match
+# (synth records them only in part) and as correct: the same options give the same bytes, so the stores and
+# runs built on them stay valid, and a folder left half-written by an interrupted run is made whole.
 # re-running a step resumes an interrupted run and returns at once from a finished one
 resume_if = $$(test -f $(1)/last.pth && echo --resume)
 
 # The demo, step by step; each line is a command a user can run by hand. The teachers are the
 # released files in zoo/ (make demo-teachers rebuilds them).
 demo: $(VENV_STAMP)
-	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
-	$(ODKD) synth data/demo $(DEMO_DATA)
+	$(ODKD) synth --force data/demo-teachers $(TEACHER_DATA)
+	$(ODKD) synth --force data/demo $(DEMO_DATA)
 	$(ODKD) check-teachers
 	$(ODKD) cache-teachers --workers 2
 	$(ODKD) cache-teachers --split unlabeled --workers 2
@@ -57,7 +61,7 @@ demo-student:
 DEVICE ?=
 TRAIN_ON := $(if $(DEVICE),--device $(DEVICE))
 demo-teachers: $(VENV_STAMP)
-	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
+	$(ODKD) synth --force data/demo-teachers $(TEACHER_DATA)
 	$(ODKD) train-teacher --role primary $(TRAIN_ON) $(call resume_if,runs/demo/teacher_primary)
 	$(ODKD) train-teacher --role senior $(TRAIN_ON) $(call resume_if,runs/demo/teacher_senior)
 	$(ODKD) release-teacher --role primary
@@ -67,7 +71,7 @@ demo-teachers: $(VENV_STAMP)
 # zoo/; paste the fingerprint it prints into [teachers.init]. The released file was trained on 2 CPU cores
 # at one torch thread, which reproduces bit for bit on the same machine only.
 demo-student-init: $(VENV_STAMP)
-	$(ODKD) synth data/demo-teachers $(TEACHER_DATA)
+	$(ODKD) synth --force data/demo-teachers $(TEACHER_DATA)
 	OMP_NUM_THREADS=1 $(ODKD) train-teacher --role init $(TRAIN_ON) $(call resume_if,runs/demo/teacher_init)
 	$(ODKD) release-teacher --role init
 

@@ -56,7 +56,7 @@ from odkd.distill.stages import StagePlan
 from odkd.store import StoreLayout, TeacherTargets, build_store
 from odkd.store.geometry import cache_geometry
 from odkd.store.local import LOCAL_COPIES_ENV, LocalRows
-from odkd.store.store import store_fs
+from odkd.store.rowfiles import check_array, read_manifest
 from odkd.store.synthetic import SyntheticTargets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,6 +159,16 @@ def startup_seconds(url: Path, workers: int, copies: Path) -> tuple[float, float
     out = subprocess.run([sys.executable, "-c", STARTUP, str(url), str(workers), str(Path(__file__).parent)],
                          capture_output=True, text=True, check=True, env=env).stdout.split()
     return float(out[-2]), float(out[-1])
+
+
+def check_seconds(copies: Path) -> float:
+    """What a run's check of a copy costs: every array's files against its manifest (sizes, SHA-256, offsets)."""
+    t0 = time.perf_counter()
+    for sub in sorted(copies.glob("*/*/manifest.json")):
+        manifest = read_manifest(sub.parent)
+        problem = check_array(sub.parent, manifest["rows"], tuple(manifest["tail"]), manifest["dtype"])
+        assert problem is None, (sub.parent, problem)
+    return time.perf_counter() - t0
 
 
 class RowsDataset(torch.utils.data.Dataset):
@@ -280,10 +290,11 @@ def main(argv=None) -> int:
                 copies = tmp / f"startup-{n}"
                 imports, cold = startup_seconds(url, args.workers, copies)
                 _, warm = startup_seconds(url, args.workers, copies)
-                startup_rows.append([f"{n:,}", f"{cold:.2f}", f"{warm:.2f}", f"{imports:.2f}"])
+                startup_rows.append([f"{n:,}", f"{cold:.2f}", f"{warm:.2f}", f"{check_seconds(copies):.2f}",
+                                     f"{imports:.2f}"])
             sections.append(f"start-up to the first batch ({args.workers} workers, batch 32)\n\n" + table(
-                ["instances", "first run s (copy made)", "second run s (copy made before)", "imports s (not counted)"],
-                startup_rows))
+                ["instances", "first run s (copy made)", "second run s (copy made before)",
+                 "of it, the copy's check s", "imports s (not counted)"], startup_rows))
         if "rate" in args.tables:
             rate_rows = []
             for n, url in stores.items():

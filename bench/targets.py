@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 from torch.utils.data import default_collate
 
 from odkd.config import load_config

@@ -11,15 +11,18 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
 from odkd import __version__
-from odkd.config import CACHE_SPLITS, EvalConfig, choices, load_config
+from odkd import config
+from odkd.config import CACHE_SPLITS, EvalConfig, check_device, choices
 from odkd.errors import OdkdError
 
 CONFIG_HELP = "Pipeline TOML (default: the embedded demo pipeline, pipeline/demo.toml)."
@@ -36,15 +39,44 @@ def one_line(message: str) -> str:
     return lines[0]
 
 
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, the error line is also what torchrun's failure summary shows for this rank: its
+    TORCHELASTIC_ERROR_FILE (torch's own layout, the line where it puts a traceback), read in place of
+    'To enable traceback see: ...'."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": f"Error: {line}",
+                  "extraInfo": {"py_callstack": f"Error: {line}", "timestamp": str(int(time.time()))}}
+        try:
+            Path(path).write_text(json.dumps({"message": record}))
+        except OSError:
+            pass
+
+
+def load_config(path, overrides=()):
+    """The pipeline of --config and --set, with every model it names and their model_args checked too."""
+    from odkd.models.registry import check_configured_models
+
+    cfg = config.load_config(path, overrides)
+    check_configured_models(cfg)
+    return cfg
+
+
 def user_errors(fn):
-    """Turn an OdkdError into click's one-line usage failure instead of a traceback."""
+    """Turn an OdkdError into click's one-line usage failure instead of a traceback. Under torchrun an
+    error that every rank raises together (FailedOnARank) is printed by rank 0 alone; the others exit
+    with the same code in silence."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except OdkdError as exc:
-            raise click.ClickException(one_line(str(exc))) from None
+            if not getattr(exc, "shown_here", True):
+                raise click.exceptions.Exit(1) from None
+            line = one_line(str(exc))
+            _tell_torchrun(line)
+            raise click.ClickException(line) from None
 
     return wrapper
 
@@ -125,8 +157,8 @@ def main():
 
     \b
     A typical run (make demo, with the released demo teachers in zoo/):
-      odkd synth data/demo-teachers --train-images 1000 --val-images 100 --difficulty easy --seed 0
-      odkd synth data/demo --train-images 200 --val-images 100 --test-images 200 --unlabeled-images 2000
+      odkd synth --force data/demo-teachers --train-images 1000 --val-images 100 --difficulty easy --seed 0
+      odkd synth --force data/demo --train-images 200 --val-images 100 --test-images 200 --unlabeled-images 2000
           --difficulty easy --seed 1             # the student's data: 200 labelled images, 2,000 unlabelled
       odkd check-teachers                        # the pinned teacher files, trained on data/demo-teachers
       odkd cache-teachers                        # both teachers once over the labelled people: cache/demo.zarr
@@ -163,20 +195,24 @@ def main():
                    "annotations/person_keypoints_unlabeled_true.json (their true labels, to score pseudo-labels "
                    "with odkd evaluate); train, val and test do not change with it.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--force", is_flag=True,
+              help="Replace the dataset OUT_DIR already holds: remove what odkd synth wrote there (images/, "
+                   "annotations/, the detections file) first. Without it such a folder is refused.")
 @user_errors
 def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, missing_labels, unlabeled_images,
-          seed):
+          seed, force):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
     in exactly COCO 2017's format (test only with --test-images; unlabelled images with --unlabeled-images).
+    A folder that already holds a dataset is refused unless --force.
     """
     from odkd.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
                                      progress=True, test_images=test_images, difficulty=difficulty,
                                      label_noise=label_noise, missing_labels=missing_labels,
-                                     unlabeled_images=unlabeled_images)
+                                     unlabeled_images=unlabeled_images, existing="replace" if force else "refuse")
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -198,7 +234,7 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
               help="Heatmap decoder (default: [eval] decode).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the keypoint results JSON here.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, model_name, split, boxes, flip_test,
              decode, out, stats_json, device):
@@ -266,14 +302,15 @@ def models(config_path, overrides):
     from odkd.models.complexity import configured_models, list_models
 
     cfg = load_config(config_path, overrides)
+    registered, configured = list_models(cfg.data.input_size), configured_models(cfg)  # every check, then print
     w, h = cfg.data.input_size
     flops = f"GFLOPs @{w}x{h}"
     click.echo(f"{'model':<18} {'params (M)':>11} {flops:>16}")
-    for row in list_models(cfg.data.input_size):
+    for row in registered:
         click.echo(f"{row['name']:<18} {row['params'] / 1e6:>11.2f} {row['gflops']:>16.3f}")
     click.echo(f"\nconfigured in {cfg.source} (seg heads included; export drops them)")
     click.echo(f"{'role':<8} {'model':<18} {'params (M)':>11} {flops:>16}  model_args")
-    for row in configured_models(cfg):
+    for row in configured:
         args = ", ".join(f"{k}={v}" for k, v in row["model_args"].items()) or "-"
         size = (f"{'(its file)':>11} {'':>16}" if row["params"] is None
                 else f"{row['params'] / 1e6:>11.2f} {row['gflops']:>16.3f}")
@@ -289,7 +326,7 @@ def models(config_path, overrides):
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth.")
 @click.option("--init", type=click.Path(dir_okay=False), default=None,
               help="Start from these weights (official HRNet, mmpose or odkd file); overrides [teachers.ROLE].init.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def train_teacher_cmd(config_path, overrides, role, out, resume, init, device):
     """Train the primary or the senior teacher, or the students' init; writes last.pth, best.pth and log.jsonl."""
@@ -351,7 +388,7 @@ def check_teachers_cmd(config_path, overrides):
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder (default: RUNS/student, or RUNS/student_VARIANT).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth, mid-stage too.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, device):
     """Train the [student] from the teacher store, stage by stage ([[student.stages]]).
@@ -360,14 +397,18 @@ def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, d
     each augmented crop. Writes last.pth, best.pth, stage_NAME.pth, log.jsonl and curves.png.
     Several processes: torchrun --standalone --nproc_per_node N -m odkd train-student ...
     """
+    from odkd.train.distributed import agree_on_checks, launched_ranks
     from odkd.train.student import train_student
 
-    cfg = load_config(config_path, overrides)
-    if variant:
-        from odkd.distill.variants import with_variant
+    try:
+        cfg = load_config(config_path, overrides)
+        if variant:
+            from odkd.distill.variants import with_variant
 
-        cfg = with_variant(cfg, variant)
-        out = out or str(Path(cfg.runs) / f"student_{variant}")
+            cfg = with_variant(cfg, variant)
+            out = out or str(Path(cfg.runs) / f"student_{variant}")
+    except OdkdError as exc:  # under torchrun the other ranks learn of it where train_student's checks end
+        agree_on_checks(launched_ranks(), exc)
     summary = train_student(cfg, cache=cache_url, out=out, resume=resume, device=device)
     if summary is not None:
         click.echo(json.dumps(summary, indent=2))
@@ -377,7 +418,8 @@ def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, d
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.md and its PNGs (default: RUNS).")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="The split every model is scored on and the grid's crops are drawn from.")
 @click.option("--runs", "extra_runs", multiple=True, metavar="NAME=DIR",
               help="A row from a run folder (best.pth, log.jsonl); replaces PT, ST, GT-only or ODKD by name, "
                    "adds any other name. Repeatable.")
@@ -385,8 +427,8 @@ def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, d
 @user_errors
 def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
     """Write RUNS/report.md: AP, size and CPU speed of PT, ST, the GT-only student (RUNS/student_gt)
-    and the ODKD student (RUNS/student), their training curves and predictions on val crops.
-    A model without a checkpoint is a note in the report."""
+    and the ODKD student (RUNS/student) on --split, their training curves and predictions on crops of
+    that split. A model without a checkpoint is a note in the report."""
     from odkd.apps.report import parse_runs, write_report
 
     cfg = load_config(config_path, overrides)
@@ -405,7 +447,7 @@ def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where the runs' last.pth are scored (default: test if [data] test_ann exists, else val).")
 @click.option("--out", type=click.Path(file_okay=False), help="Runs and report (default: RUNS/ablation).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def ablate(config_path, overrides, seeds, variants, split, out, device):
     """Train every variant of the student from the same teacher store, seeds and total epochs.
@@ -431,19 +473,22 @@ def ablate(config_path, overrides, seeds, variants, split, out, device):
 @click.option("--model", "model_name", default=None, help="Architecture of an official or mmpose checkpoint.")
 @click.option("--boxes", type=click.Path(dir_okay=False), help="JSON list of [x, y, w, h] boxes or detections.")
 @click.option("--ann", type=click.Path(dir_okay=False), help="Take the person boxes of IMAGE from this COCO file.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output picture (.png).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Output picture, in the format of its extension: .png (lossless), .jpg, or another that OpenCV "
+                   "writes (.bmp, .tif, .webp).")
 @config_option
 @click.option("--flip-test/--no-flip-test", default=None, help="Average with the mirrored input (default: [eval]).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrides, flip_test, device):
     """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
     from odkd.config import resolve_device
     from odkd.models import build_from_checkpoint
-    from odkd.eval.predict import boxes_from_annotations, boxes_from_file, predict_to_png
+    from odkd.eval.predict import boxes_from_annotations, boxes_from_file, check_picture_name, predict_to_png
 
     if bool(boxes) == bool(ann):
         raise click.UsageError("give exactly one of --boxes BOXES.json or --ann GT.json")
+    check_picture_name(out)
     cfg = load_config(config_path, overrides)
     dev = resolve_device(device or cfg.device)
     model, _ = build_from_checkpoint(checkpoint, dev, model=model_name)
@@ -451,7 +496,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrid
     flip_test = cfg.eval.flip_test if flip_test is None else flip_test
     keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test,
                                decode=cfg.eval.decode, sigma=cfg.data.sigma)
-    click.echo(f"{len(keypoints)} people drawn to {out}")
+    click.echo(f"{len(keypoints)} {'person' if len(keypoints) == 1 else 'people'} drawn to {out}")
 
 
 @main.command("export")
@@ -463,18 +508,22 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrid
               help="Input width and height (default: the checkpoint's, else the config's [data] input_size).")
 @click.option("--model", "model_name", default=None, help="Architecture of an official or mmpose checkpoint.")
 @config_option
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N: where the model is traced and PyTorch's heatmaps are computed for the check "
+                   "(a TorchScript file traced on CUDA holds CUDA tensors; onnxruntime checks on the CPU).")
 @user_errors
-def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides):
+def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides, device):
     """Write the model as ONNX or TorchScript, heatmaps only, and check it against PyTorch.
 
     The seg head is dropped: the file maps `image` (N, 3, H, W) to `heatmaps` (N, K, H/4, W/4),
     with a dynamic batch axis. ONNX needs the export extra: pip install 'odkd[export]'.
     """
+    from odkd.config import resolve_device
     from odkd.models.export import export_model
 
     cfg = load_config(config_path, overrides)
     report = export_model(checkpoint, out, input_size=input_size, config_input_size=cfg.data.input_size,
-                          model=model_name)
+                          model=model_name, device=resolve_device(device))
     click.echo(report.summary())
 
 
@@ -491,7 +540,7 @@ def export_cmd(checkpoint, out, input_size, model_name, config_path, overrides):
 @click.option("--decode-threads", type=int, default=None,
               help="Image decode and crop threads per worker (default: [cache] decode_threads).")
 @click.option("--batch-size", type=int, default=None, help="Teacher batch size (default: [cache] batch_size).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the config's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @click.option("--overwrite", is_flag=True, help="Rebuild from scratch. Without it a store with the same settings resumes and one with other settings is refused.")
 @click.option("--limit", type=int, default=None, help="Cache only the first N instances (a quick trial).")
 @user_errors
@@ -507,6 +556,8 @@ def cache_teachers(config_path, overrides, split, out, workers, scheduler, decod
     from odkd.store.info import store_precision_line
 
     cfg = load_config(config_path, overrides)
+    if device:  # a scheduler's workers resolve it on their own machines: its spelling is checked here
+        check_device(device)
     summary = build_teacher_store(cfg, split, out, workers=workers, scheduler=scheduler, batch_size=batch_size,
                                   device=device or cfg.device, overwrite=overwrite, limit=limit,
                                   decode_threads=decode_threads)
@@ -545,9 +596,12 @@ def cache_info_cmd(store, config_path, overrides):
               help="Pipeline TOML of the store's dataset and teachers; without it only the shards are checked.")
 @set_option
 @click.option("--sample", default=16, show_default=True, help="Instances to re-run through the teachers.")
+@click.option("--no-replay", is_flag=True,
+              help="With --config: check the shards and the dataset fingerprint, not the teachers (without it, "
+                   "teacher files that cannot be loaded fail the check).")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
-def cache_verify_cmd(store, config_path, overrides, sample, device):
+def cache_verify_cmd(store, config_path, overrides, sample, no_replay, device):
     """Check that every shard is complete and decodes; with --config, the dataset fingerprint and a
     re-run of a sample through the teachers. Exits 1 when anything fails."""
     from odkd.teachers import verify_cache
@@ -555,11 +609,49 @@ def cache_verify_cmd(store, config_path, overrides, sample, device):
     if overrides and not config_path:
         raise click.UsageError("--set changes keys of --config; give --config too")
     cfg = load_config(config_path, overrides) if config_path else None
-    report = verify_cache(store, cfg, sample=sample, device=device,
+    if no_replay and not config_path:
+        raise click.UsageError("--no-replay limits what --config checks; give --config too")
+    report = verify_cache(store, cfg, sample=sample, device=device, replay=not no_replay,
                           storage_options=(cfg.cache.storage_options or None) if cfg else None)
     click.echo(str(report))
     if not report.ok:
         raise SystemExit(1)
+
+
+@cache.command("copies")
+@click.option("--prune", is_flag=True, help="Remove the copies that no running process holds.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="With --prune: only those no run has used for DAYS days.")
+@click.option("--verify", is_flag=True, help="Check every file of every copy against its manifest (sizes, SHA-256).")
+@user_errors
+def cache_copies_cmd(prune, older_than, verify):
+    """The local copies of stores on this machine ($ODKD_LOCAL_COPIES, else ~/.cache/odkd/local-copies):
+    the store each holds, its size, when a run last used it, which running processes hold it. A run checks
+    its copy before it starts and makes a damaged one again; --verify checks them all now. Exits 1 when a
+    copy is damaged."""
+    from odkd.store.copies import copies_table, list_copies, prune_copies, verify_copy
+    from odkd.store.local import local_copies_root
+
+    if older_than is not None and not prune:
+        raise click.UsageError("--older-than chooses what --prune removes; give --prune too")
+    root = local_copies_root()
+    if prune:
+        removed = prune_copies(root, None if older_than is None else older_than * 86400)
+        freed = sum(copy.bytes for copy in removed)
+        click.echo(f"removed {len(removed)} local cop{'y' if len(removed) == 1 else 'ies'} "
+                   f"({freed / 1e6:.1f} MB): " + (", ".join(c.folder.name for c in removed) or "none"))
+    copies = list_copies(root)
+    click.echo(copies_table(copies, root))
+    if verify:
+        damaged = 0
+        for copy in copies:
+            for name, problem in verify_copy(copy).items():
+                damaged += problem is not None
+                click.echo(f"{'FAIL' if problem else 'ok  '} {copy.folder.name}/{name}" + (f": {problem}" if problem else ""))
+        if damaged:
+            click.echo(f"{damaged} damaged array cop{'y' if damaged == 1 else 'ies'}: the next run that uses each "
+                       f"makes it again from its store (or --prune removes the copies no run holds)")
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import re
 import sys
@@ -259,7 +260,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (DEVICES)
     runs: str = "runs"
     # set by the loader, not keys of the file: the file this config was read from, the --set KEY=VALUE
     # applied to it, and its TOML resolved (extends merged, --set applied), recorded as provenance
@@ -294,8 +295,16 @@ def _keys(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("set_by_loader")]
 
 
+class _KeyProblem(OdkdError):
+    """A config error about one key path (`key`), so that the loader can say where its value came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def _unknown_key(cls, dotted: str) -> OdkdError:
-    return OdkdError(f"unknown key '{dotted}' (allowed: {', '.join(sorted(_keys(cls)))})")
+    return _KeyProblem(dotted, f"unknown key '{dotted}' (allowed: {', '.join(sorted(_keys(cls)))})")
 
 
 def _dotted(where: str, key: str) -> str:
@@ -304,7 +313,7 @@ def _dotted(where: str, key: str) -> str:
 
 def _expect(value, kind: type, what: str, where: str):
     if not isinstance(value, kind):
-        raise OdkdError(f"{where}: expected {what}, got {type(value).__name__}")
+        raise _KeyProblem(where, f"{where}: expected {what}, got {type(value).__name__}")
     return value
 
 
@@ -315,19 +324,19 @@ def _checked(value, tp, where: str):
         return _section(tp, _expect(value, dict, "a table", where), where)
     if origin is Literal:
         if not isinstance(value, str) or value not in args:
-            raise OdkdError(f"{where}: {value!r} is not one of {', '.join(args)}")
+            raise _KeyProblem(where, f"{where}: {value!r} is not one of {', '.join(args)}")
         return value
     if origin is tuple:
         items = _expect(value, list, "an array", where)
         types = (args[0],) * len(items) if args[-1] is Ellipsis else args
         if len(items) != len(types):
-            raise OdkdError(f"{where}: expected {len(types)} values, got {len(items)}")
+            raise _KeyProblem(where, f"{where}: expected {len(types)} values, got {len(items)}")
         return tuple(_checked(item, t, f"{where}[{i}]") for i, (item, t) in enumerate(zip(items, types)))
     if tp is dict:
         return dict(_expect(value, dict, "a table", where))
     accepted, what = _SCALARS[tp]
     if isinstance(value, bool) is not (tp is bool) or not isinstance(value, accepted):
-        raise OdkdError(f"{where}: expected {what}, got {value!r}")
+        raise _KeyProblem(where, f"{where}: expected {what}, got {value!r}")
     return tp(value)
 
 
@@ -368,7 +377,9 @@ def _extended(table: dict, chain: tuple[str, ...]) -> dict:
     if base.resolve() in [Path(read).resolve() for read in chain]:
         raise OdkdError(f"{source}: extends {name!r} closes a cycle: {' -> '.join([*chain, str(base)])}")
     if not base.is_file():
-        raise OdkdError(f"{source}: extends {name!r}, but there is no file {base}")
+        raise OdkdError(f"{source}: extends {name!r}, but there is no file {base.absolute()} (extends is relative "
+                        f"to the file that names it, unlike every other path, which is relative to the working "
+                        f"directory)")
     own = {key: value for key, value in table.items() if key != "extends"}
     return _merged(_extended(_toml(base.read_text(), str(base)), (*chain, str(base))), own)
 
@@ -433,6 +444,31 @@ def _set(table: dict, item: str) -> None:
             node = node.setdefault(part, {}) if isinstance(part, str) else node[part]
 
 
+def _override_key(item: str) -> str:
+    """The key path of one --set KEY=VALUE, written as errors write it: 'student.stages[1].teacher'."""
+    key = item.partition("=")[0].strip()
+    try:
+        parts = _key_parts(key)
+    except OdkdError:
+        return key
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether key paths `a` and `b` are one key, or one holds the other ('student' holds 'student.model')."""
+    short, long = sorted((a, b), key=len)
+    return long == short or long.startswith((f"{short}.", f"{short}["))
+
+
+def key_origin(source: str, overrides: typing.Sequence[str], *keys: str) -> str:
+    """Where the value of key path `keys` (any of them) came from, for an error's prefix: '--set KEY=VALUE'
+    for the last --set that sets one of them, a table above or a key inside it; else the config file."""
+    for item in reversed(overrides):
+        if any(_related(_override_key(item), key) for key in keys):
+            return f"--set {item}"
+    return source
+
+
 def with_overrides(table: dict, overrides: typing.Sequence[str]) -> dict:
     """The TOML table with every --set KEY=VALUE applied in order; `table` itself is left as it was."""
     table = copy.deepcopy(table)
@@ -444,18 +480,31 @@ def with_overrides(table: dict, overrides: typing.Sequence[str]) -> dict:
     return table
 
 
-def _check_sizes(cfg: PipelineConfig, path: str) -> None:
+def _check_sizes(cfg: PipelineConfig, origin) -> None:
     for key, size in (("input_size", cfg.data.input_size), ("heatmap_size", cfg.data.heatmap_size)):
         if min(size) <= 0:
-            raise OdkdError(f"{path}: data.{key} must be positive, got {list(size)}")
+            raise OdkdError(f"{origin(f'data.{key}')}: data.{key} must be positive, got {list(size)}")
     iw, ih = cfg.data.input_size
     if iw % 32 or ih % 32:
-        raise OdkdError(f"{path}: data.input_size {list(cfg.data.input_size)} must be multiples of 32 "
-                        f"(the networks go down to stride 32 and back)")
+        raise OdkdError(f"{origin('data.input_size')}: data.input_size {list(cfg.data.input_size)} must be "
+                        f"multiples of 32 (the networks go down to stride 32 and back)")
     hw, hh = cfg.data.heatmap_size
     if iw * hh != ih * hw:
-        raise OdkdError(f"{path}: data.heatmap_size {list(cfg.data.heatmap_size)} must have the "
-                        f"aspect of data.input_size {list(cfg.data.input_size)}")
+        raise OdkdError(f"{origin('data.heatmap_size', 'data.input_size')}: data.heatmap_size "
+                        f"{list(cfg.data.heatmap_size)} must have the aspect of data.input_size "
+                        f"{list(cfg.data.input_size)}")
+
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def check_device(name: str) -> str:
+    """`name` when it names a device odkd takes (DEVICES), else a one-line OdkdError saying what is accepted.
+    The spelling alone: whether this machine has it is resolve_device's check."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise OdkdError(f"device {name!r} is not one of {DEVICES}")
+    return name
 
 
 # key names that hold credentials in fsspec's filesystems (s3fs, gcsfs, adlfs) and in botocore's client
@@ -463,58 +512,66 @@ SECRET_KEYS = ("key", "secret", "token", "password", "username", "credentials", 
 SECRET_PARTS = ("secret", "token", "password", "access_key", "account_key", "credential")
 
 
-def _check_no_secrets(options: dict, path: str, where: str = "cache.storage_options") -> None:
+def _check_no_secrets(options: dict, origin, where: str = "cache.storage_options") -> None:
     for key, value in options.items():
         name = str(key).lower()
         if name in SECRET_KEYS or any(part in name for part in SECRET_PARTS):
-            raise OdkdError(f"{path}: {where}.{key}: credentials never go in a pipeline file (stores and runs "
-                            f"record it); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead")
+            raise OdkdError(f"{origin(f'{where}.{key}')}: {where}.{key}: credentials never go in a pipeline file "
+                            f"(stores and runs record it); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+                            f"instead")
         if isinstance(value, dict):
-            _check_no_secrets(value, path, f"{where}.{key}")
+            _check_no_secrets(value, origin, f"{where}.{key}")
 
 
-def _check_student(cfg: PipelineConfig, path: str) -> None:
+def _check_student(cfg: PipelineConfig, origin) -> None:
     student = cfg.student
     if not student.stages:
-        raise OdkdError(f"{path}: student.stages: give at least one [[student.stages]]")
+        raise OdkdError(f"{origin('student.stages')}: student.stages: give at least one [[student.stages]]")
     names = [stage.name for stage in student.stages]
     for i, stage in enumerate(student.stages):
         where = f"student.stages[{i}]"
         if not stage.name:
-            raise OdkdError(f"{path}: {where}.name: every stage needs a name")
+            raise OdkdError(f"{origin(f'{where}.name')}: {where}.name: every stage needs a name")
         if names.count(stage.name) > 1:
-            raise OdkdError(f"{path}: {where}.name: {stage.name!r} names two stages")
+            raise OdkdError(f"{origin(f'{where}.name')}: {where}.name: {stage.name!r} names two stages")
         if stage.epochs < 0:
-            raise OdkdError(f"{path}: {where}.epochs must be >= 0, got {stage.epochs}")
+            raise OdkdError(f"{origin(f'{where}.epochs')}: {where}.epochs must be >= 0, got {stage.epochs}")
         for key in ("gt_weight", "kd_weight", "seg_weight"):
             if getattr(stage, key) < 0:
-                raise OdkdError(f"{path}: {where}.{key} must be >= 0, got {getattr(stage, key)}")
+                raise OdkdError(f"{origin(f'{where}.{key}')}: {where}.{key} must be >= 0, got {getattr(stage, key)}")
         if stage.seg_weight > 0 and not student.seg_head:
-            raise OdkdError(f"{path}: {where}.seg_weight is {stage.seg_weight} but student.seg_head is false")
+            raise OdkdError(f"{origin(f'{where}.seg_weight', 'student.seg_head')}: {where}.seg_weight is "
+                            f"{stage.seg_weight} but student.seg_head is false")
     if student.unlabeled_cache and not 0.0 < student.unlabeled_share < 1.0:
-        raise OdkdError(f"{path}: student.unlabeled_share must be above 0 and below 1, got {student.unlabeled_share}")
+        raise OdkdError(f"{origin('student.unlabeled_share', 'student.unlabeled_cache')}: "
+                        f"student.unlabeled_share must be above 0 and below 1, got {student.unlabeled_share}")
     if student.epochs <= 0:
-        raise OdkdError(f"{path}: student.stages: the stages' epochs sum to {student.epochs}; "
+        raise OdkdError(f"{origin('student.stages')}: student.stages: the stages' epochs sum to {student.epochs}; "
                         f"the run needs a positive number of epochs")
     given = cfg.raw.get("student", {}).get("train", {}).get("epochs")
     if given is not None and given != student.epochs:
-        raise OdkdError(f"{path}: student.train.epochs is {given} but the stages' epochs sum to "
-                        f"{student.epochs}; drop the key or make them agree")
+        raise OdkdError(f"{origin('student.train.epochs', 'student.stages')}: student.train.epochs is {given} but "
+                        f"the stages' epochs sum to {student.epochs}; drop the key or make them agree")
 
 
 def parse_config(text: str, source: str = "<string>", overrides: typing.Sequence[str] = ()) -> PipelineConfig:
     """A pipeline from TOML text: its `extends` base merged under it (relative to `source`'s folder),
     then `overrides` ("KEY=VALUE", as --set takes them) applied, then every key checked."""
     table = with_overrides(_extended(_toml(text, source), (source,)), overrides)
+    origin = functools.partial(key_origin, source, overrides)  # an error names --set KEY=VALUE, or the file
     try:
         cfg = _section(PipelineConfig, table, "")
+    except _KeyProblem as exc:
+        raise OdkdError(f"{origin(exc.key)}: {exc}") from None
     except OdkdError as exc:
         raise OdkdError(f"{source}: {exc}") from None
     cfg = dataclasses.replace(cfg, source=source, overrides=tuple(overrides), raw=table)
-    _check_sizes(cfg, source)
-    _check_no_secrets(cfg.cache.storage_options, source)
+    if not _DEVICE.fullmatch(cfg.device):
+        raise OdkdError(f"{origin('device')}: device: {cfg.device!r} is not one of {DEVICES}")
+    _check_sizes(cfg, origin)
+    _check_no_secrets(cfg.cache.storage_options, origin)
     if "student" in table:
-        _check_student(cfg, source)
+        _check_student(cfg, origin)
     return cfg
 
 
@@ -565,18 +622,26 @@ def keep_resolved_config(cfg: PipelineConfig, run_dir: str | Path) -> Path:
 
 
 def resolve_device(name: str):
+    """The torch device `name` (DEVICES) names on this machine; one-line OdkdErrors for any other name and for
+    a CUDA or MPS device this machine lacks."""
     import torch
 
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise OdkdError(f"device '{name}' requested but CUDA is not available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise OdkdError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise OdkdError("device 'mps' requested but MPS (Apple's GPU) is not available")
     return torch.device(name)
 
 
 __all__ = [
     "AugmentConfig", "CACHE_SPLITS", "CacheConfig", "DataConfig", "UnlabeledConfig", "EvalConfig", "PipelineConfig",
     "ScheduleConfig", "StageConfig", "StudentConfig", "TeacherConfig", "TeachersConfig",
-    "choices", "keep_resolved_config", "load_config", "parse_config", "resolve_device", "resolved_table", "toml_text",
-    "with_overrides",
+    "DEVICES", "check_device", "choices", "key_origin", "keep_resolved_config", "load_config", "parse_config",
+    "resolve_device", "resolved_table", "toml_text", "with_overrides",
 ]

@@ -179,6 +179,15 @@ shard_instances = 8
                                              '"annotations/person_keypoints_train.json"\nval_images = "images/train"'))
     bad = run("cache", "verify", tmp_path / "store.zarr", "--config", other)
     assert bad.exit_code == 1 and "fingerprint" in bad.output
+    # teacher files that cannot be found: not verified, unless only the shards and the dataset were asked for
+    ckpts["primary"].rename(tmp_path / "elsewhere.pth")
+    blind = run("cache", "verify", tmp_path / "store.zarr", "--config", cfg)
+    assert blind.exit_code == 1 and blind.output.strip().endswith("NOT verified"), blind.output
+    assert "FAIL  teachers not re-run: " in blind.output and "primary.pth" in blind.output
+    decode_only = run("cache", "verify", tmp_path / "store.zarr", "--config", cfg, "--no-replay")
+    assert decode_only.exit_code == 0 and decode_only.output.strip().endswith("verified"), decode_only.output
+    assert "skip  teachers not re-run (--no-replay)" in decode_only.output
+    ckpts["primary"] = (tmp_path / "elsewhere.pth").rename(ckpts["primary"])
     # a second build with other settings is refused without --overwrite, and the store survives
     changed = tmp_path / "changed.toml"
     changed.write_text(cfg.read_text().replace("shard_instances = 8", "shard_instances = 8\nthreshold = 0.3"))
@@ -222,3 +231,84 @@ def test_predict_takes_flip_test_from_the_config_unless_told(tmp_path):
     from_config, without, with_flip = picture(), picture("--no-flip-test"), picture("--flip-test")
     assert from_config == without
     assert from_config != with_flip
+
+
+DEVICE_ERROR = "'gpu' is not one of auto, cpu, cuda, cuda:N, mps"
+# every command that runs a model, with what it needs besides --device to get that far (the demo pipeline,
+# the default config, has the [student] that train-student and ablate need)
+DEVICE_COMMANDS = {
+    "evaluate": ["evaluate", "--checkpoint", "nowhere.pth"],
+    "predict": ["predict", "nowhere.jpg", "--checkpoint", "nowhere.pth", "--boxes", "nowhere.json", "--out", "o.png"],
+    "train-student": ["train-student"],
+    "train-teacher": ["train-teacher", "--role", "primary"],
+    "cache-teachers": ["cache-teachers", "--scheduler", "tcp://127.0.0.1:1"],
+    "report": ["report"],
+    "ablate": ["ablate"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(DEVICE_COMMANDS))
+def test_an_unknown_device_is_one_line_listing_the_devices(command, tmp_path):
+    """Once a torch RuntimeError traceback; a report also left its empty --out folder behind."""
+    out = tmp_path / "report"
+    args = [*DEVICE_COMMANDS[command], *(["--out", out] if command == "report" else [])]
+    assert one_line_error(run(*args, "--device", "gpu")) == f"Error: device {DEVICE_ERROR}"
+    assert one_line_error(run(*args, "--set", "device=gpu")) == f"Error: --set device=gpu: device: {DEVICE_ERROR}"
+    assert not out.exists()
+
+
+def test_a_config_file_with_an_unknown_device_is_named(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('device = "gpu"\n')
+    assert one_line_error(run("report", "--config", cfg, "--out", tmp_path / "r")) == (
+        f"Error: {cfg}: device: {DEVICE_ERROR}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_models_checks_everything_before_it_prints_a_line(dataset, tmp_path):
+    """An unknown model named neither key nor file; a model_args value the model cannot take came after half the
+    table, or as a torch traceback."""
+    line = one_line_error(run("models", "--config", dataset / "pipe.toml", "--set", "student.model=resnet50"))
+    assert line == ("Error: --set student.model=resnet50: student.model: unknown model 'resnet50'; known models: "
+                    "hrnet_w48, hrnet_w32, hrnet_w18, hrnet_w16, hrnet_tiny, mobilenetv2, mobilenetv2_tiny")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text((dataset / "pipe.toml").read_text()
+                   + '[student]\nmodel = "hrnet_tiny"\nmodel_args = { width = -3 }\n')
+    line = one_line_error(run("models", "--config", cfg))
+    assert line.startswith(f"Error: {cfg}: student.model_args: model 'hrnet_tiny' with model_args {{'width': -3}}: ")
+    line = one_line_error(run("models", "--config", dataset / "pipe.toml", "--set",
+                              "student.model_args={num_modules = [1]}", "--set", "student.model=hrnet_tiny"))
+    assert line == ("Error: --set student.model=hrnet_tiny: student.model_args: model 'hrnet_tiny' with model_args "
+                    "{'num_modules': [1]}: num_modules needs 3 entries (stage2, stage3, stage4), got [1]")
+
+
+def test_predict_counts_people_in_words_and_writes_the_format_its_name_gives(tmp_path):
+    """'1 people drawn' once; --out x.jpg wrote a JPEG under a help that said PNG, and a name OpenCV has no
+    writer for was a cv2 traceback after the model had run."""
+    world = make_tiny_world(tmp_path)
+    image = next((world / "data" / "images" / "val").glob("*.jpg"))
+    ckpt = Path(__file__).resolve().parents[1] / "zoo" / "demo_senior.pth"
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text("[[10, 10, 40, 80]]")
+    two.write_text("[[10, 10, 40, 80], [60, 10, 40, 80]]")
+    res = run("predict", image, "--checkpoint", ckpt, "--boxes", one, "--out", tmp_path / "one.png")
+    assert res.exit_code == 0 and res.output.strip() == f"1 person drawn to {tmp_path / 'one.png'}", res.output
+    assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run("predict", image, "--checkpoint", ckpt, "--boxes", two, "--out", tmp_path / "two.jpg")
+    assert res.exit_code == 0 and res.output.strip() == f"2 people drawn to {tmp_path / 'two.jpg'}", res.output
+    assert (tmp_path / "two.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG, as the name says
+    for name, shown in (("x.xyz", "'.xyz'"), ("noextension", "'(no extension)'")):
+        line = one_line_error(run("predict", image, "--checkpoint", ckpt, "--boxes", one, "--out", tmp_path / name))
+        assert line == (f"Error: {tmp_path / name}: OpenCV writes no image format named {shown}; name the picture "
+                        ".png (lossless) or .jpg, or another extension OpenCV writes (.bmp, .tif, .webp)")
+        assert not (tmp_path / name).exists()
+    assert "Output picture, in the format of its extension: .png (lossless), .jpg" in " ".join(
+        run("predict", "--help").output.split())
+
+
+def test_report_help_names_the_split_it_draws_crops_from():
+    """`report --help` said 'val crops' beside `--split [val|test]`."""
+    help_text = " ".join(run("report", "--help").output.split())
+    assert "val crops" not in help_text
+    assert "predictions on crops of that split" in help_text
+    assert "The split every model is scored on and the grid's crops are drawn from." in help_text

@@ -17,6 +17,7 @@ from odkd.config import (PipelineConfig, keep_resolved_config, load_config, pars
                          with_overrides)
 from odkd.distill.variants import with_variant
 from odkd.errors import OdkdError
+from odkd.models.registry import check_configured_models
 from odkd.synth import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +25,9 @@ PIPELINES = ROOT / "pipeline"
 
 
 def error(text: str, source: str = "p.toml", overrides=()) -> str:
+    """The one line a pipeline's error is, as the CLI loads it: its keys, then the models it names."""
     with pytest.raises(OdkdError) as exc:
-        parse_config(text, source, overrides)
+        check_configured_models(parse_config(text, source, overrides))
     message = str(exc.value)
     assert "\n" not in message
     return message
@@ -103,7 +105,8 @@ sigma = 3.0
 flip_prob = 0.25
 rotation_prob = 0.1
 [student]
-model_args = { width = 8, depth = 2 }
+model = "hrnet_tiny"
+model_args = { width = 8, num_blocks = 2 }
 [student.train]
 lr = 0.01
 lr_steps = [5, 8]
@@ -125,14 +128,14 @@ runs = "runs/child"
 [data.augment]
 flip_prob = 0.75
 [student]
-model_args = { depth = 3 }
+model_args = { num_blocks = 3 }
 [student.train]
 lr_steps = [7]
 """)
     cfg = load_config(child)
     assert cfg.runs == "runs/child" and cfg.data.root == "data/base" and cfg.data.sigma == 3.0
     assert (cfg.data.augment.flip_prob, cfg.data.augment.rotation_prob) == (0.75, 0.1)
-    assert cfg.student.model_args == {"width": 8, "depth": 3}, "an inline table is a table: merged"
+    assert cfg.student.model_args == {"width": 8, "num_blocks": 3}, "an inline table is a table: merged"
     assert (cfg.student.train.lr, cfg.student.train.lr_steps) == (0.01, (7,)), "an array is replaced whole"
     assert [s.name for s in cfg.student.stages] == ["primary", "senior"]
     assert "extends" not in cfg.raw and cfg.raw["data"]["augment"] == {"flip_prob": 0.75, "rotation_prob": 0.1}
@@ -167,7 +170,9 @@ def test_an_extends_cycle_and_a_missing_base_are_one_line(tmp_path):
     orphan = write(tmp_path / "orphan.toml", 'extends = "coco.toml"\n')
     with pytest.raises(OdkdError) as exc:
         load_config(orphan)
-    assert str(exc.value) == f"{orphan}: extends 'coco.toml', but there is no file {tmp_path / 'coco.toml'}"
+    assert str(exc.value) == (f"{orphan}: extends 'coco.toml', but there is no file {tmp_path / 'coco.toml'} "
+                              f"(extends is relative to the file that names it, unlike every other path, which is "
+                              f"relative to the working directory)")
     assert "extends: expected a path relative to this file, got 3" in error("extends = 3\n")
 
 
@@ -241,10 +246,52 @@ def test_a_bad_set_is_one_line_naming_it(item, message):
     assert error(BASE, overrides=[item]).startswith(message)
 
 
-def test_a_set_value_is_checked_like_the_file_and_the_error_names_the_key():
+def test_a_set_value_is_checked_like_the_file_and_the_error_names_the_key_and_the_set():
     assert error(BASE, overrides=["student.stages[1].teacher=seniour"]) == (
-        "p.toml: student.stages[1].teacher: 'seniour' is not one of primary, senior, both, none")
-    assert error(BASE, overrides=["data.sigma=wide"]) == "p.toml: data.sigma: expected a number, got 'wide'"
+        "--set student.stages[1].teacher=seniour: student.stages[1].teacher: 'seniour' is not one of primary, "
+        "senior, both, none")
+    assert error(BASE, overrides=["data.sigma=wide"]) == (
+        "--set data.sigma=wide: data.sigma: expected a number, got 'wide'")
+    # a whole table set at once is blamed for a bad key inside it; the file keeps the blame for its own keys
+    assert error(BASE, overrides=["data.augment={flip_prob = 'often'}"]) == (
+        "--set data.augment={flip_prob = 'often'}: data.augment.flip_prob: expected a number, got 'often'")
+    assert error(BASE + "[eval]\ndecode = 'best'\n", overrides=["data.sigma=2"]) == (
+        "p.toml: eval.decode: 'best' is not one of argmax, centroid, dark")
+    # the checks after the types too
+    assert error(BASE, overrides=["data.input_size=[100, 128]"]).startswith(
+        "--set data.input_size=[100, 128]: data.input_size [100, 128] must be multiples of 32")
+    assert error(BASE, overrides=["student.stages[0].epochs=-1"]) == (
+        "--set student.stages[0].epochs=-1: student.stages[0].epochs must be >= 0, got -1")
+
+
+KNOWN_MODELS = ("hrnet_w48, hrnet_w32, hrnet_w18, hrnet_w16, hrnet_tiny, mobilenetv2, mobilenetv2_tiny")
+
+
+def test_an_unknown_model_names_the_key_where_it_came_from_and_the_known_models(tmp_path):
+    assert error(BASE, overrides=["student.model=resnet50"]) == (
+        f"--set student.model=resnet50: student.model: unknown model 'resnet50'; known models: {KNOWN_MODELS}")
+    assert error(BASE, overrides=["teachers.senior.model=hrnet_w64"]) == (
+        f"--set teachers.senior.model=hrnet_w64: teachers.senior.model: unknown model 'hrnet_w64'; known models: "
+        f"{KNOWN_MODELS}, onnx, torchscript")
+    pipeline = write(tmp_path / "p.toml", '[teachers.primary]\nmodel = "hrnet-w32"\n')
+    with pytest.raises(OdkdError) as exc:
+        check_configured_models(load_config(pipeline))
+    assert str(exc.value) == (f"{pipeline}: teachers.primary.model: unknown model 'hrnet-w32'; known models: "
+                              f"{KNOWN_MODELS}, onnx, torchscript")
+
+
+def test_a_model_args_typo_names_the_key_where_it_came_from_and_the_arguments():
+    hrnet_args = "width, num_modules, num_blocks, layer1_blocks, layer1_planes, stem_channels"
+    assert error(BASE, overrides=["student.model_args.widht=4"]) == (
+        f"--set student.model_args.widht=4: student.model_args.widht: model 'hrnet_tiny' has no argument 'widht'; "
+        f"its model_args are: {hrnet_args}")
+    assert error(BASE + "[teachers.primary]\nmodel_args = { num_block = 1 }\n") == (
+        f"p.toml: teachers.primary.model_args.num_block: model 'hrnet_w32' has no argument 'num_block'; its "
+        f"model_args are: {hrnet_args}")
+    # a file's model_args that the model --set names does not take: the --set made them wrong
+    assert error(BASE, overrides=["student.model=mobilenetv2"]) == (
+        "--set student.model=mobilenetv2: student.model_args.width: model 'mobilenetv2' has no argument 'width'; "
+        "its model_args are: width_mult, last_channels, deconv_channels")
 
 
 def test_set_on_the_command_line(tmp_path):

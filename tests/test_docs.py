@@ -187,3 +187,48 @@ def test_anchors_name_headings(page):
         linked = (page.parent / file).resolve() if file else page
         if anchor and linked.suffix == ".md" and linked.is_file():
             assert anchor in anchors(linked), f"{page.relative_to(ROOT)}: {target}: no such heading"
+
+
+def _usages(command: tuple[str, ...]) -> list[str]:
+    """The usages docs/commands.md gives of `odkd COMMAND`: its rows of the command table together (evaluate
+    has one row per mode), then each synopsis (`odkd COMMAND [...`, continuation lines indented) of its
+    section on its own."""
+    text = (ROOT / "docs" / "commands.md").read_text()
+    name = " ".join(command)
+    rows = [cells[0].strip("`") for cells in map(_cells, text.splitlines())
+            if cells and re.fullmatch(rf"`odkd {re.escape(name)}( [^`]*)?`", cells[0])]
+    synopses = re.findall(rf"^odkd {re.escape(name)} \[.*(?:\n {{4,}}\[.*)*", text, flags=re.M)
+    return [usage.replace("\\|", "|") for usage in [" ".join(rows), *synopses]]
+
+
+def test_commands_md_gives_every_option_of_every_command_with_its_choices():
+    """train-student's synopsis lacked --variant, export's row --device and --config, and evaluate's row said
+    [--split val] where the option takes train|val|test|unlabeled."""
+    for path in cli_commands():
+        command = main
+        for name in path:
+            command = command.commands[name]
+        usages = _usages(path)
+        assert usages[0], f"docs/commands.md: no row of odkd {' '.join(path)} in the command table"
+        for usage in usages:
+            for param in command.params:
+                if not isinstance(param, click.Option) or param.name in ("verbose", "quiet", "overrides"):
+                    continue  # -v/-q and --set: documented once for every command
+                for option in (o for o in (*param.opts, *param.secondary_opts) if o.startswith("--")):
+                    assert re.search(rf"{re.escape(option)}(?![\w-])", usage), \
+                        f"docs/commands.md: odkd {' '.join(path)} lacks {option} in: {usage}"
+                if isinstance(param.type, click.Choice):
+                    choices = "|".join(param.type.choices)
+                    for shown in re.findall(rf"{re.escape(param.opts[-1])} ([\w|]+)", usage):
+                        assert shown == choices, (f"docs/commands.md: odkd {' '.join(path)} {param.opts[-1]} "
+                                                  f"{shown}, the option takes {choices}")
+
+
+def test_no_page_says_an_epoch_visits_every_labelled_instance_without_the_dropped_batch():
+    """The loader drops the last partial batch of each rank: where a page says an epoch holds every labelled
+    instance once, the same paragraph says so."""
+    for page in PAGES:
+        for paragraph in re.split(r"\n\s*\n", page.read_text()):
+            flat = " ".join(paragraph.split()).replace("**", "")
+            if re.search(r"(visits|holds) every labelled instance once", flat):
+                assert "partial batch" in flat, f"{page.relative_to(ROOT)}: {flat[:200]}"

@@ -1,6 +1,7 @@
 """Export as a user ships it: one heatmap output, dynamic batch, the same numbers as PyTorch."""
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -130,3 +131,54 @@ def test_an_official_checkpoint_needs_model(tmp_path):
     torch.save(build_model("hrnet_tiny").state_dict(), ckpt)
     line = one_line_error(run("export", "--checkpoint", ckpt, "--out", tmp_path / "student.pt"))
     assert "does not record its model; name it with --model" in line
+
+
+def test_an_exported_file_given_as_a_checkpoint_is_one_line_naming_the_key_that_takes_it(tmp_path):
+    """A TorchScript or ONNX file is a program, not weights: evaluate, predict and export say so in one line
+    and name the teacher key that runs such a file, with no torch warning and no advice about
+    torch.load's weights_only, which an odkd user cannot pass."""
+    scripted = tmp_path / "student.pt"
+    export_model(save_seg_model(tmp_path / "student.pth", "mobilenetv2_tiny"), scripted,
+                 input_size=(WIDTH, HEIGHT), config_input_size=(192, 256))
+    onnx_file = tmp_path / "student.onnx"
+    onnx_file.write_bytes(b"\x08\x08\x12\x07pytorch")  # what a protobuf ModelProto starts with
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text("[[0, 0, 10, 20]]")
+    for path, kind, teacher_model in ((scripted, "a TorchScript archive", "torchscript"),
+                                      (onnx_file, "an ONNX file", "onnx")):
+        expected = (f'Error: {path}: {kind} (e.g. from odkd export), not a checkpoint of weights; it runs as a '
+                    f'teacher: [teachers.ROLE] model = "{teacher_model}", checkpoint = that file '
+                    f'(docs/commands.md, Teachers from other frameworks)')
+        for args in (["evaluate", "--checkpoint", path, "--device", "cpu"],
+                     ["predict", tmp_path / "image.jpg", "--checkpoint", path, "--boxes", boxes,
+                      "--out", tmp_path / "out.png", "--device", "cpu"],
+                     ["export", "--checkpoint", path, "--out", tmp_path / "again.pt"]):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                line = one_line_error(run(*args))
+            assert line == expected, (args, line)
+            assert not [str(w.message) for w in caught if "torch" in str(w.message)], args
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "again.pt").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_export_runs_and_checks_the_model_on_the_device_asked_for(tmp_path, device):
+    ckpt = save_seg_model(tmp_path / "student.pth", "mobilenetv2_tiny")
+    out = tmp_path / "student.pt"
+    result = run("export", "--checkpoint", ckpt, "--out", out, "--input-size", WIDTH, HEIGHT, "--device", device)
+    if device == "cuda" and not torch.cuda.is_available():
+        assert one_line_error(result) == "Error: device 'cuda' requested but CUDA is not available"
+        assert not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    line = result.output.strip()
+    on = "" if device == "cpu" else " on cuda"
+    assert f"max |torch.jit.load - PyTorch{on}| = " in line
+    assert float(line.split("= ")[1].split()[0]) < 1e-4
+    # traced on the device: the file's weights are where the model ran
+    loaded = torch.jit.load(str(out))
+    assert {p.device.type for p in loaded.parameters()} == {device}
+    images = torch.randn(1, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        heatmaps = torch.jit.load(str(out), map_location="cpu")(images)
+    np.testing.assert_allclose(heatmaps.numpy(), pytorch_heatmaps(ckpt, images), rtol=0, atol=1e-4)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from odkd.config import DataConfig, parse_config
 from odkd.data.dataset import TopDownDataset
-from odkd.data.instances import DetectedPersons, PersonInstances, load_instances
+from odkd.data.instances import DetectedPersons, PersonInstances, UnlabeledPersons, load_instances
 from odkd.data.targets import gaussian_heatmaps
 from odkd.errors import OdkdError
 from odkd.store import TeacherTargets
@@ -221,3 +221,81 @@ def test_missing_image_is_a_failed_row_not_an_abort(world, tmp_path):  # noqa: F
     assert all(f["file"] == str(missing) and "image not found" in f["reason"] for f in failed)
     ok = targets.get_batch(np.arange(len(instances)))["meta/ok"]
     assert [i for i in range(len(instances)) if not ok[i]] == hit
+
+
+# A good box, then each kind of bad record a detections file can hold: a score that is a string, null or NaN,
+# an image_id that is a list, a box whose crop centre or scale is not finite, and a last good one.
+BAD_RECORDS = [
+    {"image_id": 1, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": 0.9},
+    {"image_id": 1, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": "0.9"},
+    {"image_id": 2, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": None},
+    {"image_id": 2, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": float("nan")},
+    {"image_id": [1, 2], "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": 0.9},
+    {"image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, float("inf"), 100.0], "score": 0.9},
+    {"image_id": 3, "category_id": 1, "bbox": [0.0, 0.0, 1e300, 1e300], "score": 0.9},
+    {"image_id": 3, "category_id": 2, "bbox": [20.0, 10.0, 36.0, 90.0], "score": None},  # not a person: not counted
+    {"image_id": 3, "category_id": 1, "bbox": [20.0, 10.0, 36.0, 90.0], "score": 0.8},
+]
+
+
+def bad_record_lines(path, noun: str) -> list[str]:
+    tail = "[data] strict = true makes this an error"
+    return [f"warning: {path}: skipped 3 {noun} with a 'score' that is not a finite number (detections [1, 2, 3]); "
+            f"{tail}",
+            f"warning: {path}: skipped 1 {noun} with an 'image_id' that is not an integer (detections [4]); {tail}",
+            f"warning: {path}: skipped 2 {noun} with a box too large or not finite for a crop (detections [5, 6]); "
+            f"{tail}"]
+
+
+def test_bad_detection_records_are_skipped_and_counted_per_kind(tiny_coco, tmp_path, caplog):
+    ann_file, image_dir = tiny_coco
+    coco = PersonInstances(ann_file, image_dir).coco
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(BAD_RECORDS))  # NaN and Infinity as Python's json writes them
+    caplog.clear()
+    kept = DetectedPersons(dets, coco, image_dir)
+    assert [(inst.image_id, inst.score) for inst in kept.instances] == [(1, 0.9), (3, 0.8)]
+    assert all(np.isfinite(inst.center).all() and np.isfinite(inst.scale).all() for inst in kept.instances)
+    assert odkd_log(caplog) == bad_record_lines(dets, "detection(s)")
+
+
+@pytest.mark.parametrize("first_bad, message", [
+    (1, "detection [1] 'score' \"0.9\" is not a finite number"),
+    (2, "detection [2] 'score' null is not a finite number"),
+    (3, "detection [3] 'score' NaN is not a finite number"),
+    (4, "detection [4] 'image_id' [1, 2] is not an integer"),
+    (5, "detection [5] 'bbox' [0.0, 0.0, Infinity, 100.0] is too large or not finite for a crop"),
+    (6, "detection [6] 'bbox' [0.0, 0.0, 1e+300, 1e+300] is too large or not finite for a crop"),
+])
+def test_strict_makes_a_bad_detection_record_one_error_line(tiny_coco, tmp_path, caplog, first_bad, message):
+    ann_file, image_dir = tiny_coco
+    coco = PersonInstances(ann_file, image_dir).coco
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(BAD_RECORDS[:1] + BAD_RECORDS[first_bad:]))
+    caplog.clear()
+    with pytest.raises(OdkdError) as exc:
+        DetectedPersons(dets, coco, image_dir, strict=True)
+    assert str(exc.value) == f"{dets}: {message.replace(f'[{first_bad}]', '[1]')} ([data] strict = true)"
+    assert odkd_log(caplog) == []
+
+
+def test_bad_unlabelled_boxes_are_skipped_and_counted_per_kind(tiny_coco, tmp_path, caplog):
+    """The tiny set's annotation file is an image-info file too (its 'images' list), its images unlabelled."""
+    ann_file, image_dir = tiny_coco
+    dets = tmp_path / "boxes.json"
+    dets.write_text(json.dumps(BAD_RECORDS))
+    caplog.clear()
+    persons = UnlabeledPersons(ann_file, dets, image_dir, min_score=0.5)
+    assert [(p.image_id, p.ann_id, p.score) for p in persons] == [(1, 0, 0.9), (3, 8, 0.8)]
+    assert list(persons.skipped) == ["with a 'score' that is not a finite number",
+                                     "with an 'image_id' that is not an integer",
+                                     "with a box too large or not finite for a crop"]
+    assert odkd_log(caplog) == bad_record_lines(dets, "box(es)")
+    with pytest.raises(OdkdError) as exc:
+        UnlabeledPersons(ann_file, dets, image_dir, strict=True)
+    assert str(exc.value) == f"{dets}: detection [1] 'score' \"0.9\" is not a finite number ([data] strict = true)"
+    dets.write_text(json.dumps(BAD_RECORDS[:1] + BAD_RECORDS[5:]))
+    with pytest.raises(OdkdError) as exc:
+        UnlabeledPersons(ann_file, dets, image_dir, strict=True)
+    assert str(exc.value) == (f"{dets}: detection [1] (image_id 2) is with a box too large or not finite for a "
+                              f"crop ([data] strict = true)")

@@ -3,6 +3,7 @@ recipe's student takes the ImageNet file it names, and the OCHuman recipe evalua
 
 import dataclasses
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -171,3 +172,62 @@ def test_the_demo_gt_only_student_trains_as_many_steps_as_the_odkd_one():
     odkd = load_config(ROOT / "pipeline" / "demo.toml").student
     gt = variant_student(load_config(ROOT / "pipeline" / "demo.toml", sets).student, "gt")
     assert gt.epochs == round(odkd.epochs / (1 - odkd.unlabeled_share))
+
+
+def readme_first_run() -> list[list[str]]:
+    """The odkd commands of the README's first run, as a user pastes them (continuations joined, comments cut)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## A first run in two minutes"):]
+    block = section.split("```sh\n")[2].split("```")[0]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            assert words[0] == "odkd", line
+            commands.append(words[1:])
+    return commands
+
+
+def test_the_readme_first_run_runs_as_written(tmp_path, monkeypatch):
+    """From a folder laid out as the repository root: synth, cache-teachers, train-student, evaluate,
+    predict and export, each exactly as the README gives it."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("pipeline", "zoo"):
+        (tmp_path / name).symlink_to(root / name)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_first_run()
+    assert [c[0] for c in commands] == ["synth", "cache-teachers", "train-student", "evaluate", "predict", "export"]
+    for args in commands:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert (tmp_path / "first.png").stat().st_size > 0 and (tmp_path / "student.onnx").stat().st_size > 0
+    log = [json.loads(line) for line in (tmp_path / "runs/first/student/log.jsonl").read_text().splitlines()]
+    assert [entry["stage"] for entry in log] == ["primary", "senior"]
+
+
+def test_the_unlabeled_coco_pipeline_resolves_where_the_doc_saves_it_and_trains_into_its_own_runs(tmp_path):
+    """docs/unlabeled.md's COCO pipeline extended coco_hrnet_w16.toml without saying where to put it, and
+    inherited runs = "runs/coco": its train-student met the labelled student's runs/coco/student."""
+    section = (ROOT / "docs" / "unlabeled.md").read_text().split("## COCO: `unlabeled2017`")[1]
+    pipeline = section.split("```toml\n")[1].split("```")[0]
+    where = re.search(r"Save this pipeline as `(pipeline/[\w.]+\.toml)`", section).group(1)
+    commands = section.split("```sh\n")[1].split("```")[0]
+    assert commands.startswith(f"P={where}\n") and commands.count("--config $P") == 4
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline")
+    (tmp_path / where).write_text(pipeline)
+    cfg, labelled = load_config(tmp_path / where), load_config(ROOT / "pipeline" / "coco_hrnet_w16.toml")
+    assert Path(cfg.runs) / "student" != Path(labelled.runs) / "student"
+    assert "runs/coco_unlabeled/student/best.pth" in commands
+    assert cfg.student.unlabeled_cache == cfg.cache.unlabeled_store != cfg.cache.store
+    # the teachers stay the labelled recipe's files, so both stores come from the same teachers
+    assert cfg.teachers == labelled.teachers and cfg.student.cache == labelled.student.cache
+
+
+def test_the_coco_toml_header_points_at_the_readme_block_instead_of_a_command_list_of_its_own():
+    header = [line for line in (ROOT / "pipeline" / "coco_hrnet_w16.toml").read_text().splitlines()
+              if line.startswith("#")]
+    assert not [line for line in header if re.match(r"#\s+(odkd|torchrun)\s", line)], "a second list to keep in step"
+    assert any('README.md, section "Your own data: COCO"' in line for line in header)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("\n## Your own data: COCO")[1].split("```sh\n")[1].split("```")[0]
+    assert "P=pipeline/coco_hrnet_w16.toml" in block and "torchrun --standalone" in block

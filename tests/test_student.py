@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -424,6 +425,89 @@ def test_two_process_ddp_keeps_the_ranks_in_sync(world, tmp_path):
     assert [r["ranks_in_sync"] for r in log] == [True, True, True]
     # 16 instances, 2 ranks of 8, batch 4: two steps a rank, and every instance seen once an epoch
     assert read_checkpoint(base / "ddp" / "last.pth").extra["epoch"] == 3
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node NPROC ARGS...`: real processes, gloo, one torch thread each."""
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc),
+               *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("how", ["store", "config"])
+def test_under_torchrun_an_error_is_one_line_from_rank_0_and_every_rank_exits_with_its_code(world, tmp_path, how):
+    """A check that fails on every rank (a store that is not there; a --set key that does not exist, which
+    the CLI meets before train_student does) is printed once, by rank 0, every rank exits 1 (none killed
+    by torchrun's SIGTERM), and torchrun's own failure summary names the line as the root cause."""
+    config = tmp_path / "p.toml"
+    config.write_text(student_toml(world))
+    missing = tmp_path / "nowhere.zarr"
+    args, expected = {
+        "store": (["--cache", missing], f"Error: {missing}: no teacher-target store there"),
+        "config": (["--set", "data.sigmaa=2"], "Error: --set data.sigmaa=2: unknown key 'data.sigmaa'"),
+    }[how]
+    proc = torchrun("-m", "odkd", "train-student", "--config", config, "--out", tmp_path / "run", *args)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), output[-3000:]
+    assert sorted(re.findall(r"^\s+exitcode\s+: (-?\d+)", output, flags=re.M)) == ["1", "1"], output[-3000:]
+    assert re.search(rf"^\s+traceback\s+: {re.escape(errors[0])}$", output, flags=re.M), output[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+AGREE_PROBE = """
+import json
+import torch
+from odkd.errors import OdkdError
+from odkd.train.distributed import agree_on_checks, launched_ranks, start_ranks, stop_ranks, sum_over_ranks
+ranks = launched_ranks()
+# a first run whose checks pass on every rank: the group starts on the agreed store and counts add up
+ranks, _ = start_ranks(torch.device("cpu"), agree_on_checks(ranks, None))
+summed = sum_over_ranks({"n_labeled": 6.0 + ranks.rank, "n_unlabeled": 2.0}, ranks)
+stop_ranks(ranks)
+# a second run in the same processes whose checks fail on rank 1 alone
+try:
+    agree_on_checks(ranks, OdkdError("nowhere.zarr: no teacher-target store there") if ranks.rank == 1 else None)
+    raised = None
+except OdkdError as exc:
+    raised = {"type": type(exc).__name__, "message": str(exc), "shown_here": exc.shown_here}
+print(json.dumps({"rank": ranks.rank, "summed": summed, "raised": raised}))
+"""
+
+
+def test_a_check_failed_on_one_rank_stops_every_rank_with_its_line_shown_by_rank_0(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(AGREE_PROBE)
+    proc = torchrun(probe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["summed"] for r in results] == [{"n_labeled": 13.0, "n_unlabeled": 4.0}] * 2
+    message = "rank 1: nowhere.zarr: no teacher-target store there"
+    assert [r["raised"] for r in results] == [
+        {"type": "FailedOnARank", "message": message, "shown_here": True},
+        {"type": "FailedOnARank", "message": message, "shown_here": False},
+    ]
+
+
+def test_an_existing_run_is_refused_before_the_local_copy_is_made(world, tmp_path, monkeypatch):
+    """docs/unlabeled.md: every check comes before anything is written; the run folder is one of them."""
+    copies = tmp_path / "copies"
+    monkeypatch.setenv("ODKD_LOCAL_COPIES", str(copies))
+    config = tmp_path / "p.toml"
+    config.write_text(student_toml(world))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"an earlier run")
+    code, out = run_cli("train-student", "--config", str(config), "--out", str(run))
+    assert code == 1 and out.strip() == (f"Error: {run / 'last.pth'}: a run already exists here; "
+                                         "pass --resume to continue it or choose another --out"), out
+    assert not copies.exists()
+    code, out = run_cli("train-student", "--config", str(config), "--out", str(tmp_path / "new"), "--resume")
+    assert code == 1 and out.strip() == f"Error: {tmp_path / 'new' / 'last.pth'}: nothing to resume", out
+    assert not copies.exists()
 
 
 def test_every_checkpoint_records_the_store_it_learned_from_as_cache_info_shows_it(world, tmp_path):

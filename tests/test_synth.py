@@ -538,3 +538,62 @@ def test_the_imitated_detector_misses_loosens_and_doubts_small_occluded_people_m
     assert 0.8 < len(background) / runs < 1.1  # FALSE_POSITIVES_PER_IMAGE 1
     background = np.array(background)
     assert np.median(background) < 0.3 and 0.01 < (background >= 0.5).mean() < 0.15
+
+
+def synth_files(root) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_synth_refuses_a_folder_with_a_dataset_and_force_replaces_it_whole(tmp_path):
+    """A second synth into a folder once wrote part of it again and left the rest: another seed's test and
+    unlabelled files, images of the larger split. Now it is refused, and --force clears synth's files first."""
+    out = tmp_path / "d"
+    first = ["synth", str(out), "--train-images", "3", "--val-images", "1", "--test-images", "1",
+             "--unlabeled-images", "2", "--seed", "4"]
+    assert CliRunner().invoke(main, first).exit_code == 0
+    (out / "NOTES.md").write_text("mine")  # a file of the user's, beside the dataset
+    before = synth_files(out)
+
+    second = ["synth", str(out), "--train-images", "1", "--val-images", "1", "--seed", "5"]
+    res = CliRunner().invoke(main, second)
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: {out}: already holds a dataset (images/, annotations/, person_detections_unlabeled.json); "
+        f"odkd synth --force replaces it, or give an empty folder"]
+    assert synth_files(out) == before, "a refused synth writes nothing"
+
+    res = CliRunner().invoke(main, [*second, "--force"])
+    assert res.exit_code == 0, res.output
+    fresh = tmp_path / "fresh"
+    make_synthetic_dataset(fresh, train_images=1, val_images=1, seed=5)
+    assert synth_files(out) == {**synth_files(fresh), "NOTES.md": b"mine"}, "the new dataset, and the user's file"
+
+
+@pytest.mark.parametrize("stranger, named", [
+    ("images/val2017/000000000139.jpg", "images/val2017"),
+    ("images/train/notes.txt", "images/train/notes.txt"),
+    ("annotations/instances_val.json", "annotations/instances_val.json"),
+    ("annotations/person_keypoints_val.json", "annotations/person_keypoints_val.json"),  # COCO's, by its header
+])
+def test_force_replaces_only_what_synth_wrote(tmp_path, stranger, named):
+    """Real COCO files in synth's layout, or anything else in images/ and annotations/, are never removed."""
+    out = tmp_path / "d"
+    make_synthetic_dataset(out, train_images=1, val_images=1, seed=0)
+    (out / stranger).parent.mkdir(parents=True, exist_ok=True)
+    (out / stranger).write_text('{"info": {"description": "COCO 2017 Dataset"}}')
+    before = synth_files(out)
+    res = CliRunner().invoke(main, ["synth", str(out), "--train-images", "1", "--val-images", "1", "--force"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: {out / named}: not written by odkd synth; --force replaces only a dataset that odkd synth wrote, "
+        f"so move it away or give another folder"]
+    assert synth_files(out) == before
+
+
+def test_synth_into_an_empty_or_unrelated_folder_needs_no_force(tmp_path):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README").write_text("x")
+    for out in (tmp_path / "empty", tmp_path / "other"):
+        res = CliRunner().invoke(main, ["synth", str(out), "--train-images", "1", "--val-images", "1"])
+        assert res.exit_code == 0, res.output

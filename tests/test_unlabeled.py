@@ -30,7 +30,7 @@ from odkd.store.reader import TeacherTargets
 from odkd.synth.dataset import UNLABELED_DETECTIONS, UNLABELED_IMAGE_INFO, UNLABELED_TRUE_ANNOTATIONS
 from odkd.teachers import build_cache
 from test_ablate import ONE_PLUS_ONE
-from test_student import read_log, student_toml
+from test_student import read_log, student_toml, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 UNLABELED_IMAGES = 4  # 6 boxes scored 0.5 or more at seed 0
@@ -65,7 +65,7 @@ def world(tmp_path_factory):
     base = make_tiny_world(tmp_path_factory.mktemp("unlabeled"), val_images=2)
     train_ann = (base / "data" / "annotations" / "person_keypoints_train.json").read_bytes()
     outputs = {"synth": run_cli("synth", base / "data", "--train-images", 6, "--val-images", 2,
-                                "--unlabeled-images", UNLABELED_IMAGES, "--seed", 0)}
+                                "--unlabeled-images", UNLABELED_IMAGES, "--seed", 0, "--force")}
     # the tiny world's labelled splits stay its bytes, so its teachers and store fingerprint still hold
     assert (base / "data" / "annotations" / "person_keypoints_train.json").read_bytes() == train_ann
     config = base / "unlabeled.toml"
@@ -347,3 +347,32 @@ def test_ablation_runs_the_unlabeled_variant_beside_gt(world, tmp_path):
     assert provenance["orderly+unlabeled"]["unlabeled_store"]["url"] == store
     assert [json.loads(line)["stage"] for line in (out / "orderly+unlabeled" / "seed0" / "log.jsonl").open()] \
         == ["primary", "senior"]
+
+
+def test_under_torchrun_the_epoch_counts_are_the_whole_runs_summed_over_the_ranks(world, tmp_path):
+    """Real gloo, 2 processes: n_labeled and n_unlabeled of each epoch line were rank 0's share alone, half of
+    what the start line counts; they are every rank's whole batches, summed."""
+    base, _ = world
+    run = tmp_path / "ddp"
+    proc = torchrun("-m", "odkd", "train-student", "--config", base / "unlabeled.toml", "--out", run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = parse_config(unlabeled_toml(base))
+    labeled, unlabeled = len(load_instances(cfg.data, "train")), len(load_instances(cfg.data, "unlabeled"))
+    batch = cfg.student.train.batch_size
+    expected = []
+    for epoch in range(cfg.student.epochs):
+        counts = [0, 0]
+        for rank in range(2):
+            sampler = MixedEpochSampler(labeled, unlabeled, SHARE, seed=cfg.student.train.seed, rank=rank,
+                                        world_size=2)
+            sampler.set_epoch(epoch)
+            taken = [i for _, i in sampler][: len(sampler) // batch * batch]  # each rank's whole batches
+            counts[0] += sum(i < labeled for i in taken)
+            counts[1] += sum(i >= labeled for i in taken)
+        expected.append(tuple(counts))
+    log = read_log(run)
+    assert [(r["n_labeled"], r["n_unlabeled"]) for r in log] == expected
+    assert all(r["ranks_in_sync"] for r in log)
+    assert sum(expected[0]) == 16  # 21 samples an epoch: 11 and 10 a rank, two batches of 4 each
+    started = f"{labeled} labelled instances and 5 of the {unlabeled} unlabelled ones an epoch"
+    assert started in proc.stderr

@@ -130,6 +130,7 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
         raise OdkdError(f"{cfg.source}: no [student] section; the ablation varies its stages")
     if seeds < 1:
         raise OdkdError(f"--seeds: at least one seed, got {seeds}")
+    dev = resolve_device(device or cfg.device)  # an unknown device or a missing GPU, before a store is opened
     names = list(dict.fromkeys(variants or VARIANTS))
     for name in names:
         if name not in VARIANTS:
@@ -172,7 +173,6 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
         if student.unlabeled_cache:
             check_store_fits(unlabeled_targets, run_cfg, plan, len(unlabeled), split="unlabeled")
     evaluated = load_instances(cfg.data, split)
-    dev = resolve_device(device or cfg.device)
     evaluator = ModelEvaluator(evaluated, cfg.data, cfg.eval, evaluated.coco, device=dev, with_mask=False,
                                workers=cfg.student.train.workers)
 

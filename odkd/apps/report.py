@@ -1,5 +1,6 @@
 """`odkd report`: one markdown page for a run folder. Every model's COCO AP, size and CPU speed in
-one table, the students' training curves, and their keypoints next to the teachers' on val crops."""
+one table, the students' training curves, and their keypoints next to the teachers' on crops of the
+split it scores (val or test)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from odkd.config import DEMO_CONFIG
+from odkd.config import DEMO_CONFIG, resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import load_instances
 from odkd.data.transforms import affine_transform
@@ -234,6 +235,7 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     """Write OUT/report.md (OUT: the config's runs folder by default) with curves.png and crops.png
     next to it; return the report's path and its table of models (markdown lines). A default row
     without a checkpoint becomes a note line."""
+    resolve_device(device or cfg.device)  # an unknown device or a missing GPU before anything is written
     runs = dict(runs or {})
     out = Path(out_dir or cfg.runs)
     rows, notes = report_rows(cfg, runs)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,29 +216,77 @@ def _read_json(path: Path, what: str):
         raise OdkdError(f"{path}: not valid JSON ({exc})") from None
 
 
-def read_detections(det_file: Path, min_score: float) -> list[tuple[int, dict]]:
+# the kinds of detection record skipped before any image is looked at, in the order they are checked
+BAD_SCORE = "with a 'score' that is not a finite number"
+BAD_IMAGE_ID = "with an 'image_id' that is not an integer"
+# a box whose crop centre or scale is not a finite float32 (inf, NaN, or a size like 1e300 that overflows)
+BAD_BOX = "with a box too large or not finite for a crop"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record_problem(det: dict) -> tuple[str, str]:
+    """(kind, what is wrong) for a detection whose score or image_id cannot be used; ("", "") when both can."""
+    score, image_id = det["score"], det["image_id"]
+    if not (_is_number(score) and math.isfinite(score)):
+        return BAD_SCORE, f"'score' {json.dumps(score)} is not a finite number"
+    if not (_is_number(image_id) and float(image_id).is_integer()):
+        return BAD_IMAGE_ID, f"'image_id' {json.dumps(image_id)} is not an integer"
+    return "", ""
+
+
+def _crop_of(bbox, aspect_ratio: float):
+    """The box's (center, scale), or None when either is not finite (HRNet's _box2cs would give inf or NaN)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        center, scale = box_to_center_scale(bbox, aspect_ratio)
+    if not (np.isfinite(center).all() and np.isfinite(scale).all()):
+        return None
+    return center, scale
+
+
+def read_detections(det_file: Path, min_score: float, strict: bool = False
+                    ) -> tuple[list[tuple[int, dict]], dict[str, list[int]]]:
     """The person boxes of a COCO detections JSON ([{image_id, category_id, bbox, score}]) as (position in
     the file, record): category 1 only, score at least `min_score`, as the official HRNet code filters
-    them (image_thre)."""
+    them (image_thre). A person record whose score is not a finite number or whose image_id is not an
+    integer is skipped; the second value lists the skipped positions by kind (BAD_SCORE, BAD_IMAGE_ID).
+    With `strict` the first one is an error."""
     dets = _read_json(det_file, "detections file")
     if not isinstance(dets, list):
         raise OdkdError(f"{det_file}: must be a list of detections")
     kept = []
+    skipped: dict[str, list[int]] = {BAD_SCORE: [], BAD_IMAGE_ID: []}
     for i, det in enumerate(dets):
         if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
             raise OdkdError(f"{det_file}: detection [{i}] needs image_id, bbox and score")
         bbox = det["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise OdkdError(f"{det_file}: detection [{i}] 'bbox' must be [x, y, w, h]")
-        if det.get("category_id", 1) == 1 and det["score"] >= min_score:
+        if det.get("category_id", 1) != 1:
+            continue
+        kind, problem = _record_problem(det)
+        if kind:
+            if strict:
+                raise OdkdError(f"{det_file}: detection [{i}] {problem} ([data] strict = true)")
+            skipped[kind].append(i)
+        elif det["score"] >= min_score:
             kept.append((i, det))
-    return kept
+    return kept, skipped
 
 
-def _detected_instance(index: int, det: dict, img: dict, aspect_ratio: float, ann_id: int = -1) -> Instance:
-    """A detector's box as a crop, by the rule ground-truth boxes follow; no box cleaning (HRNet's _box2cs)."""
+def _skipped_lines(det_file: Path, noun: str, skipped: dict[str, list[int]]) -> list[str]:
+    """One warning line per kind of skipped detection: how many, and the first few positions in the file."""
+    return [f"warning: {det_file}: skipped {len(positions)} {noun} {why} (detections [{_first_ids(positions)}]); "
+            f"[data] strict = true makes this an error" for why, positions in skipped.items() if positions]
+
+
+def _detected_instance(index: int, det: dict, img: dict, crop, ann_id: int = -1) -> Instance:
+    """A detector's box as a crop, by the rule ground-truth boxes follow; no box cleaning (HRNet's _box2cs).
+    `crop` is the box's (center, scale) from _crop_of."""
     bbox = tuple(float(v) for v in det["bbox"])
-    center, scale = box_to_center_scale(bbox, aspect_ratio)
+    center, scale = crop
     return Instance(index=index, image_id=int(det["image_id"]), ann_id=ann_id, file_name=img["file_name"],
                     image_width=int(img["width"]), image_height=int(img["height"]), bbox=bbox, center=center,
                     scale=scale, joints=np.zeros((NUM_JOINTS, 3), np.float32), area=bbox[2] * bbox[3],
@@ -248,9 +297,10 @@ class DetectedPersons(_InstanceList):
     """Person crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
 
     Follows the official HRNet detection path: only category 1, boxes scored at least `score_thr`, no
-    box cleaning, the same center/scale rule as ground-truth boxes. Boxes on images the annotations do
-    not have (a full val2017 detections file on a val subset) are skipped and counted in one logged
-    warning; with `strict` the first is an error.
+    box cleaning, the same center/scale rule as ground-truth boxes. Records whose score is not a finite
+    number or whose image_id is not an integer, boxes too large or not finite for a crop, and boxes on
+    images the annotations do not have (a full val2017 detections file on a val subset) are skipped and
+    counted in one logged warning per kind; with `strict` the first is an error.
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
@@ -260,7 +310,9 @@ class DetectedPersons(_InstanceList):
         self.coco = coco
         self.instances: list[Instance] = []
         unknown_image_ids: list[int] = []
-        for i, det in read_detections(self.det_file, score_thr):
+        kept, skipped = read_detections(self.det_file, score_thr, strict)
+        skipped[BAD_BOX] = []
+        for i, det in kept:
             img = coco.imgs.get(det["image_id"])
             if img is None:
                 if strict:
@@ -268,7 +320,16 @@ class DetectedPersons(_InstanceList):
                                     f"annotations ([data] strict = true)")
                 unknown_image_ids.append(det["image_id"])
                 continue
-            self.instances.append(_detected_instance(len(self.instances), det, img, aspect_ratio))
+            crop = _crop_of(det["bbox"], aspect_ratio)
+            if crop is None:
+                if strict:
+                    raise OdkdError(f"{self.det_file}: detection [{i}] 'bbox' {json.dumps(det['bbox'])} is too "
+                                    f"large or not finite for a crop ([data] strict = true)")
+                skipped[BAD_BOX].append(i)
+                continue
+            self.instances.append(_detected_instance(len(self.instances), det, img, crop))
+        for line in _skipped_lines(self.det_file, "detection(s)", skipped):
+            log.warning(line)
         if unknown_image_ids:
             images = list(dict.fromkeys(unknown_image_ids))
             log.warning(f"warning: {self.det_file}: skipped {len(unknown_image_ids)} detection(s) on {len(images)} "
@@ -293,10 +354,11 @@ class UnlabeledPersons(_InstanceList):
     """The people of images nobody labelled, as a detector boxed them: what the teachers label for the student.
 
     Each box of the detections file scored at least `min_score` becomes a crop the way the official
-    val protocol turns detections into crops (category 1, HRNet's _box2cs, no cleaning). A box on an
-    image id the image-info file lacks, a box with no area or wholly outside its image, and a box on an
-    image whose file is missing are skipped and counted in one logged warning per kind; with `strict`
-    the first is an error. `ann_id` is the box's position in the detections file, so a stored row leads
+    val protocol turns detections into crops (category 1, HRNet's _box2cs, no cleaning). A record whose
+    score is not a finite number or whose image_id is not an integer, a box on an image id the
+    image-info file lacks, a box with no area or wholly outside its image, a box too large or not finite
+    for a crop (inf, NaN, 1e300), and a box on an image whose file is missing are skipped and counted in
+    one logged warning per kind; with `strict` the first is an error. `ann_id` is the box's position in the detections file, so a stored row leads
     back to its record. The order is the image id, then that position; the fingerprint covers the
     images and the boxes with their scores.
     """
@@ -308,32 +370,35 @@ class UnlabeledPersons(_InstanceList):
             raise not_found(self.image_dir, "image folder")
         self.aspect_ratio, self.min_score = aspect_ratio, min_score
         images = read_image_info(self.image_info)
-        skipped: dict[str, list[int]] = {"not in the image-info file": [], "with no area or outside the image": [],
-                                         "on a missing image file": []}
+        records, skipped = read_detections(self.boxes, min_score, strict)
+        skipped.update({"not in the image-info file": [], "with no area or outside the image": [],
+                        BAD_BOX: [], "on a missing image file": []})
         present: dict[int, bool] = {}
         kept = []
-        for i, det in read_detections(self.boxes, min_score):
+        for i, det in records:
             img = images.get(det["image_id"])
+            crop = None
             if img is None:
                 why = "not in the image-info file"
             elif not _overlaps_image(det["bbox"], img["width"], img["height"]):
                 why = "with no area or outside the image"
+            elif (crop := _crop_of(det["bbox"], aspect_ratio)) is None:
+                why = BAD_BOX
             elif not present.setdefault(img["id"], (self.image_dir / img["file_name"]).is_file()):
                 why = "on a missing image file"
             else:
-                kept.append((int(img["id"]), i, det, img))
+                kept.append((int(img["id"]), i, det, img, crop))
                 continue
             if strict:
                 raise OdkdError(f"{self.boxes}: detection [{i}] (image_id {det['image_id']}) is {why} "
                                 f"([data] strict = true)")
             skipped[why].append(i)
         self.skipped = {why: positions for why, positions in skipped.items() if positions}
-        for why, positions in self.skipped.items():
-            log.warning(f"warning: {self.boxes}: skipped {len(positions)} box(es) {why} (detections "
-                        f"[{_first_ids(positions)}]); [data] strict = true makes this an error")
+        for line in _skipped_lines(self.boxes, "box(es)", self.skipped):
+            log.warning(line)
         kept.sort(key=lambda item: item[:2])
-        self.instances = [_detected_instance(n, det, img, aspect_ratio, ann_id=i)
-                          for n, (_, i, det, img) in enumerate(kept)]
+        self.instances = [_detected_instance(n, det, img, crop, ann_id=i)
+                          for n, (_, i, det, img, crop) in enumerate(kept)]
         log.debug(f"{self.boxes}: {len(self.instances)} person box(es) on {len(images)} unlabelled image(s)")
         self.fingerprint = self._fingerprint()
 

@@ -72,9 +72,21 @@ def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_t
     return keypoints, union >= 0.5
 
 
+def check_picture_name(out_path) -> None:
+    """The picture's format is its extension, as OpenCV writes it: .png (lossless), .jpg, .bmp, .tif, .webp
+    ...; a name OpenCV has no writer for is one line, before any work."""
+    if not cv2.haveImageWriter(str(out_path)):
+        suffix = Path(out_path).suffix
+        raise OdkdError(f"{out_path}: OpenCV writes no image format named {suffix or '(no extension)'!r}; "
+                        "name the picture .png (lossless) or .jpg, or another extension OpenCV writes "
+                        "(.bmp, .tif, .webp)")
+
+
 def predict_to_png(model, image_path, boxes, input_size, out_path, *, device, flip_test=True,
                    min_score: float = 0.2, decode: str = "argmax", sigma: float = 2.0) -> np.ndarray:
-    """Draw every person's skeleton (and the mask) over the image, write out_path; return the keypoints."""
+    """Draw every person's skeleton (and the mask) over the image, write out_path (in the format of its
+    extension, check_picture_name); return the keypoints."""
+    check_picture_name(out_path)
     image = read_image(image_path)
     keypoints, mask = predict_image(model, image, boxes, input_size, device=device, flip_test=flip_test,
                                     decode=decode, sigma=sigma)

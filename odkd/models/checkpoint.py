@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,37 @@ def _top_level_names(keys: list[str]) -> str:
     return ", ".join(dict.fromkeys(k.split(".")[0] for k in keys))
 
 
+TORCHSCRIPT_TEACHER_HINT = 'it runs as a teacher: [teachers.ROLE] model = "torchscript", checkpoint = that file'
+ONNX_TEACHER_HINT = 'it runs as a teacher: [teachers.ROLE] model = "onnx", checkpoint = that file'
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """A torch.jit.save file: a zip whose one top folder holds constants.pkl (torch's own test)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _refuse_exported_model(path: Path) -> None:
+    """A TorchScript or ONNX file (what `odkd export` writes) holds a program, not weights to load into a
+    model: one line saying what it is and which key takes it, before torch.load warns and advises
+    weights_only=False."""
+    if _is_torchscript_archive(path):
+        raise OdkdError(f"{path}: a TorchScript archive (e.g. from odkd export), not a checkpoint of weights; "
+                        f"{TORCHSCRIPT_TEACHER_HINT} (docs/commands.md, Teachers from other frameworks)")
+    if path.suffix.lower() == ".onnx":
+        raise OdkdError(f"{path}: an ONNX file (e.g. from odkd export), not a checkpoint of weights; "
+                        f"{ONNX_TEACHER_HINT} (docs/commands.md, Teachers from other frameworks)")
+
+
 def _torch_load(path: Path):
     if not path.is_file():
         raise not_found(path, "checkpoint file")
+    _refuse_exported_model(path)
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)

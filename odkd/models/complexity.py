@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from odkd.config import key_origin
+from odkd.errors import OdkdError
 from odkd.models.registry import EXTERNAL_KINDS, MODELS, build_model
 
 
@@ -52,8 +54,14 @@ def configured_models(cfg) -> list[dict]:
     TorchScript teacher's params and gflops are None: its file fixes them."""
     rows = []
     for role, mcfg in (("primary", cfg.teachers.primary), ("senior", cfg.teachers.senior), ("student", cfg.student)):
-        params, gflops = (None, None) if mcfg.model in EXTERNAL_KINDS else _meta_complexity(
-            mcfg.model, cfg.data.input_size, mcfg.seg_head, **mcfg.model_args)
+        key = "student" if role == "student" else f"teachers.{role}"
+        try:
+            params, gflops = (None, None) if mcfg.model in EXTERNAL_KINDS else _meta_complexity(
+                mcfg.model, cfg.data.input_size, mcfg.seg_head, **mcfg.model_args)
+        except (OdkdError, RuntimeError) as exc:  # a value the model cannot take (a negative width, say)
+            where = key_origin(cfg.source, cfg.overrides, f"{key}.model_args", f"{key}.model")
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OdkdError(f"{where}: {key}.model_args: {message}") from None
         rows.append({"role": role, "name": mcfg.model, "model_args": dict(mcfg.model_args), "params": params,
                      "gflops": gflops})
     return rows

@@ -55,3 +55,17 @@ def predict_batch(model: torch.nn.Module, images: torch.Tensor, *, flip_test: bo
             mask = (mask + flip_back(torch.sigmoid(flipped[1].float()), keypoint_channels=False,
                                      shift=shift_heatmap)) * 0.5
     return heatmaps, mask
+
+
+@contextlib.contextmanager
+def cuda_tf32(allowed: bool):
+    """CUDA's TF32 switches for matmuls and cuDNN convolutions, restored afterwards (they are process-wide).
+
+    cuDNN allows TF32 by default, so fp32 must switch it off to be IEEE float32; CPUs have no TF32.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

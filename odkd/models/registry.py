@@ -8,6 +8,7 @@ from functools import partial
 
 from torch import nn
 
+from odkd.config import key_origin
 from odkd.errors import OdkdError
 from odkd.models.hrnet import PoseHighResolutionNet
 from odkd.models.mobilenetv2 import PoseMobileNetV2
@@ -52,5 +53,32 @@ def build_model(name: str, num_joints: int = 17, seg_head: bool = False, **overr
         raise OdkdError(f"model {name!r} has no argument {unknown[0]!r}; its model_args are: {', '.join(allowed)}")
     try:
         return MODELS[name](num_joints, seg_head, **overrides)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refuses a layer (a negative width)
         raise OdkdError(f"model {name!r} with model_args {overrides}: {e}") from None
+
+
+# the roles whose [section] names a model, and whether a file (onnx, torchscript) may stand in for it
+_MODEL_ROLES = (("teachers.primary", True), ("teachers.senior", True), ("teachers.init", True), ("student", False))
+
+
+def check_configured_models(cfg) -> None:
+    """Every model a pipeline names is a registered one (or a file kind, for a teacher), and every model_args
+    key one it takes; else one line naming the key and where its value came from (the file or a --set).
+    The CLI checks every pipeline it loads with it, before anything runs."""
+    origin = partial(key_origin, cfg.source, cfg.overrides)
+    for role, files_too in _MODEL_ROLES:
+        section = cfg
+        for part in role.split("."):
+            section = getattr(section, part)
+        known = [*MODELS, *(EXTERNAL_KINDS if files_too else ())]
+        if section.model not in known:
+            raise OdkdError(f"{origin(f'{role}.model')}: {role}.model: unknown model {section.model!r}; known "
+                            f"models: {', '.join(known)}")
+        if section.model in EXTERNAL_KINDS:
+            continue
+        allowed = override_keys(section.model)
+        for key in section.model_args:
+            if key not in allowed:
+                raise OdkdError(f"{origin(f'{role}.model_args.{key}', f'{role}.model')}: {role}.model_args.{key}: "
+                                f"model {section.model!r} has no argument {key!r}; its model_args are: "
+                                f"{', '.join(allowed)}")

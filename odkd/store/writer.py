@@ -31,6 +31,12 @@ from odkd.store.store import (
 )
 
 WORKER_START_TIMEOUT = "120s"  # a local worker that has not joined by then did not start
+# distributed's loggers in each local worker process, raised to these levels once the worker starts to close.
+# A heartbeat still in flight when the worker closes its connections ends in "Failed to communicate with
+# scheduler during heartbeat ... CommClosedError: Stream is closed" (distributed.worker, ERROR, with a
+# traceback), or when it starts just after, "ConnectionPool is closed" (re-raised into tornado.application):
+# races inside distributed's shutdown, after every result is in, that lose nothing.
+QUIET_AT_SHUTDOWN = {"distributed.worker": logging.CRITICAL, "tornado.application": logging.CRITICAL}
 
 
 @dataclass
@@ -200,6 +206,20 @@ def write_shard(url: str, layout: StoreLayout, shard: int, produce: Producer, di
     return marker
 
 
+def _quiet_worker_shutdown():
+    """A worker plugin whose teardown, which a worker's close runs before it closes its connections, applies
+    QUIET_AT_SHUTDOWN. Built here, not at import, so that importing this module imports no dask (the student
+    trainer reads stores through it)."""
+    from distributed import WorkerPlugin
+
+    class QuietWorkerShutdown(WorkerPlugin):
+        def teardown(self, worker):
+            for name, level in QUIET_AT_SHUTDOWN.items():
+                logging.getLogger(name).setLevel(level)
+
+    return QuietWorkerShutdown()
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None, workers: int, worker_envs: list[dict] | None = None):
     """A client on `scheduler`, or on a LocalCluster of `workers` processes of one thread each.
@@ -229,7 +249,11 @@ def dask_client(scheduler: str | None, workers: int, worker_envs: list[dict] | N
         cluster.worker_spec.update({i: {"cls": spec["cls"], "options": {**spec["options"], "env": env}}
                                     for i, env in enumerate(envs)})
         cluster.scale(len(envs))
+        # shut down in an order that cannot race: the client first (this `with`), then the cluster, whose
+        # close retires and closes the workers (scale(0)) before it terminates the scheduler; what the
+        # workers' own shutdown still says (a last heartbeat) is QUIET_AT_SHUTDOWN's
         with Client(cluster) as client:
+            client.register_plugin(_quiet_worker_shutdown(), name="odkd-quiet-shutdown")
             client.wait_for_workers(len(envs), timeout=WORKER_START_TIMEOUT)
             yield client
 

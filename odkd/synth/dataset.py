@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,14 @@ JPEG_QUALITY = 90
 UNLABELED_IMAGE_INFO = "annotations/image_info_unlabeled.json"
 UNLABELED_DETECTIONS = "person_detections_unlabeled.json"
 UNLABELED_TRUE_ANNOTATIONS = "annotations/person_keypoints_unlabeled_true.json"
+# what a previous run left in OUT_DIR, all that odkd synth --force clears: images/<split>/<12-digit id>.jpg,
+# these annotation files (and a .tmp of one, from an interrupted write), and the detections file
+SYNTH_ANNOTATIONS = (*(f"annotations/person_keypoints_{split}.json" for split in SPLITS[:3]), UNLABELED_IMAGE_INFO,
+                     UNLABELED_TRUE_ANNOTATIONS)
+_SYNTH_IMAGE = re.compile(r"[0-9]{12}\.jpg")
+# how every JSON file synth writes begins (compact, info first): a file that does not is someone else's
+_SYNTH_JSON_STARTS = {"annotations": b'{"info":{"description":"odkd synthetic', "detections": (b'[{"image_id":', b"[]")}
+EXISTING = ("write_over", "refuse", "replace")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ def make_synthetic_dataset(
     label_noise: float = 0.0,
     missing_labels: float = 0.0,
     unlabeled_images: int = 0,
+    existing: str = "write_over",
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
@@ -78,11 +88,23 @@ def make_synthetic_dataset(
     (their exact, complete labels, which no command reads by default).
     The same arguments give byte-identical files, and train and val do not depend on test_images, nor
     train, val and test on unlabeled_images.
+    `existing` says what to do with a dataset already in out_dir (see previous_dataset): "write_over" writes
+    the files over it and leaves any others; "refuse" is a one-line OdkdError; "replace" removes it first
+    (only what synth writes, and refuses if images/ or annotations/ hold anything else). odkd synth refuses,
+    or replaces with --force.
     Returns {split: {"images", "annotations", "crowd_annotations"}}, and "detections" for unlabeled.
     """
     out_dir = Path(out_dir)
     level = _check_arguments(out_dir, train_images, val_images, test_images, unlabeled_images, seed, difficulty,
                              label_noise, missing_labels, image_size)
+    if existing not in EXISTING:
+        raise OdkdError(f"synth.existing: expected one of {', '.join(EXISTING)}, got {existing!r}")
+    found = previous_dataset(out_dir) if existing != "write_over" else []
+    if found and existing == "refuse":
+        raise OdkdError(f"{out_dir}: already holds a dataset ({', '.join(found)}); odkd synth --force replaces it, "
+                        f"or give an empty folder")
+    if found:
+        _clear_previous_dataset(out_dir)
     scene = scene_for(level)
     counts = {"train": train_images, "val": val_images, "test": test_images, "unlabeled": unlabeled_images}
     summary = {}
@@ -122,6 +144,59 @@ def _check_arguments(out_dir: Path, train_images, val_images, test_images, unlab
     if out_dir.exists() and not out_dir.is_dir():
         raise OdkdError(f"{out_dir}: synthetic dataset directory is an existing file")
     return level
+
+
+def previous_dataset(out_dir: Path) -> list[str]:
+    """What of a dataset out_dir holds already: 'images/' and 'annotations/' when not empty, the detections file."""
+    found = [f"{name}/" for name in ("images", "annotations")
+             if (out_dir / name).is_dir() and any((out_dir / name).iterdir())]
+    return found + [name for name in (UNLABELED_DETECTIONS,) if (out_dir / name).exists()]
+
+
+def _synth_files(out_dir: Path) -> list[Path]:
+    """Every file a previous synth run left in out_dir, checked to be its own: a one-line OdkdError naming the
+    first file in images/ or annotations/ that synth does not write, or a JSON file that another tool made."""
+    def foreign(path: Path) -> OdkdError:
+        return OdkdError(f"{path}: not written by odkd synth; --force replaces only a dataset that odkd synth "
+                         f"wrote, so move it away or give another folder")
+
+    files = []
+    images = out_dir / "images"
+    for entry in sorted(images.iterdir()) if images.is_dir() else []:
+        if entry.name not in SPLITS or not entry.is_dir() or entry.is_symlink():
+            raise foreign(entry)
+        for image in sorted(entry.iterdir()):
+            if not (_SYNTH_IMAGE.fullmatch(image.name) and image.is_file() and not image.is_symlink()):
+                raise foreign(image)
+            files.append(image)
+    names = {*SYNTH_ANNOTATIONS, UNLABELED_DETECTIONS}
+    annotations = out_dir / "annotations"
+    entries = sorted(annotations.iterdir()) if annotations.is_dir() else []
+    entries += [path for path in (out_dir / UNLABELED_DETECTIONS,) if path.exists()]
+    for entry in entries:
+        name = entry.relative_to(out_dir).as_posix()
+        if name.removesuffix(".tmp") not in names or not entry.is_file() or entry.is_symlink():
+            raise foreign(entry)
+        if not name.endswith(".tmp"):
+            with open(entry, "rb") as f:
+                head = f.read(64)
+            if not head.startswith(_SYNTH_JSON_STARTS["detections" if name == UNLABELED_DETECTIONS else "annotations"]):
+                raise foreign(entry)
+        files.append(entry)
+    return files + [path.with_name(path.name + ".tmp") for path in (out_dir / UNLABELED_DETECTIONS,)
+                    if path.with_name(path.name + ".tmp").is_file()]
+
+
+def _clear_previous_dataset(out_dir: Path) -> None:
+    """Remove what a previous synth run wrote in out_dir (nothing else), once all of it is known to be its own."""
+    for path in _synth_files(out_dir):
+        path.unlink()
+    for split in SPLITS:
+        if (out_dir / "images" / split).is_dir():
+            (out_dir / "images" / split).rmdir()
+    for name in ("images", "annotations"):
+        if (out_dir / name).is_dir():
+            (out_dir / name).rmdir()
 
 
 def plan_splits(counts: dict[str, int], label_noise: float, missing_labels: float) -> list[SplitPlan]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from odkd.config import resolve_device
 from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
 from odkd.errors import OdkdError
-from odkd.models.inference import predict_batch
+from odkd.models.inference import cuda_tf32, predict_batch
 from odkd.models.teacher import TeacherSpec, loaded_teacher
 from odkd.store.binarize import binarize, gate_by_mask
 from odkd.store.bitpack import bitpack_maps
@@ -48,20 +47,6 @@ class InstanceRecords:
             centers=np.stack([inst.center for inst in chosen]).astype(np.float32),
             scales=np.stack([stored_frame_scale(inst.scale, heatmap_size, map_size) for inst in chosen]),
         )
-
-
-@contextlib.contextmanager
-def cuda_tf32(allowed: bool):
-    """CUDA's TF32 switches for matmuls and cuDNN convolutions, restored afterwards (they are process-wide).
-
-    cuDNN allows TF32 by default, so fp32 must switch it off to be IEEE float32; CPUs have no TF32.
-    """
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def ran_precision(precision: str, device: torch.device) -> str:

@@ -14,7 +14,8 @@ What is learned is the objective's business: a callable (model output, batch) ->
 the parts floats or 0-dim tensors, which may also have `begin_epoch(epoch) -> dict` to switch
 stages and add fields to the log, and `idle_modules(model)` to name the modules the current
 stage leaves out of the loss. Under torchrun the model is wrapped in DistributedDataParallel,
-each rank takes its share of every epoch, and only rank 0 evaluates and writes.
+each rank takes its share of every epoch, and only rank 0 evaluates and writes; the counts of its
+log line (n_*) are summed over the ranks, the rest is rank 0's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from odkd.data.dataset import EpochSampler, LabeledAndUnlabeled, TopDownDataset,
 from odkd.dicts import first_difference
 from odkd.errors import OdkdError
 from odkd.models import CheckpointFile, read_checkpoint, save_checkpoint
-from odkd.train.distributed import Ranks, barrier, ranks_in_sync
+from odkd.train.distributed import Ranks, barrier, ranks_in_sync, sum_over_ranks
 
 LossFn = Callable[[tuple, dict], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
@@ -185,6 +186,16 @@ def new_state(model: torch.nn.Module, schedule, lr_factor: Callable[[int], float
     scaler = torch.amp.GradScaler(device.type, enabled=amp and schedule.amp_dtype == "fp16")
     ema = WeightEMA(model, schedule.ema_momentum) if schedule.ema else None
     return TrainState(model, optimizer, scheduler, scaler, schedule, ema, provenance)
+
+
+def check_run_folder(out_dir: Path, resume: bool) -> None:
+    """A new run needs a folder without a run in it; a resumed one needs its last.pth. Callable before a
+    run prepares anything, so that a refusal comes before anything is written."""
+    last_path = Path(out_dir) / "last.pth"
+    if last_path.exists() and not resume:
+        raise OdkdError(f"{last_path}: a run already exists here; pass --resume to continue it or choose another --out")
+    if resume and not last_path.exists():
+        raise OdkdError(f"{last_path}: nothing to resume")
 
 
 def refuse_another_run(last_path: Path, spec: ModelSpec, signature: dict, provenance: dict | None) -> CheckpointFile:
@@ -334,10 +345,7 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
-    if last_path.exists() and not resume:
-        raise OdkdError(f"{last_path}: a run already exists here; pass --resume to continue it or choose another --out")
-    if resume and not last_path.exists():
-        raise OdkdError(f"{last_path}: nothing to resume")
+    check_run_folder(out_dir, resume)
     check_schedule(schedule)
     signature = signature or schedule_signature(schedule)
     milestones = milestones or {}
@@ -377,8 +385,11 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
         now_idle = idle_modules(model) if idle_modules else None
         if net is None or ranks.distributed and now_idle != idle:
             net, idle = forward_net(model, now_idle, schedule, device, ranks), now_idle
-        record.update(train_one_epoch(net, state, loader, loss_fn, steps=steps, device=device, amp=amp,
-                                      desc=f"epoch {epoch + 1}/{schedule.epochs}"))
+        parts = train_one_epoch(net, state, loader, loss_fn, steps=steps, device=device, amp=amp,
+                                desc=f"epoch {epoch + 1}/{schedule.epochs}")
+        # counts (n_*) are the whole run's, every rank's share summed; the rest is rank 0's
+        parts.update(sum_over_ranks({k: v for k, v in parts.items() if k.startswith(COUNT_PREFIX)}, ranks))
+        record.update(parts)
         state.epoch = epoch + 1
         if ranks.distributed:
             record["ranks_in_sync"] = ranks_in_sync(model, ranks)

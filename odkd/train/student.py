@@ -1,9 +1,12 @@
 """`odkd train-student`: the student learns from the teacher store in orderly stages; no teacher is loaded.
 
 Before the first step everything the run depends on is checked, and nothing is written until it
-passes: the store opens (path or URL), was built for this dataset, holds what the stages ask for,
-and its geometry fits the student; so does the unlabelled store of `[student] unlabeled_cache`, which
-must also come from the same teachers and settings. Then the one training loop runs the stages in order.
+passes: the run folder (no run there, or the run --resume continues), the store opens (path or URL),
+was built for this dataset, holds what the stages ask for, and its geometry fits the student; so does
+the unlabelled store of `[student] unlabeled_cache`, which must also come from the same teachers and
+settings. Under torchrun every rank checks before the process group starts and the ranks agree on the
+outcome, so a failure is one line from rank 0 and the same exit code from every rank. Then the local
+copies of the stores are made and the one training loop runs the stages in order.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDat
 from odkd.data.instances import load_instances
 from odkd.distill.objective import StudentObjective, stored_arrays
 from odkd.distill.stages import StagePlan, required_arrays, stage_teachers, stage_uses_mask
-from odkd.errors import OdkdError
+from odkd.errors import OdkdError, not_found
 from odkd.eval.curves import plot_training_curves
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
 from odkd.store.local import LocalRows
 from odkd.store.reader import TeacherTargets
-from odkd.train.distributed import start_ranks, stop_ranks
-from odkd.train.loop import ModelSpec, fit, lr_multiplier, refuse_another_run, schedule_signature
+from odkd.train.distributed import agree_on_checks, launched_ranks, rank_device, start_ranks, stop_ranks
+from odkd.train.loop import (ModelSpec, check_run_folder, check_schedule, fit, lr_multiplier, refuse_another_run,
+                             schedule_signature)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,18 @@ def check_unlabeled_learns(plan: StagePlan, source: str) -> None:
                             f"student.unlabeled_cache would teach it nothing; drop the key or give the stage a teacher")
 
 
+def check_student_fits(cfg: PipelineConfig) -> None:
+    """The student's heatmaps have [data] heatmap_size at [data] input_size; else one line naming both."""
+    scfg = cfg.student
+    model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)
+    with torch.inference_mode():
+        out_hw = tuple(model(torch.zeros(1, 3, cfg.data.input_size[1], cfg.data.input_size[0]))[0].shape[-2:])
+    if out_hw != tuple(cfg.data.heatmap_size[::-1]):
+        raise OdkdError(f"student.model: {scfg.model} maps a {cfg.data.input_size[0]}x{cfg.data.input_size[1]}"
+                        f" input to {out_hw[1]}x{out_hw[0]} heatmaps, [data] heatmap_size is "
+                        f"{cfg.data.heatmap_size[0]}x{cfg.data.heatmap_size[1]}")
+
+
 def stage_lr_factor(plan: StagePlan) -> Callable[[int], Callable[[int], float]]:
     """Steps per epoch -> LambdaLR factor. lr_span "run": one curve over all the stages' epochs;
     "stage": the schedule (warmup, steps or cosine) starts again at every stage, over its epochs."""
@@ -115,12 +131,13 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                   device: str | None = None, max_steps_per_epoch: int | None = None) -> dict:
     """Train the `[student]` of the pipeline config from its teacher store; returns the loop's summary
     (None on the ranks other than 0 under torchrun)."""
-    if "student" not in cfg.raw:
-        raise OdkdError(f"{cfg.source}: no [student] section; add one (docs/config.md, [student])")
-    scfg = cfg.student
-    plan = StagePlan(scfg)
-    ranks, dev = start_ranks(resolve_device(device or cfg.device))
-    try:
+    ranks, failure = launched_ranks(), None
+    try:  # every check, before the process group and before anything is written
+        if "student" not in cfg.raw:
+            raise OdkdError(f"{cfg.source}: no [student] section; add one (docs/config.md, [student])")
+        scfg = cfg.student
+        plan = StagePlan(scfg)
+        dev = rank_device(ranks, resolve_device(device or cfg.device))
         instances = load_instances(cfg.data, "train")
         targets = open_teacher_store(cache or scfg.cache, instances.fingerprint,
                                      storage_options=cfg.cache.storage_options)
@@ -135,30 +152,36 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             check_same_teachers(targets, unlabeled_targets)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
                          input_size=tuple(cfg.data.input_size))
+        check_student_fits(cfg)
+        if scfg.init and not resume and not Path(scfg.init).is_file():
+            raise not_found(scfg.init, "checkpoint file", "student.init")
+        schedule = plan.schedule()
+        check_schedule(schedule)
+        out_dir = Path(out or default_student_dir(cfg))
+        check_run_folder(out_dir, resume)
+        signature = {**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()}
+        provenance = {"store": targets.identity(), "stages": plan.signature()}
+        if unlabeled_targets is not None:
+            signature["unlabeled_share"] = scfg.unlabeled_share
+            provenance["unlabeled_store"] = unlabeled_targets.identity()
+        if resume:
+            refuse_another_run(out_dir / "last.pth", spec, signature, provenance)  # before the copy below
+        val = load_instances(cfg.data, "val") if ranks.is_main else None  # only rank 0 evaluates
+    except OdkdError as exc:
+        failure = exc
+    # one process: the failure as it is; torchrun: the first failure of any rank, on every rank
+    store = agree_on_checks(ranks, failure)
+    ranks, dev = start_ranks(dev, store)
+    try:
 
         def make_model():
             model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)
-            with torch.inference_mode():
-                out_hw = tuple(model(torch.zeros(1, 3, cfg.data.input_size[1], cfg.data.input_size[0]))[0].shape[-2:])
-            if out_hw != tuple(cfg.data.heatmap_size[::-1]):
-                raise OdkdError(f"student.model: {scfg.model} maps a {cfg.data.input_size[0]}x{cfg.data.input_size[1]}"
-                                f" input to {out_hw[1]}x{out_hw[0]} heatmaps, [data] heatmap_size is "
-                                f"{cfg.data.heatmap_size[0]}x{cfg.data.heatmap_size[1]}")
             if scfg.init and not resume:
                 report = load_checkpoint(model, scfg.init, allow_new_seg_head=True)
                 if ranks.is_main:
                     log.info(f"init from {report.summary()}")
             return model
 
-        schedule = plan.schedule()
-        out_dir = Path(out or default_student_dir(cfg))
-        signature = {**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()}
-        provenance = {"store": targets.identity(), "stages": plan.signature()}
-        if unlabeled_targets is not None:
-            signature["unlabeled_share"] = scfg.unlabeled_share
-            provenance["unlabeled_store"] = unlabeled_targets.identity()
-        if resume and (out_dir / "last.pth").exists():
-            refuse_another_run(out_dir / "last.pth", spec, signature, provenance)  # before the copy below
         # every rank asks; the first on this machine copies, under a lock, and the others map its files
         train_set = TopDownDataset(instances, cfg.data, train=True, with_mask=False, seed=scfg.train.seed,
                                    stored_rows=LocalRows.fetch(targets, stored_arrays(plan)))
@@ -177,7 +200,6 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                                      keep_blob_size=scfg.keep_blob_size)
         evaluator = None
         if ranks.is_main:
-            val = load_instances(cfg.data, "val")
             evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=scfg.seg_head,
                                        workers=scfg.train.workers)
         summary = fit(make_model, train_set, schedule=schedule, spec=spec, out_dir=out_dir,
