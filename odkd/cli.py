@@ -260,6 +260,8 @@ def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, mo
                                      results_out=out, device=device, model=model_name, ann=ann)
         stats = report.stats
         click.echo(metrics.format_stats_table(stats))
+        for part, part_stats in report.parts.items():
+            click.echo(f"\n{part} (its points alone, its sigmas)\n{metrics.format_stats_table(part_stats)}")
         if report.mask_iou is not None:
             click.echo(f"mean mask IoU: {report.mask_iou:.3f}")
         if out:
@@ -483,6 +485,7 @@ def ablate(config_path, overrides, seeds, variants, split, out, device):
 def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrides, flip_test, device):
     """Draw the predicted skeletons (and the person mask of a seg-head model) over IMAGE."""
     from odkd.config import resolve_device
+    from odkd.data.keypoints import keypoint_set
     from odkd.models import build_from_checkpoint
     from odkd.eval.predict import boxes_from_annotations, boxes_from_file, check_picture_name, predict_to_png
 
@@ -495,7 +498,7 @@ def predict(image, checkpoint, model_name, boxes, ann, out, config_path, overrid
     person_boxes = boxes_from_file(boxes) if boxes else boxes_from_annotations(ann, image)
     flip_test = cfg.eval.flip_test if flip_test is None else flip_test
     keypoints = predict_to_png(model, image, person_boxes, cfg.data.input_size, out, device=dev, flip_test=flip_test,
-                               decode=cfg.eval.decode, sigma=cfg.data.sigma)
+                               decode=cfg.eval.decode, sigma=cfg.data.sigma, kset=keypoint_set(cfg.data.keypoints))
     click.echo(f"{len(keypoints)} {'person' if len(keypoints) == 1 else 'people'} drawn to {out}")
 
 

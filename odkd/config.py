@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from odkd.data.keypoints import keypoint_set
 from odkd.errors import OdkdError, not_found
 from odkd.tomlwrite import as_toml_value, toml_text
 
@@ -72,6 +73,8 @@ class DataConfig:
     heatmap_size: tuple[int, int] = (48, 64)
     sigma: float = 2.0
     strict: bool = False
+    # the points the annotations label: a preset (coco, coco_wholebody, crowdpose, ap10k, hand21) or a set file
+    keypoints: str = "coco"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
@@ -569,6 +572,10 @@ def parse_config(text: str, source: str = "<string>", overrides: typing.Sequence
     if not _DEVICE.fullmatch(cfg.device):
         raise OdkdError(f"{origin('device')}: device: {cfg.device!r} is not one of {DEVICES}")
     _check_sizes(cfg, origin)
+    try:
+        keypoint_set(cfg.data.keypoints)
+    except OdkdError as exc:
+        raise OdkdError(f"{origin('data.keypoints')}: {exc}") from None
     _check_no_secrets(cfg.cache.storage_options, origin)
     if "student" in table:
         _check_student(cfg, origin)

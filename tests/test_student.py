@@ -459,6 +459,7 @@ def test_under_torchrun_an_error_is_one_line_from_rank_0_and_every_rank_exits_wi
 
 AGREE_PROBE = """
 import json
+import sys
 import torch
 from odkd.errors import OdkdError
 from odkd.train.distributed import agree_on_checks, launched_ranks, start_ranks, stop_ranks, sum_over_ranks
@@ -473,17 +474,18 @@ try:
     raised = None
 except OdkdError as exc:
     raised = {"type": type(exc).__name__, "message": str(exc), "shown_here": exc.shown_here}
-print(json.dumps({"rank": ranks.rank, "summed": summed, "raised": raised}))
+# a file per rank: two ranks printing at once can interleave their lines on the shared stdout
+with open(f"{sys.argv[1]}/rank{ranks.rank}.json", "w") as out:
+    json.dump({"rank": ranks.rank, "summed": summed, "raised": raised}, out)
 """
 
 
 def test_a_check_failed_on_one_rank_stops_every_rank_with_its_line_shown_by_rank_0(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(AGREE_PROBE)
-    proc = torchrun(probe)
+    proc = torchrun(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["summed"] for r in results] == [{"n_labeled": 13.0, "n_unlabeled": 4.0}] * 2
     message = "rank 1: nowhere.zarr: no teacher-target store there"
     assert [r["raised"] for r in results] == [

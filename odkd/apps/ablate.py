@@ -152,12 +152,12 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
 
     # everything every run needs is checked before the first one starts
     instances = load_instances(cfg.data, "train")
-    targets = open_teacher_store(cfg.student.cache, instances.fingerprint, storage_options=cfg.cache.storage_options)
+    targets = open_teacher_store(cfg.student.cache, instances.fingerprint, cfg)
     unlabeled = unlabeled_targets = None
     if cfg.student.unlabeled_cache and any(name in UNLABELED_VARIANTS for name in students):
         unlabeled = load_instances(cfg.data, "unlabeled")
-        unlabeled_targets = open_teacher_store(cfg.student.unlabeled_cache, unlabeled.fingerprint, split="unlabeled",
-                                               storage_options=cfg.cache.storage_options)
+        unlabeled_targets = open_teacher_store(cfg.student.unlabeled_cache, unlabeled.fingerprint, cfg,
+                                               split="unlabeled")
         check_same_teachers(targets, unlabeled_targets)
     for name, student in students.items():
         missing = sorted({array for stage in student.stages for array in required_arrays(stage)

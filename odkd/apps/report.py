@@ -20,6 +20,7 @@ from odkd.config import DEMO_CONFIG, resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import load_instances
 from odkd.data.transforms import affine_transform
+from odkd.data.keypoints import COCO_SET, KeypointSet, keypoint_set
 from odkd.data.visualize import denormalize_image, draw_pose
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_runs_side_by_side
@@ -120,7 +121,7 @@ def pick_instances(instances, count: int) -> list[int]:
 
 
 @torch.inference_mode()
-def cpu_images_per_second(net, eval_cfg, input_size, seconds: float) -> float:
+def cpu_images_per_second(net, eval_cfg, input_size, seconds: float, kset: KeypointSet = COCO_SET) -> float:
     """Images/s of the network's forward passes (and their flipped twins under flip test) on this
     CPU, batches of [eval] batch_size: one warm-up batch, then at least MIN_TIMED_BATCHES timed and
     at least `seconds` long. No decoding and no data loading: the networks are what differs."""
@@ -128,7 +129,8 @@ def cpu_images_per_second(net, eval_cfg, input_size, seconds: float) -> float:
     images = torch.randn(eval_cfg.batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
 
     def one_batch():
-        predict_batch(net, images, flip_test=eval_cfg.flip_test, shift_heatmap=eval_cfg.shift_heatmap)
+        predict_batch(net, images, flip_test=eval_cfg.flip_test and kset.mirrored, shift_heatmap=eval_cfg.shift_heatmap,
+                      flip_index=kset.flip_index)
 
     one_batch()  # first-call allocations and kernel choices are not the model's speed
     batches, start = 0, time.perf_counter()
@@ -140,9 +142,10 @@ def cpu_images_per_second(net, eval_cfg, input_size, seconds: float) -> float:
 
 def crop_keypoints(net, batch: dict, cfg) -> np.ndarray:
     """The model's keypoints on the batch's crops, decoded as [eval] decodes them, in crop pixels."""
-    keypoints, _ = predict_instances(net, [batch], device=torch.device("cpu"), flip_test=cfg.eval.flip_test,
+    kset = keypoint_set(cfg.data.keypoints)
+    keypoints, _ = predict_instances(net, [batch], device=torch.device("cpu"), flip_test=cfg.eval.flip_test and kset.mirrored,
                                      shift_heatmap=cfg.eval.shift_heatmap, decode=cfg.eval.decode,
-                                     sigma=cfg.data.sigma, desc="crops")
+                                     sigma=cfg.data.sigma, desc="crops", flip_index=kset.flip_index)
     for j, person in enumerate(keypoints):
         person[:, :2] = affine_transform(person[:, :2], frame_from_batch(batch, j).matrix(cfg.data.input_size))
     return keypoints
@@ -157,11 +160,13 @@ def measure(row: ReportRow, cfg, split: str, device: str | None, crop_batch: dic
     params, gflops = model_complexity(net, cfg.data.input_size)
     return ModelResult(row=row, architecture=f"{meta['model']}({args})" if args else meta["model"], stats=stats,
                        params=params, gflops=gflops,
-                       images_per_s=cpu_images_per_second(net, cfg.eval, cfg.data.input_size, speed_seconds),
+                       images_per_s=cpu_images_per_second(net, cfg.eval, cfg.data.input_size, speed_seconds,
+                                                          keypoint_set(cfg.data.keypoints)),
                        crop_keypoints=crop_keypoints(net, crop_batch, cfg))
 
 
-def crop_grid(crops: list[np.ndarray], columns: list[tuple[str, np.ndarray, float]]) -> np.ndarray:
+def crop_grid(crops: list[np.ndarray], columns: list[tuple[str, np.ndarray, float]],
+              kset: KeypointSet = COCO_SET) -> np.ndarray:
     """One row per crop, one column per (name, keypoints (crops, K, 3), min_score), names on top."""
     def tile(image):
         return cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=(255, 255, 255))
@@ -174,8 +179,8 @@ def crop_grid(crops: list[np.ndarray], columns: list[tuple[str, np.ndarray, floa
         header.append(tile(strip))
     rows = [np.concatenate(header, axis=1)]
     for j, crop in enumerate(crops):
-        rows.append(np.concatenate([tile(draw_pose(crop, kpts[j], min_score=floor)) for _, kpts, floor in columns],
-                                   axis=1))
+        rows.append(np.concatenate([tile(draw_pose(crop, kpts[j], min_score=floor, kset=kset))
+                                    for _, kpts, floor in columns], axis=1))
     return np.concatenate(rows, axis=0)
 
 
@@ -269,7 +274,7 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     images = [denormalize_image(chw) for chw in crop_batch["image"].numpy()]
     columns = [("GT", crop_batch["joints"].numpy(), 0.0)]
     columns += [(r.row.name, r.crop_keypoints, cfg.eval.in_vis_thr) for r in results]
-    cv2.imwrite(str(out / "crops.png"), crop_grid(images, columns))
+    cv2.imwrite(str(out / "crops.png"), crop_grid(images, columns, keypoint_set(cfg.data.keypoints)))
     lines += [f"## Predictions on {split} crops", "",
               f"Rows: {len(images)} {split} instances spread over the split; columns: the ground truth, then each "
               f"model's keypoints (confidence above {cfg.eval.in_vis_thr}, decoded as `{cfg.eval.decode}`). "

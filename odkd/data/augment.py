@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from odkd.data.instances import Instance
-from odkd.data.keypoints import UPPER_BODY_IDS
+from odkd.data.keypoints import COCO_SET, KeypointSet
 from odkd.data.transforms import PIXEL_STD, CropFrame
 
 HALF_BODY_PADDING = 1.5
@@ -17,11 +17,12 @@ def canonical_frame(inst: Instance, margin: float = 1.0) -> CropFrame:
                      image_width=inst.image_width)
 
 
-def half_body_box(joints: np.ndarray, rng: np.random.Generator, aspect_ratio: float):
-    """Center and scale around the upper or lower body's labelled joints, or None if too few."""
+def half_body_box(joints: np.ndarray, rng: np.random.Generator, aspect_ratio: float,
+                  keypoints: KeypointSet = COCO_SET):
+    """Center and scale around the upper or lower body's labelled joints of the set, or None if too few."""
     labelled = joints[:, 2] > 0
-    upper = [j for j in UPPER_BODY_IDS if labelled[j]]
-    lower = [j for j in range(len(joints)) if labelled[j] and j not in UPPER_BODY_IDS]
+    upper = [j for j in keypoints.upper_body if labelled[j]]
+    lower = [j for j in keypoints.lower_body if labelled[j]]
     # the official draw is randn() < 0.5, which picks the upper body ~69% of the time
     if rng.standard_normal() < 0.5 and len(upper) > 2:
         chosen = upper
@@ -40,17 +41,20 @@ def half_body_box(joints: np.ndarray, rng: np.random.Generator, aspect_ratio: fl
     return center.astype(np.float32), scale
 
 
-def random_frame(inst: Instance, aug, rng: np.random.Generator, aspect_ratio: float) -> CropFrame:
-    """One training crop of `inst` under the `[data.augment]` settings."""
+def random_frame(inst: Instance, aug, rng: np.random.Generator, aspect_ratio: float,
+                 keypoints: KeypointSet = COCO_SET) -> CropFrame:
+    """One training crop of `inst` under the `[data.augment]` settings. A set without body halves has no
+    half-body crops, and one without flip pairs is never mirrored (the draws are made all the same)."""
     center, scale = inst.center, inst.scale
     n_labelled = int((inst.joints[:, 2] > 0).sum())
-    if n_labelled > aug.half_body_min_joints and rng.random() < aug.half_body_prob:
-        box = half_body_box(inst.joints, rng, aspect_ratio)
+    halves = bool(keypoints.upper_body and keypoints.lower_body)
+    if n_labelled > aug.half_body_min_joints and rng.random() < aug.half_body_prob and halves:
+        box = half_body_box(inst.joints, rng, aspect_ratio, keypoints)
         if box is not None:
             center, scale = box
     sf, rf = aug.scale_factor, aug.rotation_factor
     scale = scale * float(np.clip(rng.standard_normal() * sf + 1.0, 1.0 - sf, 1.0 + sf))
     rotation = float(np.clip(rng.standard_normal() * rf, -2.0 * rf, 2.0 * rf)) if rng.random() <= aug.rotation_prob else 0.0
-    flip = bool(rng.random() < aug.flip_prob)
+    flip = bool(rng.random() < aug.flip_prob) and keypoints.mirrored
     return CropFrame(center=tuple(map(float, center)), scale=tuple(map(float, scale)), rotation=rotation,
                      flip=flip, image_width=inst.image_width)

@@ -10,15 +10,16 @@ from tqdm import tqdm
 
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import COCO_SET, KeypointSet
 from odkd.data.visualize import denormalize_image, draw_pose
 
 
-def render_sample(sample: dict) -> np.ndarray:
+def render_sample(sample: dict, kset: KeypointSet = COCO_SET) -> np.ndarray:
     """One PNG panel: the crop with pose and mask | the Gaussian targets over the crop."""
     crop = denormalize_image(sample["image"].numpy())
     h, w = crop.shape[:2]
     mask = cv2.resize(sample["mask"][0].numpy(), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
-    left = draw_pose(crop, sample["joints"].numpy(), mask=mask)
+    left = draw_pose(crop, sample["joints"].numpy(), mask=mask, kset=kset)
     heat = cv2.resize(sample["heatmaps"].numpy().max(axis=0), (w, h), interpolation=cv2.INTER_LINEAR)
     heat = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     right = cv2.addWeighted(crop, 0.5, heat, 0.5, 0)
@@ -37,6 +38,6 @@ def browse_dataset(data_cfg, split: str, out_dir: str | Path, augment: bool = Fa
     for index in tqdm(picks, desc="browse", unit="crop"):
         inst = instances[int(index)]
         path = out_dir / f"{split}_{index:06d}_img{inst.image_id}_ann{inst.ann_id}.png"
-        cv2.imwrite(str(path), render_sample(dataset[int(index)]))
+        cv2.imwrite(str(path), render_sample(dataset[int(index)], dataset.keypoints))
         written.append(path)
     return written

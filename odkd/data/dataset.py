@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from odkd.data.augment import canonical_frame, random_frame
 from odkd.data.image import read_image
 from odkd.data.instances import PersonInstances
-from odkd.data.keypoints import FLIP_INDEX
+from odkd.data.keypoints import keypoint_set
 from odkd.data.targets import gaussian_heatmaps, mask_target
 from odkd.data.transforms import CropFrame, affine_transform, crop_image, grid_sample_theta, map_zoom, normalize_image
 
@@ -61,6 +61,7 @@ class TopDownDataset(Dataset):
                  stored_rows: StoredRows | None = None, stream: int = 0):
         self.instances = instances
         self.cfg = data_cfg
+        self.keypoints = keypoint_set(data_cfg.keypoints)
         self.train = train
         self.with_mask = with_mask
         self.seed = seed
@@ -78,7 +79,7 @@ class TopDownDataset(Dataset):
         if not self.train:
             return canonical_frame(inst)
         rng = np.random.default_rng((*self.rng_key[:1], epoch, index, *self.rng_key[1:]))
-        return random_frame(inst, self.cfg.augment, rng, self.aspect_ratio)
+        return random_frame(inst, self.cfg.augment, rng, self.aspect_ratio, self.keypoints)
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -91,7 +92,7 @@ class TopDownDataset(Dataset):
         visible = joints[:, 2] > 0
         xy = affine_transform(joints[:, :2], frame.matrix(self.cfg.input_size)).astype(np.float32)
         if frame.flip:
-            xy, visible = xy[FLIP_INDEX], visible[FLIP_INDEX]
+            xy, visible = xy[self.keypoints.flip_index], visible[self.keypoints.flip_index]
         heatmaps, weight = gaussian_heatmaps(xy, visible, self.cfg.input_size, self.cfg.heatmap_size, self.cfg.sigma)
 
         sample = {

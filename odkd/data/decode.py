@@ -140,7 +140,8 @@ def heatmap_coords(heatmaps: np.ndarray, method: str = "argmax", sigma: float = 
     raise ValueError(f"decode method must be one of {', '.join(DECODERS)}, got {method!r}")
 
 
-def decode_heatmaps(heatmaps: np.ndarray, frames: Sequence[CropFrame], method: str = "argmax", sigma: float = 2.0):
+def decode_heatmaps(heatmaps: np.ndarray, frames: Sequence[CropFrame], method: str = "argmax", sigma: float = 2.0,
+                    flip_index: np.ndarray = FLIP_INDEX):
     """HRNet's get_final_preds: keypoints (N, K, 2) in image coordinates and maxvals (N, K, 1).
 
     Each sample's heatmap frame is inverted at heatmap size. For the canonical frames used at
@@ -154,5 +155,5 @@ def decode_heatmaps(heatmaps: np.ndarray, frames: Sequence[CropFrame], method: s
     for i, frame in enumerate(frames):
         preds[i] = affine_transform(coords[i], invert_affine(frame.matrix(hm_size)))
         if frame.flip:
-            preds[i], maxvals[i] = preds[i][FLIP_INDEX], maxvals[i][FLIP_INDEX]
+            preds[i], maxvals[i] = preds[i][flip_index], maxvals[i][flip_index]
     return preds, maxvals

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from odkd.data.keypoints import NUM_JOINTS
+from odkd.data.keypoints import COCO_SET, KeypointSet, keypoint_set
 from odkd.data.transforms import box_to_center_scale
 from odkd.errors import OdkdError, not_found
 
@@ -49,7 +49,7 @@ class Instance:
     bbox: tuple[float, float, float, float]  # cleaned x, y, w, h
     center: np.ndarray  # (2,) float32
     scale: np.ndarray  # (2,) float32, pixel_std units, padded
-    joints: np.ndarray  # (17, 3) float32: x, y, COCO visibility flag (zeros for detections)
+    joints: np.ndarray  # (K, 3) float32: x, y, COCO visibility flag (zeros for detections)
     area: float
     score: float = 1.0  # the detector's box score; 1 for ground-truth boxes
 
@@ -131,16 +131,41 @@ class _InstanceList:
         return self.image_dir / inst.file_name
 
 
+# COCO-WholeBody's annotation fields, concatenated in this order into its 133 points (mmpose's order)
+WHOLE_BODY_FIELDS = (("keypoints", 17), ("foot_kpts", 6), ("face_kpts", 68), ("lefthand_kpts", 21),
+                     ("righthand_kpts", 21))
+
+
+def join_whole_body(coco: COCO, keypoints: KeypointSet) -> None:
+    """COCO-WholeBody's own format (the body's 17 points in 'keypoints', the rest in foot_kpts, face_kpts,
+    lefthand_kpts and righthand_kpts) rewritten in place as one 'keypoints' of the set's 133, with
+    num_keypoints counted over all of them, so that loading and COCOeval read one list; a part an
+    annotation lacks is unlabelled. Files already in the 133-point form are left as they are."""
+    if keypoints.num_keypoints != sum(n for _, n in WHOLE_BODY_FIELDS):
+        return
+    for ann in coco.dataset["annotations"]:
+        if "foot_kpts" not in ann or len(ann.get("keypoints") or []) != 3 * WHOLE_BODY_FIELDS[0][1]:
+            continue
+        joined = []
+        for name, count in WHOLE_BODY_FIELDS:
+            part = ann.get(name)
+            joined += list(part) if isinstance(part, list) and len(part) == 3 * count else [0] * (3 * count)
+        ann["keypoints"] = joined
+        ann["num_keypoints"] = sum(1 for v in joined[2::3] if v > 0)
+
+
 class PersonInstances(_InstanceList):
     """Every usable person annotation of one COCO-format split, in a stable order."""
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 strict: bool = False):
+                 strict: bool = False, keypoints: KeypointSet = COCO_SET):
         self.ann_file = Path(ann_file)
+        self.keypoints = keypoints
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
         self.coco = _load_coco(self.ann_file)
+        join_whole_body(self.coco, keypoints)
         self.aspect_ratio = aspect_ratio
         self.strict = strict
         self.skipped_ann_ids: list[int] = []
@@ -151,9 +176,14 @@ class PersonInstances(_InstanceList):
         self.fingerprint = self._fingerprint()
 
     def _collect(self) -> list[Instance]:
-        person_ids = {c["id"] for c in self.coco.dataset["categories"] if c.get("name") == "person"}
+        k = self.keypoints.num_keypoints
+        categories = self.coco.dataset["categories"]
+        # the categories whose points are the set's (every AP-10K species, say), else those named person
+        person_ids = ({c["id"] for c in categories if len(c.get("keypoints") or []) == k}
+                      or {c["id"] for c in categories if c.get("name") == "person"})
         if not person_ids:
-            raise OdkdError(f"{self.ann_file}: no 'person' category")
+            raise OdkdError(f"{self.ann_file}: no category with the {k} keypoints of the set "
+                            f"{self.keypoints.name!r} ([data] keypoints), and none named 'person'")
         out: list[Instance] = []
         for image_id in sorted(self.coco.imgs):
             img = self.coco.imgs[image_id]
@@ -165,16 +195,20 @@ class PersonInstances(_InstanceList):
                     continue
                 where = f"{self.ann_file}: annotation {ann.get('id')}"
                 kpts = ann.get("keypoints")
-                if not isinstance(kpts, list) or len(kpts) != NUM_JOINTS * 3:
-                    raise OdkdError(f"{where}: 'keypoints' must hold {NUM_JOINTS * 3} numbers")
-                joints = np.asarray(kpts, dtype=np.float32).reshape(NUM_JOINTS, 3)
+                if not isinstance(kpts, list) or len(kpts) != k * 3:
+                    got = f"{len(kpts)} numbers" if isinstance(kpts, list) else repr(kpts)
+                    raise OdkdError(f"{where}: 'keypoints' holds {got}, but the set {self.keypoints.name!r} "
+                                    f"([data] keypoints) has {k} points: {k * 3} numbers")
+                joints = np.asarray(kpts, dtype=np.float32).reshape(k, 3)
                 if joints[:, 2].max() <= 0:
                     continue
                 bbox = ann.get("bbox")
                 if not isinstance(bbox, list) or len(bbox) != 4:
                     raise OdkdError(f"{where}: 'bbox' must be [x, y, w, h]")
                 box = _clean_box(bbox, img["width"], img["height"])
-                problem = _box_problem(bbox, box, ann.get("area", 0), img)
+                # CrowdPose and AIC give no area: as their evaluators, take the box's
+                area = ann["area"] if "area" in ann else bbox[2] * bbox[3]
+                problem = _box_problem(bbox, box, area, img)
                 if problem:
                     if self.strict:
                         raise OdkdError(f"{where}: {problem} ([data] strict = true)")
@@ -185,7 +219,7 @@ class PersonInstances(_InstanceList):
                     index=len(out), image_id=int(image_id), ann_id=int(ann["id"]),
                     file_name=img["file_name"], image_width=int(img["width"]),
                     image_height=int(img["height"]), bbox=box, center=center, scale=scale,
-                    joints=joints, area=float(ann["area"]),
+                    joints=joints, area=float(area),
                 ))
         return out
 
@@ -282,14 +316,14 @@ def _skipped_lines(det_file: Path, noun: str, skipped: dict[str, list[int]]) -> 
             f"[data] strict = true makes this an error" for why, positions in skipped.items() if positions]
 
 
-def _detected_instance(index: int, det: dict, img: dict, crop, ann_id: int = -1) -> Instance:
+def _detected_instance(index: int, det: dict, img: dict, crop, num_keypoints: int, ann_id: int = -1) -> Instance:
     """A detector's box as a crop, by the rule ground-truth boxes follow; no box cleaning (HRNet's _box2cs).
     `crop` is the box's (center, scale) from _crop_of."""
     bbox = tuple(float(v) for v in det["bbox"])
     center, scale = crop
     return Instance(index=index, image_id=int(det["image_id"]), ann_id=ann_id, file_name=img["file_name"],
                     image_width=int(img["width"]), image_height=int(img["height"]), bbox=bbox, center=center,
-                    scale=scale, joints=np.zeros((NUM_JOINTS, 3), np.float32), area=bbox[2] * bbox[3],
+                    scale=scale, joints=np.zeros((num_keypoints, 3), np.float32), area=bbox[2] * bbox[3],
                     score=float(det["score"]))
 
 
@@ -304,7 +338,7 @@ class DetectedPersons(_InstanceList):
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 score_thr: float = 0.0, strict: bool = False):
+                 score_thr: float = 0.0, strict: bool = False, num_keypoints: int = COCO_SET.num_keypoints):
         self.det_file = Path(det_file)
         self.image_dir = Path(image_dir)
         self.coco = coco
@@ -327,7 +361,7 @@ class DetectedPersons(_InstanceList):
                                     f"large or not finite for a crop ([data] strict = true)")
                 skipped[BAD_BOX].append(i)
                 continue
-            self.instances.append(_detected_instance(len(self.instances), det, img, crop))
+            self.instances.append(_detected_instance(len(self.instances), det, img, crop, num_keypoints))
         for line in _skipped_lines(self.det_file, "detection(s)", skipped):
             log.warning(line)
         if unknown_image_ids:
@@ -364,7 +398,7 @@ class UnlabeledPersons(_InstanceList):
     """
 
     def __init__(self, image_info: str | Path, boxes: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 min_score: float = 0.5, strict: bool = False):
+                 min_score: float = 0.5, strict: bool = False, num_keypoints: int = COCO_SET.num_keypoints):
         self.image_info, self.boxes, self.image_dir = Path(image_info), Path(boxes), Path(image_dir)
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
@@ -397,7 +431,7 @@ class UnlabeledPersons(_InstanceList):
         for line in _skipped_lines(self.boxes, "box(es)", self.skipped):
             log.warning(line)
         kept.sort(key=lambda item: item[:2])
-        self.instances = [_detected_instance(n, det, img, crop, ann_id=i)
+        self.instances = [_detected_instance(n, det, img, crop, num_keypoints, ann_id=i)
                           for n, (_, i, det, img, crop) in enumerate(kept)]
         log.debug(f"{self.boxes}: {len(self.instances)} person box(es) on {len(images)} unlabelled image(s)")
         self.fingerprint = self._fingerprint()
@@ -417,12 +451,15 @@ def load_instances(data_cfg, split: str) -> PersonInstances | UnlabeledPersons:
     """The instances of `split` ('train', 'val', 'test', or 'unlabeled': the boxes of [data.unlabeled])
     named by a `[data]` config section."""
     aspect = data_cfg.input_size[0] / data_cfg.input_size[1]
+    kset = keypoint_set(data_cfg.keypoints)
     if split != "unlabeled":
-        return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict)
+        return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict,
+                               keypoints=kset)
     unlabeled = data_cfg.unlabeled
     unset = [key for key in ("images", "image_info", "boxes") if not getattr(unlabeled, key)]
     if unset:
         raise OdkdError(f"[data.unlabeled] {', '.join(unset)} not set: the unlabeled split needs its images, their "
                         f"image-info file and a detections file (docs/config.md, [data.unlabeled])")
     return UnlabeledPersons(data_cfg.ann_file(split), Path(data_cfg.root) / unlabeled.boxes,
-                            data_cfg.image_dir(split), aspect, unlabeled.min_score, strict=data_cfg.strict)
+                            data_cfg.image_dir(split), aspect, unlabeled.min_score, strict=data_cfg.strict,
+                            num_keypoints=kset.num_keypoints)

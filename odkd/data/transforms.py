@@ -134,6 +134,7 @@ def warp_maps(
     dst_size,
     keypoint_channels: bool = True,
     interpolation: int = cv2.INTER_LINEAR,
+    flip_index: np.ndarray = FLIP_INDEX,
 ) -> np.ndarray:
     """Move a stack of per-instance maps (C, h, w) from crop `src` into crop `dst`.
 
@@ -147,7 +148,7 @@ def warp_maps(
     out = cv2.warpAffine(stack, m, size, flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     out = out.reshape(size[1], size[0], -1).transpose(2, 0, 1)
     if keypoint_channels and src.flip != dst.flip:
-        out = out[FLIP_INDEX]
+        out = out[flip_index]
     return np.ascontiguousarray(out)
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
+from odkd.data.keypoints import COCO_SET, KeypointSet
 from odkd.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 _LEFT, _RIGHT, _CENTER = (0, 200, 255), (255, 128, 0), (0, 255, 0)  # BGR
 
 
-def _side_color(k: int):
-    name = KEYPOINT_NAMES[k]
-    return _LEFT if name.startswith("left") else _RIGHT if name.startswith("right") else _CENTER
+def side_colors(kset: KeypointSet) -> list[tuple[int, int, int]]:
+    """Each point's colour: the first of each flip pair (the sets list the left one first) left, the other
+    right, a point that is its own mirror centre."""
+    colors = [_CENTER] * kset.num_keypoints
+    for left, right in kset.flip_pairs:
+        colors[left], colors[right] = _LEFT, _RIGHT
+    return colors
 
 
 def tint_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -25,7 +29,7 @@ def tint_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def draw_pose(image: np.ndarray, keypoints: np.ndarray, mask: np.ndarray | None = None, min_score: float = 0.0,
-              radius: int = 3) -> np.ndarray:
+              radius: int = 3, kset: KeypointSet = COCO_SET) -> np.ndarray:
     """A copy of BGR `image` with one person's (K, 3) keypoints and skeleton, and an optional mask tint.
 
     The third keypoint column is a visibility flag or a confidence; points at or below `min_score`
@@ -34,14 +38,14 @@ def draw_pose(image: np.ndarray, keypoints: np.ndarray, mask: np.ndarray | None 
     out = image.copy() if mask is None else tint_mask(image, mask)
     pts = np.asarray(keypoints, np.float64)
     ok = pts[:, 2] > min_score
-    for a, b in SKELETON:
-        i, j = a - 1, b - 1
+    colors = side_colors(kset)
+    for i, j in kset.skeleton:
         if ok[i] and ok[j]:
-            color = _side_color(i) if _side_color(i) == _side_color(j) else _CENTER
+            color = colors[i] if colors[i] == colors[j] else _CENTER
             cv2.line(out, tuple(np.round(pts[i, :2]).astype(int)), tuple(np.round(pts[j, :2]).astype(int)),
                      color, max(1, radius // 2), cv2.LINE_AA)
     for k in np.flatnonzero(ok):
-        cv2.circle(out, tuple(np.round(pts[k, :2]).astype(int)), radius, _side_color(k), -1, cv2.LINE_AA)
+        cv2.circle(out, tuple(np.round(pts[k, :2]).astype(int)), radius, colors[k], -1, cv2.LINE_AA)
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from odkd.config import StageConfig
+from odkd.data.keypoints import FLIP_INDEX
 from odkd.distill.stages import StagePlan, heatmap_array, required_arrays, stage_teachers, stage_uses_mask
 from odkd.distill.targets import TARGET_FORMS, WarpInputs
 from odkd.distill.warp import flip_keypoint_values, warp_binary_batch
@@ -42,8 +43,9 @@ class StudentObjective:
     """(student output, batch) -> (loss, logged parts) under the current stage of `plan`."""
 
     def __init__(self, plan: StagePlan, targets: TeacherTargets, *, heatmap_size, sigma: float, seg_loss: str,
-                 keep_blob_size: bool = True):
+                 keep_blob_size: bool = True, flip_index: np.ndarray = FLIP_INDEX):
         self.plan = plan
+        self.flip_index = flip_index  # the keypoint set's, which mirrored samples' channels follow
         self.blob_radius = teacher_blob_radius(targets.attrs.get("settings", {}))
         self.keep_blob_size = keep_blob_size
         self.sigma = float(sigma)
@@ -65,7 +67,7 @@ class StudentObjective:
         """The current stage's target form of teacher `key`'s stored maps, in each sample's crop."""
         warp = WarpInputs(theta=batch["teacher_theta"], zoom=batch["teacher_zoom"], flip=batch["flip"],
                           out_size=self.heatmap_size, stored_width=self.map_width, blob_radius=self.blob_radius,
-                          keep_blob_size=self.keep_blob_size, sigma=self.sigma)
+                          keep_blob_size=self.keep_blob_size, sigma=self.sigma, flip_index=self.flip_index)
         return TARGET_FORMS[self.stage.targets].make(batch[heatmap_array(key, self.stage.targets)], conf, warp)
 
     def __call__(self, output, batch: dict):
@@ -91,7 +93,7 @@ class StudentObjective:
             mask = warp_binary_batch(batch["st/mask"], self.map_width, batch["teacher_theta"], self.heatmap_size,
                                      batch["flip"], keypoint_channels=False)
         for key in teachers:
-            conf = flip_keypoint_values(batch[f"{key}/conf"].float(), batch["flip"])
+            conf = flip_keypoint_values(batch[f"{key}/conf"].float(), batch["flip"], self.flip_index)
             target = self.teacher_maps(key, batch, conf)
             if stage.mask_gate and key == "st":
                 target = gate_by_mask(target > 0, mask > 0, stage.mask_gate_dilation) * target

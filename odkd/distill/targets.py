@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from odkd.data.keypoints import FLIP_INDEX
 from odkd.distill.warp import flip_keypoint_channels, unpack_bits, warp_batch, warp_binary_batch
 
 
@@ -36,16 +38,17 @@ class WarpInputs:
     blob_radius: float  # the teacher's binary blob radius at the store's sigma and threshold
     keep_blob_size: bool  # move a warped disc's edges back to blob_radius under zoom
     sigma: float  # the GT heatmaps' Gaussian sigma, in heatmap pixels
+    flip_index: np.ndarray = field(default_factory=lambda: FLIP_INDEX)  # the keypoint set's mirror permutation
 
 
 def disc_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
     return warp_binary_batch(stored, warp.stored_width, warp.theta, warp.out_size, warp.flip,
                              keypoint_channels=True, blob_radius=warp.blob_radius if warp.keep_blob_size else 0.0,
-                             zoom=warp.zoom)
+                             zoom=warp.zoom, flip_index=warp.flip_index)
 
 
 def soft_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
-    return warp_batch(stored, warp.theta, warp.out_size, warp.flip, keypoint_channels=True)
+    return warp_batch(stored, warp.theta, warp.out_size, warp.flip, keypoint_channels=True, flip_index=warp.flip_index)
 
 
 @functools.cache
@@ -97,7 +100,7 @@ def gaussian_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) 
     centroids, count = blob_centroids(bits, window=int(warp.blob_radius) + 2)
     points = points_into_crop(centroids, warp.theta, stored_size, warp.out_size)
     rendered = render_gaussians(points, (count > 0).float(), warp.out_size, warp.sigma)
-    return flip_keypoint_channels(rendered, warp.flip)
+    return flip_keypoint_channels(rendered, warp.flip, warp.flip_index)
 
 
 def gaussian_conf_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +20,9 @@ ERODE_BLUR, DILATE_BLUR = 1.4, 0.7  # pixels: the edge ramps of move_edges
 
 
 @functools.cache
-def _flip_index(device: torch.device) -> torch.Tensor:
+def _flip_index(device: torch.device, flip_index: tuple[int, ...]) -> torch.Tensor:
     # made once per device: a copy from pageable host memory would make every step wait for the device
-    return torch.tensor(FLIP_INDEX.tolist(), device=device)
+    return torch.tensor(flip_index, device=device)
 
 
 @functools.cache
@@ -36,7 +37,7 @@ def unpack_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Tensor,
-               keypoint_channels: bool) -> torch.Tensor:
+               keypoint_channels: bool, flip_index: np.ndarray = FLIP_INDEX) -> torch.Tensor:
     """Maps (B, C, h, w) in their stored crops -> (B, C, out_h, out_w) in each sample's crop.
 
     Outside the stored crop the result is 0. Where `flip` is set and the channels are keypoints,
@@ -45,12 +46,12 @@ def warp_batch(maps: torch.Tensor, theta: torch.Tensor, out_size, flip: torch.Te
     b, c = maps.shape[:2]
     grid = F.affine_grid(theta.float(), [b, c, int(out_size[1]), int(out_size[0])], align_corners=True)
     out = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return flip_keypoint_channels(out, flip) if keypoint_channels else out
+    return flip_keypoint_channels(out, flip, flip_index) if keypoint_channels else out
 
 
-def flip_keypoint_channels(maps: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def flip_keypoint_channels(maps: torch.Tensor, flip: torch.Tensor, flip_index: np.ndarray = FLIP_INDEX) -> torch.Tensor:
     """Keypoint maps (B, K, h, w) of mirrored samples with each channel swapped with its mirror pair."""
-    swapped = maps[:, _flip_index(maps.device)]
+    swapped = maps[:, _flip_index(maps.device, tuple(flip_index.tolist()))]
     return torch.where(flip.view(-1, 1, 1, 1).bool(), swapped, maps)
 
 
@@ -89,8 +90,8 @@ def move_edges(maps: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def warp_binary_batch(packed: torch.Tensor, width: int, theta: torch.Tensor, out_size, flip: torch.Tensor,
-                      keypoint_channels: bool, blob_radius: float = 0.0, zoom: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      keypoint_channels: bool, blob_radius: float = 0.0, zoom: torch.Tensor | None = None,
+                      flip_index: np.ndarray = FLIP_INDEX) -> torch.Tensor:
     """Packed binary maps -> 0/1 float maps in each sample's crop, binarized again after interpolation.
 
     A warp scales every blob by 1/zoom (zoom: stored-map pixels per crop pixel). A teacher run on the
@@ -98,13 +99,13 @@ def warp_binary_batch(packed: torch.Tensor, width: int, theta: torch.Tensor, out
     pixels around the uncertain region. With blob_radius > 0 the edges move back by
     blob_radius * (1/zoom - 1), so the target keeps the teacher's own blob size.
     """
-    warped = warp_batch(unpack_bits(packed, width), theta, out_size, flip, keypoint_channels)
+    warped = warp_batch(unpack_bits(packed, width), theta, out_size, flip, keypoint_channels, flip_index)
     if blob_radius <= 0 or zoom is None:
         return (warped >= 0.5).float()
     return move_edges(warped, blob_radius * (1.0 / zoom - 1.0))
 
 
-def flip_keypoint_values(values: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def flip_keypoint_values(values: torch.Tensor, flip: torch.Tensor, flip_index: np.ndarray = FLIP_INDEX) -> torch.Tensor:
     """Per-keypoint values (B, K) of mirrored samples reordered by the flip pairs, as their maps are."""
-    swapped = values[:, _flip_index(values.device)]
+    swapped = values[:, _flip_index(values.device, tuple(flip_index.tolist()))]
     return torch.where(flip.view(-1, 1).bool(), swapped, values)

@@ -4,7 +4,7 @@ rescoring, OKS-NMS, COCOeval; plus mean mask IoU for a model with a segmentation
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from odkd.config import resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch, make_loader
 from odkd.data.decode import decode_heatmaps
 from odkd.data.instances import DetectedPersons, PersonInstances, load_instances
+from odkd.data.keypoints import FLIP_INDEX, keypoint_set, oks_sigmas
 from odkd.data.transforms import PIXEL_STD
 from odkd.errors import OdkdError
 from odkd.eval import metrics
@@ -26,6 +27,7 @@ class EvalReport:
     stats: dict[str, float]
     mask_iou: float | None
     results: list[dict]
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)  # a set with parts: each part's stats
 
     def record(self) -> dict[str, float]:
         """The stats as a training log records them: COCO's ten, plus mask_iou for a seg-head model."""
@@ -42,7 +44,7 @@ def mask_iou(pred_prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_instances(model, loader, *, device, flip_test: bool = True, shift_heatmap: bool = True,
-                      decode: str = "argmax", sigma: float = 2.0, desc: str = "eval"):
+                      decode: str = "argmax", sigma: float = 2.0, desc: str = "eval", flip_index=FLIP_INDEX):
     """Keypoints (N, K, 3) [x, y, maxval] in image coordinates for every crop the loader yields, and the
     per-crop mask IoU against the dataset's mask targets when the model has a seg head and the dataset
     has masks (else None). `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder."""
@@ -52,9 +54,10 @@ def predict_instances(model, loader, *, device, flip_test: bool = True, shift_he
     # the AP table's header, on the bar's line
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         images = batch["image"].to(device, non_blocking=True)
-        heatmaps, mask = predict_batch(model, images, flip_test=flip_test, shift_heatmap=shift_heatmap)
+        heatmaps, mask = predict_batch(model, images, flip_test=flip_test, shift_heatmap=shift_heatmap,
+                                       flip_index=flip_index)
         frames = [frame_from_batch(batch, i) for i in range(len(images))]
-        preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma)
+        preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma, flip_index)
         keypoints.append(np.concatenate([preds, maxvals], axis=2))
         if mask is not None and "mask" in batch:
             ious.append(mask_iou(mask.cpu(), batch["mask"]))
@@ -70,22 +73,32 @@ class ModelEvaluator:
     def __init__(self, instances, data_cfg, eval_cfg, gt_coco, *, device, with_mask: bool, workers: int = 0):
         self.instances, self.eval_cfg, self.gt_coco, self.device = instances, eval_cfg, gt_coco, device
         self.sigma = data_cfg.sigma
+        self.keypoints = keypoint_set(data_cfg.keypoints)
+        self.oks_sigmas = oks_sigmas(self.keypoints)
+        if self.oks_sigmas is None:
+            raise OdkdError(f"data.keypoints: the set {self.keypoints.name!r} has no OKS sigmas, and odkd scores "
+                            f"keypoints by OKS AP only: give the set file its sigmas")
         with_mask = with_mask and isinstance(instances, PersonInstances)  # a detected box has no mask
         dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
         self.loader = make_loader(dataset, eval_cfg.batch_size, workers)
 
     def __call__(self, model, flip_test: bool | None = None) -> EvalReport:
         cfg = self.eval_cfg
-        flip = cfg.flip_test if flip_test is None else flip_test
+        flip = (cfg.flip_test if flip_test is None else flip_test) and self.keypoints.mirrored
         kpts, ious = predict_instances(model, self.loader, device=self.device, flip_test=flip,
-                                       shift_heatmap=cfg.shift_heatmap, decode=cfg.decode, sigma=self.sigma)
+                                       shift_heatmap=cfg.shift_heatmap, decode=cfg.decode, sigma=self.sigma,
+                                       flip_index=self.keypoints.flip_index)
         insts = self.instances.instances
         box_scores = np.array([i.score for i in insts])
         areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
         raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores)
-        results = metrics.nms_per_image(raw, areas, thresh=cfg.oks_nms_thr, in_vis_thr=cfg.in_vis_thr)
-        stats = metrics.coco_keypoint_eval(self.gt_coco, results)
-        return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results)
+        results = metrics.nms_per_image(raw, areas, thresh=cfg.oks_nms_thr, in_vis_thr=cfg.in_vis_thr,
+                                        sigmas=self.oks_sigmas)
+        stats = metrics.coco_keypoint_eval(self.gt_coco, results, sigmas=self.oks_sigmas)
+        parts = (metrics.part_keypoint_eval(self.gt_coco, results, self.oks_sigmas, self.keypoints.parts)
+                 if self.keypoints.parts else {})
+        return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results,
+                          parts=parts)
 
 
 def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, flip_test: bool | None = None,
@@ -112,12 +125,14 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str 
     net, _ = build_from_checkpoint(checkpoint, dev, model=model)
     aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
     if split == "unlabeled":
-        gt = PersonInstances(ann, cfg.data.image_dir(split), aspect, strict=cfg.data.strict)
+        gt = PersonInstances(ann, cfg.data.image_dir(split), aspect, strict=cfg.data.strict,
+                             keypoints=keypoint_set(cfg.data.keypoints))
         instances = load_instances(cfg.data, split)
     else:
         gt = load_instances(cfg.data, split)
-        instances = gt if boxes == "gt" else DetectedPersons(boxes, gt.coco, cfg.data.image_dir(split), aspect,
-                                                              cfg.eval.det_score_thr, strict=cfg.data.strict)
+        instances = gt if boxes == "gt" else DetectedPersons(
+            boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr, strict=cfg.data.strict,
+            num_keypoints=keypoint_set(cfg.data.keypoints).num_keypoints)
     report = evaluate_model(net, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
     if results_out:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ STATS_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR", "AR .5", "AR .
 RESULT_KEYS = ("image_id", "category_id", "keypoints", "score")
 _GT_LISTS = ("images", "annotations", "categories")
 # Every field (besides the id) that COCOeval reads from a keypoint ground-truth annotation.
-_GT_ANN_KEYS = ("image_id", "category_id", "iscrowd", "area", "bbox", "keypoints", "num_keypoints")
+# no 'area': CrowdPose and AIC give none, and their evaluators take the box's (coco_keypoint_eval does too)
+_GT_ANN_KEYS = ("image_id", "category_id", "iscrowd", "bbox", "keypoints", "num_keypoints")
 
 
 def oks_iou(
@@ -108,7 +109,8 @@ def keypoint_results(
 
 
 def nms_per_image(
-    results: list[dict], areas: np.ndarray, thresh: float = 0.9, in_vis_thr: float | None = 0.2
+    results: list[dict], areas: np.ndarray, thresh: float = 0.9, in_vis_thr: float | None = 0.2,
+    sigmas: np.ndarray | None = None,
 ) -> list[dict]:
     """Rescoring then OKS-NMS within each image, as HRNet's `evaluate` does.
 
@@ -131,7 +133,7 @@ def nms_per_image(
     kept = []
     for indices in by_image.values():
         db = [{"keypoints": poses[i], "score": scores[i], "area": areas[i]} for i in indices]
-        kept.extend({**results[indices[j]], "score": float(scores[indices[j]])} for j in oks_nms(db, thresh))
+        kept.extend({**results[indices[j]], "score": float(scores[indices[j]])} for j in oks_nms(db, thresh, sigmas))
     return kept
 
 
@@ -226,13 +228,13 @@ def gt_as_results(coco: COCO) -> list[dict]:
 
 
 def coco_keypoint_eval(
-    gt: COCO | str | Path, results: list[dict] | str | Path, verbose: bool = False
+    gt: COCO | str | Path, results: list[dict] | str | Path, verbose: bool = False, sigmas: np.ndarray | None = None
 ) -> dict[str, float]:
-    """OKS AP/AR of `results` against `gt` via COCOeval(iouType='keypoints'), named as STATS_NAMES.
-
-    pycocotools' own printout is swallowed unless `verbose`.
+    """OKS AP/AR of `results` against `gt` via COCOeval(iouType='keypoints'), named as STATS_NAMES, with the
+    keypoint set's `sigmas` (COCO's 17 when None). A ground truth without 'area' (CrowdPose, AIC) is scored
+    with each box's area, as their evaluators do. pycocotools' own printout is swallowed unless `verbose`.
     """
-    num_keypoints = len(COCO_SIGMAS)
+    num_keypoints = len(COCO_SIGMAS) if sigmas is None else len(sigmas)
     if isinstance(gt, COCO):
         gt_label = "ground truth"
         _check_gt(gt.dataset, gt_label, num_keypoints)
@@ -265,15 +267,40 @@ def coco_keypoint_eval(
         }
         for d in dets
     ]
+    for ann in coco_gt.dataset["annotations"]:
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_dt = coco_gt.loadRes(clean)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="keypoints")
         coco_eval.params.useSegm = None
+        if sigmas is not None:
+            coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     return {name: float(value) for name, value in zip(STATS_NAMES, coco_eval.stats)}
+
+
+def part_keypoint_eval(gt: COCO, results: list[dict], sigmas: np.ndarray, parts: dict[str, tuple[int, int]]
+                       ) -> dict[str, dict[str, float]]:
+    """OKS AP/AR of each part of a keypoint set alone (COCO-WholeBody's body, foot, face and hands), as
+    mmpose's whole-body metric reports them: ground truth and results cut to the part's points, scored
+    with the part's sigmas; a part no person has labelled scores -1, as COCOeval says "no ground truth"."""
+    out = {}
+    for name, (start, stop) in parts.items():
+        dataset = {**gt.dataset, "annotations": [
+            {**ann, "keypoints": ann["keypoints"][3 * start:3 * stop],
+             "num_keypoints": sum(1 for v in ann["keypoints"][3 * start + 2:3 * stop:3] if v > 0)}
+            for ann in gt.dataset["annotations"]]}
+        part_gt = COCO()
+        part_gt.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):
+            part_gt.createIndex()
+        part_results = [{**r, "keypoints": list(r["keypoints"][3 * start:3 * stop])} for r in results]
+        out[name] = coco_keypoint_eval(part_gt, part_results, sigmas=np.asarray(sigmas)[start:stop])
+    return out
 
 
 def format_stats_table(stats: dict[str, float]) -> str:

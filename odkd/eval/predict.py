@@ -12,6 +12,7 @@ import torch
 from odkd.data.decode import decode_heatmaps
 from odkd.data.image import read_image
 from odkd.data.transforms import CropFrame, box_to_center_scale, crop_image, invert_affine, normalize_image
+from odkd.data.keypoints import COCO_SET, KeypointSet
 from odkd.data.visualize import draw_pose, tint_mask
 from odkd.errors import OdkdError, not_found
 from odkd.models.inference import predict_batch
@@ -48,7 +49,7 @@ def boxes_from_annotations(ann_file: str | Path, image_path: str | Path) -> list
 
 
 def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_test: bool = True,
-                  decode: str = "argmax", sigma: float = 2.0):
+                  decode: str = "argmax", sigma: float = 2.0, kset: KeypointSet = COCO_SET):
     """Keypoints (P, K, 3) in image coordinates and, for a seg-head model, the union person mask (H, W).
     `decode` and `sigma` (the targets', in heatmap pixels) pick the decoder, as [eval] decode does."""
     h, w = image.shape[:2]
@@ -59,8 +60,9 @@ def predict_image(model, image: np.ndarray, boxes, input_size, *, device, flip_t
         frames.append(CropFrame(center=tuple(map(float, center)), scale=tuple(map(float, scale)), image_width=w))
     batch = torch.from_numpy(np.stack([normalize_image(crop_image(image, f, input_size)) for f in frames]))
     model.eval()
-    heatmaps, masks = predict_batch(model, batch.to(device), flip_test=flip_test)
-    preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma)
+    heatmaps, masks = predict_batch(model, batch.to(device), flip_test=flip_test and kset.mirrored,
+                                    flip_index=kset.flip_index)
+    preds, maxvals = decode_heatmaps(heatmaps.cpu().numpy(), frames, decode, sigma, kset.flip_index)
     keypoints = np.concatenate([preds, maxvals], axis=2)
     if masks is None:
         return keypoints, None
@@ -83,16 +85,17 @@ def check_picture_name(out_path) -> None:
 
 
 def predict_to_png(model, image_path, boxes, input_size, out_path, *, device, flip_test=True,
-                   min_score: float = 0.2, decode: str = "argmax", sigma: float = 2.0) -> np.ndarray:
+                   min_score: float = 0.2, decode: str = "argmax", sigma: float = 2.0,
+                   kset: KeypointSet = COCO_SET) -> np.ndarray:
     """Draw every person's skeleton (and the mask) over the image, write out_path (in the format of its
     extension, check_picture_name); return the keypoints."""
     check_picture_name(out_path)
     image = read_image(image_path)
     keypoints, mask = predict_image(model, image, boxes, input_size, device=device, flip_test=flip_test,
-                                    decode=decode, sigma=sigma)
+                                    decode=decode, sigma=sigma, kset=kset)
     canvas = image if mask is None else tint_mask(image, mask)
     for person in keypoints:
-        canvas = draw_pose(canvas, person, min_score=min_score)
+        canvas = draw_pose(canvas, person, min_score=min_score, kset=kset)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out_path), canvas):
         raise OdkdError(f"{out_path}: cannot write image (use a .png or .jpg name)")

@@ -67,6 +67,15 @@ class CheckpointFile:
     dropped_keys: list[str] = field(default_factory=list)  # an ImageNet file's classification-only keys
 
 
+def checkpoint_num_joints(ckpt: CheckpointFile) -> int:
+    """The keypoints a checkpoint's model outputs: what an odkd file records, else the output channels of its
+    final layer (official HRNet and mmpose files record no keypoint set), else COCO's 17."""
+    if "num_joints" in ckpt.meta:
+        return int(ckpt.meta["num_joints"])
+    weight = ckpt.state_dict.get("final_layer.weight")
+    return int(weight.shape[0]) if weight is not None else 17
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """What load_checkpoint did: the file's format, the model keys it filled, those it left freshly
@@ -297,7 +306,8 @@ def build_from_checkpoint(path: str | os.PathLike, device: str | torch.device, m
                 f"{ckpt.path}: the {ckpt.format} format does not record its model; name it with --model "
                 "(e.g. --model hrnet_w32)"
             )
-        meta = {"model": model, "model_args": dict(model_args or {}), "num_joints": 17, "seg_head": False}
+        meta = {"model": model, "model_args": dict(model_args or {}), "num_joints": checkpoint_num_joints(ckpt),
+                "seg_head": False}
     else:
         meta = ckpt.meta
         for key in ("model", "model_args", "num_joints", "seg_head"):

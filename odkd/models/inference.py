@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from odkd.data.keypoints import FLIP_INDEX
 
 
-def flip_back(maps: torch.Tensor, keypoint_channels: bool = True, shift: bool = True) -> torch.Tensor:
+def flip_back(maps: torch.Tensor, keypoint_channels: bool = True, shift: bool = True,
+              flip_index: np.ndarray = FLIP_INDEX) -> torch.Tensor:
     """Output for a mirrored input (N, C, h, w) -> the unmirrored frame: flip the width, swap the pairs.
 
     With `shift`, move one pixel right, as the official SHIFT_HEATMAP does to undo the
@@ -21,7 +23,7 @@ def flip_back(maps: torch.Tensor, keypoint_channels: bool = True, shift: bool = 
     """
     out = maps.flip(3)
     if keypoint_channels:
-        out = out[:, torch.tensor(FLIP_INDEX.tolist(), device=maps.device)]
+        out = out[:, torch.tensor(flip_index.tolist(), device=maps.device)]
     if shift:
         out = torch.cat([out[..., :1], out[..., :-1]], dim=3)
     return out
@@ -36,7 +38,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def predict_batch(model: torch.nn.Module, images: torch.Tensor, *, flip_test: bool = True,
-                  shift_heatmap: bool = True, autocast_dtype: torch.dtype | None = None):
+                  shift_heatmap: bool = True, autocast_dtype: torch.dtype | None = None,
+                  flip_index: np.ndarray = FLIP_INDEX):
     """Heatmaps (N, K, h, w) float32 and, for a model with a seg head, mask probabilities (N, 1, h, w).
 
     With flip_test the mirrored batch runs too and its flipped-back output is averaged in,
@@ -50,7 +53,7 @@ def predict_batch(model: torch.nn.Module, images: torch.Tensor, *, flip_test: bo
     heatmaps, mask_logits = out[0].float(), out[1]
     mask = None if mask_logits is None else torch.sigmoid(mask_logits.float())
     if flipped is not None:
-        heatmaps = (heatmaps + flip_back(flipped[0].float(), shift=shift_heatmap)) * 0.5
+        heatmaps = (heatmaps + flip_back(flipped[0].float(), shift=shift_heatmap, flip_index=flip_index)) * 0.5
         if mask is not None:
             mask = (mask + flip_back(torch.sigmoid(flipped[1].float()), keypoint_channels=False,
                                      shift=shift_heatmap)) * 0.5

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from odkd.config import TeacherConfig
-from odkd.data.keypoints import NUM_JOINTS
+from odkd.data.keypoints import keypoint_set
 from odkd.errors import OdkdError, not_found
-from odkd.models.checkpoint import CheckpointFile, apply_checkpoint, model_fingerprint, read_checkpoint
+from odkd.models.checkpoint import (CheckpointFile, apply_checkpoint, checkpoint_num_joints, model_fingerprint,
+                                    read_checkpoint)
 from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, load_external_teacher
 from odkd.models.registry import build_model
 
@@ -65,9 +66,9 @@ def _build_teacher(model: str, model_args: dict, seg_head: bool, checkpoint: str
     file behind the same interface, on `device`."""
     if model in EXTERNAL_KINDS:
         return load_external_teacher(model, checkpoint, device, **contract)
-    net = build_model(model, seg_head=seg_head, **model_args)
     if not isinstance(checkpoint, CheckpointFile):
         checkpoint = read_checkpoint(checkpoint)
+    net = build_model(model, checkpoint_num_joints(checkpoint), seg_head=seg_head, **model_args)
     # a teacher must be whole: no freshly initialised seg head behind a keypoint-only file
     apply_checkpoint(net, checkpoint, allow_new_seg_head=False)
     return net.eval().to(device)
@@ -94,7 +95,7 @@ def _teacher_contract(tcfg: TeacherConfig, role: str) -> dict:
             "mask_output": tcfg.mask_output if tcfg.seg_head else None}
 
 
-def _check_outputs(net, role: str, path: Path, input_size, map_size, with_mask: bool) -> None:
+def _check_outputs(net, role: str, path: Path, input_size, map_size, with_mask: bool, num_joints: int) -> None:
     """One forward of zeros: the heatmaps (and mask) must have the cache geometry's shapes."""
     batch = torch.zeros(PROBE_BATCH, 3, input_size[1], input_size[0])
     try:
@@ -102,7 +103,7 @@ def _check_outputs(net, role: str, path: Path, input_size, map_size, with_mask: 
             out = net(batch)
     except OdkdError as exc:
         raise OdkdError(f"teachers.{role}: {exc}") from None
-    wanted = {"heatmaps": (PROBE_BATCH, NUM_JOINTS, map_size[1], map_size[0])}
+    wanted = {"heatmaps": (PROBE_BATCH, num_joints, map_size[1], map_size[0])}
     got = {"heatmaps": tuple(out.heatmaps.shape)}
     if with_mask:
         wanted["mask"], got["mask"] = (PROBE_BATCH, 1, map_size[1], map_size[0]), tuple(out.mask_logits.shape)
@@ -146,7 +147,8 @@ def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
             raise OdkdError("teachers.senior.seg_head must be true: the cache stores the senior teacher's mask")
         teacher = load_configured_teacher(cfg, role)
         path = teacher.path
-        _check_outputs(teacher.net, role, path, input_size, map_size, with_mask=key == "st")
+        _check_outputs(teacher.net, role, path, input_size, map_size, with_mask=key == "st",
+                       num_joints=keypoint_set(cfg.data.keypoints).num_keypoints)
         best_ap = None if teacher.checkpoint is None else teacher.checkpoint.extra.get("best_ap")
         specs[key] = TeacherSpec(
             role=role, model=tcfg.model, model_args=dict(tcfg.model_args), seg_head=tcfg.seg_head,

@@ -114,6 +114,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> str:
                 f"on (dilation {settings['mask_gate_dilation']})" if settings["mask_gate"] else "off",
                 "on" if settings["flip_test"] else "off"),
             f"precision    {precision_line(settings.get('precision', 'fp32'), markers)}",
+            "keypoints    " + ("{name}, {num_keypoints} points, digest {digest}".format(**settings["keypoints"])
+                               if "keypoints" in settings else f"coco, {layout.num_joints} points"),
         ]
     if attrs.get("pipeline", {}).get("source"):
         lines.append(f"pipeline     {attrs['pipeline']['source']}")

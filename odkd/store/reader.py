@@ -18,6 +18,13 @@ from odkd.store.store import open_group, read_attrs, read_markers, storage_error
 MAP_ARRAYS = ("pt/heatmaps", "st/heatmaps", "st/mask")
 
 
+def _set_words(record: dict | None) -> str:
+    """A keypoint set as a store records it (odkd.data.keypoints.stored_record), in words."""
+    if record is None:
+        return "'coco' (17 points)"
+    return f"'{record.get('name')}' ({record.get('num_keypoints')} points, digest {record.get('digest')})"
+
+
 class TeacherTargets:
     """The teacher targets of one split, row i being instance i. Open with `TeacherTargets.open(url)`."""
 
@@ -31,7 +38,8 @@ class TeacherTargets:
 
     @classmethod
     def open(cls, url: str, *, dataset_fingerprint: str | None = None, split: str | None = None,
-             storage_options: dict | None = None, require_complete: bool = True) -> "TeacherTargets":
+             storage_options: dict | None = None, require_complete: bool = True,
+             keypoints: dict | None | str = "any") -> "TeacherTargets":
         """Open and validate a store: schema version, split and dataset fingerprint (when given), completeness.
 
         The split first: a store of another split has another fingerprint too, and "rebuild it" would be
@@ -46,6 +54,10 @@ class TeacherTargets:
         if split is not None and stored_split != split:
             raise OdkdError(f"{url}: settings.split is {stored_split!r}, but it is read here as the {split!r} "
                             f"split's store; is it the other store of the config?")
+        stored_set = attrs.get("settings", {}).get("keypoints")
+        if keypoints != "any" and stored_set != keypoints:
+            raise OdkdError(f"{url}: built for the keypoint set {_set_words(stored_set)}, but [data] keypoints is "
+                            f"{_set_words(keypoints)}; rebuild it for this set")
         stored = attrs.get("settings", {}).get("dataset_fingerprint")
         if dataset_fingerprint is not None and stored != dataset_fingerprint:
             raise OdkdError(f"{url}: built for dataset fingerprint {stored}, but the dataset's is "

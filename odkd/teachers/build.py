@@ -9,7 +9,7 @@ from pathlib import Path
 from odkd import __version__
 from odkd.config import PipelineConfig, resolve_device
 from odkd.data.instances import load_instances
-from odkd.data.keypoints import NUM_JOINTS
+from odkd.data.keypoints import keypoint_set, stored_record
 from odkd.errors import OdkdError
 from odkd.models.teacher import resolve_teachers
 from odkd.store.geometry import cache_geometry
@@ -26,14 +26,17 @@ def cache_settings(cfg: PipelineConfig, split: str, dataset_fingerprint: str, ma
                    teachers: dict) -> dict:
     """Everything that decides a store's contents; a store is only resumed under identical settings."""
     c = cfg.cache
+    kset = keypoint_set(cfg.data.keypoints)
+    recorded = stored_record(kset)
     return {
+        **({"keypoints": recorded} if recorded else {}),
         "dataset_fingerprint": dataset_fingerprint, "split": split,
         "input_size": list(cfg.data.input_size), "heatmap_size": list(cfg.data.heatmap_size),
         "sigma": cfg.data.sigma, "margin": c.margin, "map_size": list(map_size), "store_soft": c.store_soft,
         "teacher_input_size": list(teacher_input_size),
         "threshold": c.threshold, "threshold_mode": c.threshold_mode, "mask_threshold": c.mask_threshold,
         "mask_gate": c.mask_gate, "mask_gate_dilation": c.mask_gate_dilation,
-        "flip_test": c.flip_test, "shift_heatmap": cfg.eval.shift_heatmap, "precision": c.precision,
+        "flip_test": c.flip_test and kset.mirrored, "shift_heatmap": cfg.eval.shift_heatmap, "precision": c.precision,
         "teachers": {key: spec.settings() for key, spec in teachers.items()},
     }
 
@@ -93,7 +96,8 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
         raise OdkdError(f"{source}: no person instances to cache")
     map_size, teacher_input = cache_geometry(cfg.data.heatmap_size, cfg.data.input_size, cfg.cache.margin)
     teachers = resolve_teachers(cfg, teacher_input, map_size)
-    layout = StoreLayout(count, NUM_JOINTS, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances,
+    kset = keypoint_set(cfg.data.keypoints)
+    layout = StoreLayout(count, kset.num_keypoints, map_size, cfg.cache.chunk_instances, cfg.cache.shard_instances,
                          soft=cfg.cache.store_soft)
     settings = cache_settings(cfg, split, instances.fingerprint, map_size, teacher_input, teachers)
     attrs = {
@@ -109,6 +113,7 @@ def build_teacher_store(cfg: PipelineConfig, split: str = "train", out: str | No
         records=InstanceRecords.from_instances(instances, count, cfg.data.heatmap_size, map_size),
         settings=settings, batch_size=batch_size, device=device, decode_threads=decode_threads,
         torch_threads=torch_threads or (default_torch_threads(workers) if scheduler is None else None),
+        flip_index=tuple(kset.flip_index.tolist()),
     )
     gpus = visible_gpus() if scheduler is None and device in ("cuda", "auto") else []
     return build_store(url, layout, settings, producer, attrs=attrs, scheduler=scheduler, workers=workers,

@@ -13,6 +13,7 @@ import torch
 
 from odkd.config import resolve_device
 from odkd.data.image import read_image
+from odkd.data.keypoints import FLIP_INDEX
 from odkd.data.transforms import CropFrame, crop_image, normalize_image
 from odkd.errors import OdkdError
 from odkd.models.inference import cuda_tf32, predict_batch
@@ -62,7 +63,8 @@ def set_precision_layout(net, precision: str) -> None:
         net.to(memory_format=torch.channels_last if precision == "bf16" else torch.contiguous_format)
 
 
-def teacher_forward(net, images: torch.Tensor, precision: str, *, flip_test: bool, shift_heatmap: bool):
+def teacher_forward(net, images: torch.Tensor, precision: str, *, flip_test: bool, shift_heatmap: bool,
+                    flip_index: np.ndarray = FLIP_INDEX):
     """predict_batch at `precision` ("fp32" | "tf32" | "bf16") on a net laid out by set_precision_layout.
 
     bf16 is autocast to bfloat16 on channels-last crops; an ONNX or TorchScript file runs at the
@@ -73,7 +75,7 @@ def teacher_forward(net, images: torch.Tensor, precision: str, *, flip_test: boo
         images = images.contiguous(memory_format=torch.channels_last)
     with cuda_tf32(precision != "fp32"):
         return predict_batch(net, images, flip_test=flip_test, shift_heatmap=shift_heatmap,
-                             autocast_dtype=torch.bfloat16 if bf16 else None)
+                             autocast_dtype=torch.bfloat16 if bf16 else None, flip_index=flip_index)
 
 
 def normalization_table() -> np.ndarray:
@@ -101,6 +103,7 @@ class TeacherProducer:
     device: str = "cpu"  # resolved by each worker: "auto" means its own GPU when it has one
     torch_threads: int | None = None
     decode_threads: int = 0  # 0: decode_threads_for the worker's device
+    flip_index: tuple[int, ...] = tuple(FLIP_INDEX.tolist())  # the keypoint set's mirror, for the flip test
 
     def __call__(self, start: int, stop: int) -> ShardTargets:
         return self.targets_for(np.arange(start, stop))
@@ -184,7 +187,7 @@ class TeacherProducer:
         binary = {}
         for key, net in nets.items():
             heatmaps, mask = teacher_forward(net, images, self.precision, flip_test=s["flip_test"],
-                                             shift_heatmap=s["shift_heatmap"])
+                                             shift_heatmap=s["shift_heatmap"], flip_index=np.array(self.flip_index))
             out[f"{key}/conf"][rows] = heatmaps.amax(dim=(-2, -1)).to(torch.float16).cpu().numpy()
             if self.layout.soft:
                 out[f"{key}/soft_heatmaps"][rows] = heatmaps.to(torch.float16).cpu().numpy()

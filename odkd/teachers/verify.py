@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import keypoint_set
 from odkd.errors import OdkdError
 from odkd.models.teacher import resolve_teachers
 from odkd.store.info import ran_precision_of
@@ -94,6 +95,7 @@ def _replay(targets: TeacherTargets, cfg, instances, sample: int, device: str, r
         records=InstanceRecords.from_instances(instances, len(targets), settings["heatmap_size"],
                                                settings["map_size"]),
         settings={**settings, "precision": built}, batch_size=max(1, len(chosen)), device=device,
+        flip_index=tuple(keypoint_set(cfg.data.keypoints).flip_index.tolist()),
     )
     replay = producer.targets_for(chosen)
     fresh, rerun = replay.arrays, replay.ran["precision"]

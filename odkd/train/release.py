@@ -17,6 +17,7 @@ import torch
 
 from odkd.config import resolve_device, teacher_data
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import keypoint_set
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
@@ -72,7 +73,8 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     # the packed weights, loaded into the model the config describes (any other odkd model is refused
     # here), are exactly what the released file will load as: score them before anything is written
     half = _half_weights(src.state_dict)
-    net = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
+    net = build_model(tcfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
+                      seg_head=tcfg.seg_head, **tcfg.model_args)
     apply_checkpoint(net, replace(src, state_dict=half), allow_new_seg_head=False)
     dev = resolve_device(device or cfg.device)
     data = teacher_data(cfg, role)

@@ -21,6 +21,7 @@ import torch
 from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
 from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import keypoint_set, stored_record
 from odkd.distill.objective import StudentObjective, stored_arrays
 from odkd.distill.stages import StagePlan, required_arrays, stage_teachers, stage_uses_mask
 from odkd.errors import OdkdError, not_found
@@ -40,12 +41,13 @@ def default_student_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.runs) / "student"
 
 
-def open_teacher_store(url: str, dataset_fingerprint: str, split: str = "train",
-                       storage_options: dict | None = None) -> TeacherTargets:
-    """The store at `url`, validated against the split and its dataset; any failure to reach it is one line."""
+def open_teacher_store(url: str, dataset_fingerprint: str, cfg: PipelineConfig, split: str = "train") -> TeacherTargets:
+    """The store at `url`, validated against the split, the keypoint set and the dataset of `cfg`; any failure
+    to reach it is one line."""
     try:
         return TeacherTargets.open(url, dataset_fingerprint=dataset_fingerprint, split=split,
-                                   storage_options=storage_options or None)
+                                   storage_options=cfg.cache.storage_options or None,
+                                   keypoints=stored_record(keypoint_set(cfg.data.keypoints)))
     except OdkdError:
         raise
     except Exception as exc:  # fsspec and its transports raise their own kinds (aiohttp, botocore, OSError)
@@ -99,7 +101,8 @@ def check_unlabeled_learns(plan: StagePlan, source: str) -> None:
 def check_student_fits(cfg: PipelineConfig) -> None:
     """The student's heatmaps have [data] heatmap_size at [data] input_size; else one line naming both."""
     scfg = cfg.student
-    model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)
+    model = build_model(scfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
+                        seg_head=scfg.seg_head, **scfg.model_args)
     with torch.inference_mode():
         out_hw = tuple(model(torch.zeros(1, 3, cfg.data.input_size[1], cfg.data.input_size[0]))[0].shape[-2:])
     if out_hw != tuple(cfg.data.heatmap_size[::-1]):
@@ -139,15 +142,13 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         plan = StagePlan(scfg)
         dev = rank_device(ranks, resolve_device(device or cfg.device))
         instances = load_instances(cfg.data, "train")
-        targets = open_teacher_store(cache or scfg.cache, instances.fingerprint,
-                                     storage_options=cfg.cache.storage_options)
+        targets = open_teacher_store(cache or scfg.cache, instances.fingerprint, cfg)
         check_store_fits(targets, cfg, plan, len(instances))
         unlabeled = unlabeled_targets = None
         if scfg.unlabeled_cache:
             check_unlabeled_learns(plan, cfg.source)
             unlabeled = load_instances(cfg.data, "unlabeled")
-            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, split="unlabeled",
-                                                   storage_options=cfg.cache.storage_options)
+            unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, cfg, split="unlabeled")
             check_store_fits(unlabeled_targets, cfg, plan, len(unlabeled), split="unlabeled")
             check_same_teachers(targets, unlabeled_targets)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
@@ -175,7 +176,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
     try:
 
         def make_model():
-            model = build_model(scfg.model, seg_head=scfg.seg_head, **scfg.model_args)
+            model = build_model(scfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
+                                seg_head=scfg.seg_head, **scfg.model_args)
             if scfg.init and not resume:
                 report = load_checkpoint(model, scfg.init, allow_new_seg_head=True)
                 if ranks.is_main:
@@ -196,8 +198,8 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                 log.info(f"{len(instances)} labelled instances and {sampler.per_epoch} of the {len(unlabeled)} "
                          f"unlabelled ones an epoch (student.unlabeled_share {scfg.unlabeled_share})")
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma,
-                                     seg_loss=scfg.seg_loss,
-                                     keep_blob_size=scfg.keep_blob_size)
+                                     seg_loss=scfg.seg_loss, keep_blob_size=scfg.keep_blob_size,
+                                     flip_index=keypoint_set(cfg.data.keypoints).flip_index)
         evaluator = None
         if ranks.is_main:
             evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=scfg.seg_head,

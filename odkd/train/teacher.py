@@ -8,6 +8,7 @@ from pathlib import Path
 from odkd.config import keep_resolved_config, resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import keypoint_set
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
@@ -46,7 +47,8 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
     init = init if init is not None else tcfg.init
 
     def make_model():
-        model = build_model(tcfg.model, seg_head=tcfg.seg_head, **tcfg.model_args)
+        model = build_model(tcfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
+                            seg_head=tcfg.seg_head, **tcfg.model_args)
         if init and not resume:
             report = load_checkpoint(model, init, allow_new_seg_head=True)
             log.info(f"init from {report.summary()}")

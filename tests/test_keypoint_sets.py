@@ -1,0 +1,215 @@
+"""Keypoint sets: the presets and set files, their errors, and a CrowdPose-format dataset (14 points, no
+'area') through the teachers' store, the student and OKS AP with the set's sigmas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from odkd.cli import main
+from odkd.config import parse_config
+from odkd.data.instances import PersonInstances, load_instances
+from odkd.data.keypoints import COCO_SET, FLIP_INDEX, KEYPOINT_NAMES, SKELETON, keypoint_set, presets
+from odkd.errors import OdkdError
+from odkd.models import build_model, read_checkpoint, save_checkpoint
+from odkd.store.reader import TeacherTargets
+from odkd.synth import make_synthetic_dataset
+from odkd.teachers import build_cache
+from test_student import read_log, student_toml
+
+COUNTS = {"coco": 17, "coco_wholebody": 133, "crowdpose": 14, "ap10k": 17, "hand21": 21}
+
+
+def test_the_presets_load_with_mmpose_counts_and_coco_is_the_legacy_set():
+    assert presets() == sorted(COUNTS)
+    for name, k in COUNTS.items():
+        kset = keypoint_set(name)
+        assert kset.num_keypoints == k and len(kset.joint_weights) == k and len(kset.sigmas) in (0, k), name
+        assert sorted(kset.flip_index) == list(range(k)) and (kset.flip_index[kset.flip_index] == np.arange(k)).all()
+    assert COCO_SET.names == KEYPOINT_NAMES and np.array_equal(COCO_SET.flip_index, FLIP_INDEX)
+    assert tuple((a + 1, b + 1) for a, b in COCO_SET.skeleton) == SKELETON
+    np.testing.assert_allclose(COCO_SET.sigmas, [.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062,
+                                                 .107, .107, .087, .087, .089, .089])
+    wholebody = keypoint_set("coco_wholebody")
+    assert wholebody.parts == {"body": (0, 17), "foot": (17, 23), "face": (23, 91), "left_hand": (91, 112),
+                               "right_hand": (112, 133)}
+    assert wholebody.names[:17] == COCO_SET.names
+    assert keypoint_set("hand21").sigmas == () and keypoint_set("hand21").upper_body == ()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+OWN = """name = "arm"
+keypoints = ["l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "chest"]
+flip_pairs = [["l_shoulder", "r_shoulder"], ["l_elbow", "r_elbow"]]
+skeleton = [["l_shoulder", "l_elbow"], ["r_shoulder", "r_elbow"], [0, 4], [1, 4]]
+upper_body = ["l_shoulder", "r_shoulder", "chest"]
+lower_body = ["l_elbow", "r_elbow"]
+sigmas = [0.079, 0.079, 0.072, 0.072, 0.05]
+"""
+
+
+def test_a_set_file_of_ones_own_by_names_or_indices(tmp_path):
+    kset = keypoint_set(str(write(tmp_path / "arm.toml", OWN)))
+    assert (kset.name, kset.num_keypoints) == ("arm", 5)
+    assert kset.flip_index.tolist() == [1, 0, 3, 2, 4]
+    assert kset.skeleton == ((0, 2), (1, 3), (0, 4), (1, 4)) and kset.upper_body == (0, 1, 4)
+    assert kset.joint_weights == () and kset.mirrored
+    unmirrored = keypoint_set(str(write(tmp_path / "plain.toml", 'keypoints = ["a", "b"]\n')))
+    assert not unmirrored.mirrored and unmirrored.flip_index.tolist() == [0, 1] and unmirrored.name == "plain"
+
+
+@pytest.mark.parametrize("change, message", [
+    (('"l_elbow", "r_elbow"]]', '"l_elbow", "r_wrist"]]'), "flip_pairs: 'r_wrist' is not one of the set's keypoints"),
+    (("[0, 4], [1, 4]", "[0, 4], [1, 5]"), "skeleton: point 5 is out of range for 5 keypoints (0-based)"),
+    (("0.072, 0.05]", "0.072]"), "sigmas: 4 values for 5 keypoints"),
+    (('"r_elbow", "chest"]', '"r_elbow", "r_elbow"]'), "keypoints: 'r_elbow' is named twice"),
+    (('name = "arm"', 'name = "arm"\nflip = 1'), "unknown key 'flip'"),
+    (('[["l_shoulder", "r_shoulder"],', '[["l_shoulder", "l_shoulder"],'), "flip_pairs: a point is in two pairs"),
+])
+def test_a_set_file_that_does_not_hold_together_is_one_line_naming_file_and_key(tmp_path, change, message):
+    path = write(tmp_path / "arm.toml", OWN.replace(*change))
+    with pytest.raises(OdkdError) as err:
+        keypoint_set(str(path))
+    assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(f"{path}: {message}"), str(err.value)
+
+
+def test_the_config_names_the_set_and_a_wrong_one_is_one_line():
+    assert parse_config('[data]\nkeypoints = "crowdpose"\n').data.keypoints == "crowdpose"
+    with pytest.raises(OdkdError, match=r"^p.toml: data.keypoints: 'crowd' is neither a preset \(ap10k, coco, "):
+        parse_config('[data]\nkeypoints = "crowd"\n', "p.toml")
+    with pytest.raises(OdkdError, match=r"^--set data.keypoints=no/such.toml: no/such.toml: keypoint set file not found"):
+        parse_config("", "p.toml", ["data.keypoints=no/such.toml"])
+
+
+def to_crowdpose(ann_file: Path) -> None:
+    """A COCO person-keypoints file rewritten as CrowdPose writes its own: its 14 points (COCO's 12 limb
+    points, then head and neck), no 'area' (CrowdPose's evaluator takes the box's)."""
+    crowd = keypoint_set("crowdpose")
+    data = json.loads(ann_file.read_text())
+    for ann in data["annotations"]:
+        kp = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
+        head = kp[0] if kp[0, 2] > 0 else np.zeros(3)
+        neck = np.r_[(kp[5, :2] + kp[6, :2]) / 2, 2] if kp[5, 2] > 0 and kp[6, 2] > 0 else np.zeros(3)
+        new = np.vstack([kp[5:17], head, neck])
+        ann["keypoints"] = [round(float(v), 2) for v in new.reshape(-1)]
+        ann["num_keypoints"] = int((new[:, 2] > 0).sum())
+        ann.pop("area", None)
+    data["categories"] = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(crowd.names),
+                           "skeleton": crowd.skeleton_1based}]
+    ann_file.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def crowd_world(tmp_path_factory):
+    """6 synthetic images as a CrowdPose-format dataset, two tiny 14-point teachers and their store."""
+    base = tmp_path_factory.mktemp("crowd")
+    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
+    for split in ("train", "val"):
+        to_crowdpose(base / "data" / "annotations" / f"person_keypoints_{split}.json")
+    torch.manual_seed(0)
+    for role, seg in (("primary", False), ("senior", True)):
+        net = build_model("hrnet_tiny", 14, seg_head=seg, width=8)
+        save_checkpoint(base / "runs" / f"teacher_{role}" / "best.pth", net, model_name="hrnet_tiny",
+                        model_args={"width": 8}, seg_head=seg)
+    toml = student_toml(base).replace("sigma = 2.0", 'sigma = 2.0\nkeypoints = "crowdpose"')
+    (base / "p.toml").write_text(toml)
+    build_cache(parse_config(toml), "train", scheduler="synchronous", progress=False)
+    return base
+
+
+def test_a_crowdpose_dataset_is_read_with_its_14_points_and_box_areas(crowd_world):
+    cfg = parse_config((crowd_world / "p.toml").read_text())
+    instances = load_instances(cfg.data, "train")
+    assert len(instances) > 0 and instances[0].joints.shape == (14, 3)
+    ann = crowd_world / "data" / "annotations" / "person_keypoints_train.json"
+    raw = {a["id"]: a for a in json.loads(ann.read_text())["annotations"]}[instances[0].ann_id]
+    assert "area" not in raw and instances[0].area == raw["bbox"][2] * raw["bbox"][3]
+    with pytest.raises(OdkdError) as err:
+        PersonInstances(ann, crowd_world / "data" / "images" / "train")  # read as COCO's 17
+    assert "holds 42 numbers, but the set 'coco' ([data] keypoints) has 17 points: 51 numbers" in str(err.value)
+    assert str(err.value).startswith(f"{ann}: ")
+
+
+def test_the_store_and_the_student_follow_the_set(crowd_world, tmp_path, monkeypatch):
+    targets = TeacherTargets.open(str(crowd_world / "store.zarr"))
+    assert targets.layout.num_joints == 14
+    assert targets.attrs["settings"]["keypoints"] == keypoint_set("crowdpose").record()
+    info = CliRunner().invoke(main, ["cache", "info", str(crowd_world / "store.zarr")])
+    assert info.exit_code == 0
+    assert f"keypoints    crowdpose, 14 points, digest {keypoint_set('crowdpose').digest()}" in info.output
+    config = crowd_world / "p.toml"
+    res = CliRunner().invoke(main, ["train-student", "--config", str(config), "--out", str(tmp_path / "student"),
+                                    "--set", "student.stages[1].epochs=1"])
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(tmp_path / "student" / "last.pth")
+    assert ckpt.meta["num_joints"] == 14
+    log = read_log(tmp_path / "student")
+    assert [entry["stage"] for entry in log] == ["primary", "senior"] and "AP" in log[-1]
+    res = CliRunner().invoke(main, ["evaluate", "--config", str(config), "--checkpoint",
+                                    str(tmp_path / "student" / "last.pth")])
+    assert res.exit_code == 0 and "| AP " in res.output, res.output
+    # the same pipeline read as COCO's 17 points: the store is refused before anything is written
+    coco = tmp_path / "coco.toml"
+    coco.write_text(config.read_text().replace('keypoints = "crowdpose"', 'keypoints = "coco"')
+                    .replace(f'root = "{crowd_world}/data"', f'root = "{tmp_path}/coco-data"'))
+    make_synthetic_dataset(tmp_path / "coco-data", train_images=6, val_images=2, seed=0)
+    res = CliRunner().invoke(main, ["train-student", "--config", str(coco), "--out", str(tmp_path / "coco-student")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "built for the keypoint set 'crowdpose' (14 points" in res.output
+    assert "but [data] keypoints is 'coco' (17 points); rebuild it for this set" in res.output
+    assert not (tmp_path / "coco-student").exists()
+
+
+def to_whole_body(ann_file: Path) -> None:
+    """A COCO file rewritten in COCO-WholeBody's own format: the body's 17 points in 'keypoints', six foot
+    points beside the ankles in 'foot_kpts', and face and hands that nobody labelled."""
+    data = json.loads(ann_file.read_text())
+    for ann in data["annotations"]:
+        kp = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
+        feet = []
+        for ankle in (kp[15], kp[16]):  # big toe, small toe, heel of each foot
+            for dx, dy in ((4.0, 6.0), (-4.0, 6.0), (0.0, 2.0)):
+                feet += [ankle[0] + dx, ankle[1] + dy, 2] if ankle[2] > 0 else [0, 0, 0]
+        ann["foot_kpts"] = [round(v, 2) for v in feet]
+        ann["face_kpts"], ann["lefthand_kpts"], ann["righthand_kpts"] = [0] * 204, [0] * 63, [0] * 63
+        ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
+    data["categories"][0]["keypoints"] = list(keypoint_set("coco_wholebody").names)
+    ann_file.write_text(json.dumps(data))
+
+
+def test_coco_wholebody_files_load_as_133_points_and_score_by_part(tmp_path):
+    from odkd.eval import metrics
+
+    make_synthetic_dataset(tmp_path / "data", train_images=0, val_images=3, seed=0)
+    ann = tmp_path / "data" / "annotations" / "person_keypoints_val.json"
+    body = {a["id"]: a["keypoints"] for a in json.loads(ann.read_text())["annotations"]}
+    to_whole_body(ann)
+    wholebody = keypoint_set("coco_wholebody")
+    persons = PersonInstances(ann, tmp_path / "data" / "images" / "val", keypoints=wholebody)
+    first = persons[0]
+    assert first.joints.shape == (133, 3)
+    np.testing.assert_allclose(first.joints[:17].reshape(-1), body[first.ann_id], atol=1e-4)
+    assert (first.joints[17:23, 2] > 0).any() and not first.joints[23:, 2].any()
+    joined = persons.coco.anns[first.ann_id]
+    assert len(joined["keypoints"]) == 399 and joined["num_keypoints"] == int((first.joints[:, 2] > 0).sum())
+
+    results = metrics.gt_as_results(persons.coco)
+    sigmas = np.array(wholebody.sigmas)
+    assert metrics.coco_keypoint_eval(persons.coco, results, sigmas=sigmas)["AP"] == pytest.approx(1.0)
+    parts = metrics.part_keypoint_eval(persons.coco, results, sigmas, wholebody.parts)
+    assert list(parts) == ["body", "foot", "face", "left_hand", "right_hand"]
+    assert parts["body"]["AP"] == pytest.approx(1.0) and parts["foot"]["AP"] == pytest.approx(1.0)
+    assert parts["face"]["AP"] == parts["left_hand"]["AP"] == -1.0  # nobody labelled them
+    moved = [{**r, "keypoints": [v + 6.0 if i % 3 == 0 and 51 <= i < 69 else v for i, v in enumerate(r["keypoints"])]}
+             for r in results]  # the feet 6 px to the right, the body untouched
+    parts = metrics.part_keypoint_eval(persons.coco, moved, sigmas, wholebody.parts)
+    assert parts["body"]["AP"] == pytest.approx(1.0) and parts["foot"]["AP"] < 1.0
