@@ -195,12 +195,17 @@ def main():
                    "annotations/person_keypoints_unlabeled_true.json (their true labels, to score pseudo-labels "
                    "with odkd evaluate); train, val and test do not change with it.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--keypoints", type=click.Choice(["coco", "crowdpose", "coco_wholebody"]), default="coco",
+              show_default=True,
+              help="The labels' keypoint set and format: COCO's 17, CrowdPose's 14 (head and neck added, no "
+                   "'area'), or COCO-WholeBody's own format (feet labelled, face and hands not); the images do not "
+                   "change. Read it with [data] keypoints = the same name.")
 @click.option("--force", is_flag=True,
               help="Replace the dataset OUT_DIR already holds: remove what odkd synth wrote there (images/, "
                    "annotations/, the detections file) first. Without it such a folder is refused.")
 @user_errors
 def synth(out_dir, train_images, val_images, test_images, difficulty, label_noise, missing_labels, unlabeled_images,
-          seed, force):
+          seed, keypoints, force):
     """Write a synthetic COCO-format person-keypoints dataset to OUT_DIR.
 
     OUT_DIR/images/{train,val,test}/*.jpg and OUT_DIR/annotations/person_keypoints_{train,val,test}.json,
@@ -212,7 +217,8 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
     summary = make_synthetic_dataset(out_dir, train_images=train_images, val_images=val_images, seed=seed,
                                      progress=True, test_images=test_images, difficulty=difficulty,
                                      label_noise=label_noise, missing_labels=missing_labels,
-                                     unlabeled_images=unlabeled_images, existing="replace" if force else "refuse")
+                                     unlabeled_images=unlabeled_images, existing="replace" if force else "refuse",
+                                     keypoints=keypoints)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -262,6 +268,9 @@ def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, mo
         click.echo(metrics.format_stats_table(stats))
         for part, part_stats in report.parts.items():
             click.echo(f"\n{part} (its points alone, its sigmas)\n{metrics.format_stats_table(part_stats)}")
+        for group, group_stats in report.crowd.items():
+            low, high = metrics.CROWD_GROUPS[group]
+            click.echo(f"\n{group}: images of crowd index {low:g} to {high:g}\n{metrics.format_stats_table(group_stats)}")
         if report.mask_iou is not None:
             click.echo(f"mean mask IoU: {report.mask_iou:.3f}")
         if out:

@@ -90,31 +90,11 @@ def test_the_config_names_the_set_and_a_wrong_one_is_one_line():
         parse_config("", "p.toml", ["data.keypoints=no/such.toml"])
 
 
-def to_crowdpose(ann_file: Path) -> None:
-    """A COCO person-keypoints file rewritten as CrowdPose writes its own: its 14 points (COCO's 12 limb
-    points, then head and neck), no 'area' (CrowdPose's evaluator takes the box's)."""
-    crowd = keypoint_set("crowdpose")
-    data = json.loads(ann_file.read_text())
-    for ann in data["annotations"]:
-        kp = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
-        head = kp[0] if kp[0, 2] > 0 else np.zeros(3)
-        neck = np.r_[(kp[5, :2] + kp[6, :2]) / 2, 2] if kp[5, 2] > 0 and kp[6, 2] > 0 else np.zeros(3)
-        new = np.vstack([kp[5:17], head, neck])
-        ann["keypoints"] = [round(float(v), 2) for v in new.reshape(-1)]
-        ann["num_keypoints"] = int((new[:, 2] > 0).sum())
-        ann.pop("area", None)
-    data["categories"] = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(crowd.names),
-                           "skeleton": crowd.skeleton_1based}]
-    ann_file.write_text(json.dumps(data))
-
-
 @pytest.fixture(scope="module")
 def crowd_world(tmp_path_factory):
     """6 synthetic images as a CrowdPose-format dataset, two tiny 14-point teachers and their store."""
     base = tmp_path_factory.mktemp("crowd")
-    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0)
-    for split in ("train", "val"):
-        to_crowdpose(base / "data" / "annotations" / f"person_keypoints_{split}.json")
+    make_synthetic_dataset(base / "data", train_images=6, val_images=2, seed=0, keypoints="crowdpose")
     torch.manual_seed(0)
     for role, seg in (("primary", False), ("senior", True)):
         net = build_model("hrnet_tiny", 14, seg_head=seg, width=8)
@@ -157,6 +137,7 @@ def test_the_store_and_the_student_follow_the_set(crowd_world, tmp_path, monkeyp
     res = CliRunner().invoke(main, ["evaluate", "--config", str(config), "--checkpoint",
                                     str(tmp_path / "student" / "last.pth")])
     assert res.exit_code == 0 and "| AP " in res.output, res.output
+    assert "images of crowd index" in res.output  # the synthetic CrowdPose images carry a crowdIndex
     # the same pipeline read as COCO's 17 points: the store is refused before anything is written
     coco = tmp_path / "coco.toml"
     coco.write_text(config.read_text().replace('keypoints = "crowdpose"', 'keypoints = "coco"')
@@ -169,30 +150,19 @@ def test_the_store_and_the_student_follow_the_set(crowd_world, tmp_path, monkeyp
     assert not (tmp_path / "coco-student").exists()
 
 
-def to_whole_body(ann_file: Path) -> None:
-    """A COCO file rewritten in COCO-WholeBody's own format: the body's 17 points in 'keypoints', six foot
-    points beside the ankles in 'foot_kpts', and face and hands that nobody labelled."""
-    data = json.loads(ann_file.read_text())
-    for ann in data["annotations"]:
-        kp = np.asarray(ann["keypoints"], np.float64).reshape(17, 3)
-        feet = []
-        for ankle in (kp[15], kp[16]):  # big toe, small toe, heel of each foot
-            for dx, dy in ((4.0, 6.0), (-4.0, 6.0), (0.0, 2.0)):
-                feet += [ankle[0] + dx, ankle[1] + dy, 2] if ankle[2] > 0 else [0, 0, 0]
-        ann["foot_kpts"] = [round(v, 2) for v in feet]
-        ann["face_kpts"], ann["lefthand_kpts"], ann["righthand_kpts"] = [0] * 204, [0] * 63, [0] * 63
-        ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
-    data["categories"][0]["keypoints"] = list(keypoint_set("coco_wholebody").names)
-    ann_file.write_text(json.dumps(data))
-
-
 def test_coco_wholebody_files_load_as_133_points_and_score_by_part(tmp_path):
     from odkd.eval import metrics
 
-    make_synthetic_dataset(tmp_path / "data", train_images=0, val_images=3, seed=0)
+    make_synthetic_dataset(tmp_path / "coco", train_images=0, val_images=3, seed=0)
+    coco_ann = tmp_path / "coco" / "annotations" / "person_keypoints_val.json"
+    body = {a["id"]: a["keypoints"] for a in json.loads(coco_ann.read_text())["annotations"]}
+    code = CliRunner().invoke(main, ["synth", str(tmp_path / "data"), "--train-images", "0", "--val-images", "3",
+                                     "--keypoints", "coco_wholebody"])
+    assert code.exit_code == 0, code.output
     ann = tmp_path / "data" / "annotations" / "person_keypoints_val.json"
-    body = {a["id"]: a["keypoints"] for a in json.loads(ann.read_text())["annotations"]}
-    to_whole_body(ann)
+    raw = json.loads(ann.read_text())
+    assert raw["info"]["keypoints"] == "coco_wholebody" and len(raw["annotations"][0]["keypoints"]) == 51
+    assert len(raw["annotations"][0]["foot_kpts"]) == 18 and raw["annotations"][0]["face_valid"] is False
     wholebody = keypoint_set("coco_wholebody")
     persons = PersonInstances(ann, tmp_path / "data" / "images" / "val", keypoints=wholebody)
     first = persons[0]
@@ -213,3 +183,38 @@ def test_coco_wholebody_files_load_as_133_points_and_score_by_part(tmp_path):
              for r in results]  # the feet 6 px to the right, the body untouched
     parts = metrics.part_keypoint_eval(persons.coco, moved, sigmas, wholebody.parts)
     assert parts["body"]["AP"] == pytest.approx(1.0) and parts["foot"]["AP"] < 1.0
+
+
+def test_crowd_index_and_crowdpose_ap_easy_medium_hard(tmp_path):
+    from odkd.eval import metrics
+    from odkd.synth.keypoint_formats import crowd_index
+
+    alone = {"bbox": [0, 0, 10, 10], "keypoints": [5, 5, 2, 6, 6, 2, 0, 0, 0]}
+    near = {"bbox": [4, 4, 10, 10], "keypoints": [20, 20, 2, 9, 9, 2, 0, 0, 0]}
+    # alone's box holds one of near's points (9, 9) against its own 2; near's holds both of alone's against 2
+    assert crowd_index([alone, near]) == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert crowd_index([alone]) == 0.0
+
+    make_synthetic_dataset(tmp_path / "data", train_images=0, val_images=8, seed=3, difficulty="hard",
+                           keypoints="crowdpose")
+    ann = tmp_path / "data" / "annotations" / "person_keypoints_val.json"
+    persons = PersonInstances(ann, tmp_path / "data" / "images" / "val", keypoints=keypoint_set("crowdpose"))
+    indices = {img["id"]: img["crowdIndex"] for img in persons.coco.imgs.values()}
+    assert len(indices) == 8 and all(value >= 0 for value in indices.values())
+    results = metrics.gt_as_results(persons.coco)
+    sigmas = np.array(keypoint_set("crowdpose").sigmas)
+    groups = metrics.crowd_keypoint_eval(persons.coco, results, sigmas)
+    expected = {name for name, (low, high) in metrics.CROWD_GROUPS.items()
+                if any(low <= value < high for value in indices.values())}
+    assert set(groups) == expected and expected
+    for stats in groups.values():
+        assert stats["AP"] == pytest.approx(1.0)
+    easy_ids = [i for i, value in indices.items() if value < 0.1]
+    if easy_ids:  # results moved on the other images do not touch the easy group
+        moved = [{**r, "keypoints": [v + 9.0 if k % 3 == 0 else v for k, v in enumerate(r["keypoints"])]}
+                 if r["image_id"] not in easy_ids else r for r in results]
+        assert metrics.crowd_keypoint_eval(persons.coco, moved, sigmas)["easy"]["AP"] == pytest.approx(1.0)
+    bare = metrics.load_gt(tmp_path / "data" / "annotations" / "person_keypoints_val.json", 14)
+    for img in bare.dataset["images"]:
+        img.pop("crowdIndex")
+    assert metrics.crowd_keypoint_eval(bare, results, sigmas) == {}

@@ -28,6 +28,7 @@ class EvalReport:
     mask_iou: float | None
     results: list[dict]
     parts: dict[str, dict[str, float]] = field(default_factory=dict)  # a set with parts: each part's stats
+    crowd: dict[str, dict[str, float]] = field(default_factory=dict)  # images with a crowdIndex: easy, medium, hard
 
     def record(self) -> dict[str, float]:
         """The stats as a training log records them: COCO's ten, plus mask_iou for a seg-head model."""
@@ -98,7 +99,7 @@ class ModelEvaluator:
         parts = (metrics.part_keypoint_eval(self.gt_coco, results, self.oks_sigmas, self.keypoints.parts)
                  if self.keypoints.parts else {})
         return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results,
-                          parts=parts)
+                          parts=parts, crowd=metrics.crowd_keypoint_eval(self.gt_coco, results, self.oks_sigmas))
 
 
 def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, flip_test: bool | None = None,

@@ -228,7 +228,8 @@ def gt_as_results(coco: COCO) -> list[dict]:
 
 
 def coco_keypoint_eval(
-    gt: COCO | str | Path, results: list[dict] | str | Path, verbose: bool = False, sigmas: np.ndarray | None = None
+    gt: COCO | str | Path, results: list[dict] | str | Path, verbose: bool = False, sigmas: np.ndarray | None = None,
+    image_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """OKS AP/AR of `results` against `gt` via COCOeval(iouType='keypoints'), named as STATS_NAMES, with the
     keypoint set's `sigmas` (COCO's 17 when None). A ground truth without 'area' (CrowdPose, AIC) is scored
@@ -250,9 +251,9 @@ def coco_keypoint_eval(
         _check_results(results, res_label, num_keypoints)
         dets = results
 
-    image_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    gt_image_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
     for i, det in enumerate(dets):
-        if det["image_id"] not in image_ids:
+        if det["image_id"] not in gt_image_ids:
             raise OdkdError(f"{res_label}: result [{i}] image_id {det['image_id']!r} is not in {gt_label}")
         if det["category_id"] not in cat_ids:
             raise OdkdError(f"{res_label}: result [{i}] category_id {det['category_id']!r} is not in {gt_label}")
@@ -277,6 +278,8 @@ def coco_keypoint_eval(
         coco_eval.params.useSegm = None
         if sigmas is not None:
             coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        if image_ids is not None:  # the other images' people and results are left out, as COCOeval's imgIds do
+            coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
@@ -300,6 +303,24 @@ def part_keypoint_eval(gt: COCO, results: list[dict], sigmas: np.ndarray, parts:
             part_gt.createIndex()
         part_results = [{**r, "keypoints": list(r["keypoints"][3 * start:3 * stop])} for r in results]
         out[name] = coco_keypoint_eval(part_gt, part_results, sigmas=np.asarray(sigmas)[start:stop])
+    return out
+
+
+# CrowdPose's crowd-index groups (its crowdposetools): an image's people overlap little, some, or much
+CROWD_GROUPS = {"easy": (0.0, 0.1), "medium": (0.1, 0.8), "hard": (0.8, float("inf"))}
+
+
+def crowd_keypoint_eval(gt: COCO, results: list[dict], sigmas: np.ndarray | None) -> dict[str, dict[str, float]]:
+    """CrowdPose's AP easy, medium and hard: the images of each crowd-index group scored alone; empty when
+    the images carry no crowdIndex, and a group with no image is left out."""
+    indices = {img_id: img.get("crowdIndex") for img_id, img in gt.imgs.items()}
+    if not indices or any(index is None for index in indices.values()):
+        return {}
+    out = {}
+    for name, (low, high) in CROWD_GROUPS.items():
+        chosen = [img_id for img_id, index in indices.items() if low <= index < high]
+        if chosen:
+            out[name] = coco_keypoint_eval(gt, results, sigmas=sigmas, image_ids=chosen)
     return out
 
 

@@ -18,6 +18,7 @@ from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
 from odkd.synth.annotation import add_annotator_noise, unlabel_keypoints
 from odkd.synth.detections import imitate_person_detector
+from odkd.synth.keypoint_formats import FORMATS
 from odkd.synth.scene import DIFFICULTY_LEVELS, Scene, difficulty_value, render_image, scene_for
 
 PERSON_CATEGORY = {
@@ -71,6 +72,7 @@ def make_synthetic_dataset(
     missing_labels: float = 0.0,
     unlabeled_images: int = 0,
     existing: str = "write_over",
+    keypoints: str = "coco",
 ) -> dict:
     """Write a COCO person_keypoints dataset of synthetic people under out_dir.
 
@@ -97,6 +99,8 @@ def make_synthetic_dataset(
     out_dir = Path(out_dir)
     level = _check_arguments(out_dir, train_images, val_images, test_images, unlabeled_images, seed, difficulty,
                              label_noise, missing_labels, image_size)
+    if keypoints not in FORMATS:
+        raise OdkdError(f"synth.keypoints: expected one of {', '.join(FORMATS)}, got {keypoints!r}")
     if existing not in EXISTING:
         raise OdkdError(f"synth.existing: expected one of {', '.join(EXISTING)}, got {existing!r}")
     found = previous_dataset(out_dir) if existing != "write_over" else []
@@ -118,10 +122,11 @@ def make_synthetic_dataset(
             "crowd_annotations": sum(a["iscrowd"] for a in annotations),
         }
         if plan.name == "unlabeled":
-            summary[plan.name]["detections"] = write_unlabeled(out_dir, plan, seed, level, images, annotations)
+            summary[plan.name]["detections"] = write_unlabeled(out_dir, plan, seed, level, images, annotations,
+                                                               keypoints)
         else:
             write_annotations(out_dir / "annotations" / f"person_keypoints_{plan.name}.json",
-                              dataset_info(seed, level, plan), images, annotations)
+                              dataset_info(seed, level, plan), images, annotations, keypoints)
     return summary
 
 
@@ -269,7 +274,7 @@ def dataset_info(seed: int, level: float, plan: SplitPlan) -> dict:
 
 
 def write_unlabeled(out_dir: Path, plan: SplitPlan, seed: int, level: float, images: list[dict],
-                    annotations: list[dict]) -> int:
+                    annotations: list[dict], keypoints: str = "coco") -> int:
     """The unlabelled split's image-info, detections and true-label files; returns how many detections."""
     info = {**dataset_info(seed, level, plan), "unlabeled_images": len(images),
             "image_info": UNLABELED_IMAGE_INFO, "detections": UNLABELED_DETECTIONS,
@@ -282,21 +287,27 @@ def write_unlabeled(out_dir: Path, plan: SplitPlan, seed: int, level: float, ima
         # a stream after the label errors' 1 and 2: each image's boxes depend on it alone, not on how many follow
         rng = np.random.default_rng([seed, plan.stream, i, 3])
         detections += imitate_person_detector(rng, image, per_image[image["id"]])
-    write_annotations(out_dir / UNLABELED_TRUE_ANNOTATIONS, info, images, annotations)
+    write_annotations(out_dir / UNLABELED_TRUE_ANNOTATIONS, info, images, annotations, keypoints)
     _write_json(out_dir / UNLABELED_DETECTIONS, detections)
     _write_json(out_dir / UNLABELED_IMAGE_INFO,
                 {"info": info, "licenses": [LICENSE], "images": images, "categories": [PERSON_CATEGORY]})
     return len(detections)
 
 
-def write_annotations(path: Path, info: dict, images: list[dict], annotations: list[dict]) -> None:
-    """One COCO person_keypoints file, written whole or not at all."""
+def write_annotations(path: Path, info: dict, images: list[dict], annotations: list[dict],
+                      keypoints: str = "coco") -> None:
+    """One COCO person_keypoints file, written whole or not at all; with another keypoint set, in its format
+    (odkd.synth.keypoint_formats), its name recorded as info.keypoints."""
+    category = PERSON_CATEGORY
+    if FORMATS[keypoints] is not None:
+        images, annotations, category = FORMATS[keypoints](images, annotations)
+        info = {**info, "keypoints": keypoints}
     _write_json(path, {
         "info": info,
         "licenses": [LICENSE],
         "images": images,
         "annotations": annotations,
-        "categories": [PERSON_CATEGORY],
+        "categories": [category],
     })
 
 
