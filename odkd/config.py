@@ -75,6 +75,9 @@ class DataConfig:
     strict: bool = False
     # the points the annotations label: a preset (coco, coco_wholebody, crowdpose, ap10k, hand21) or a set file
     keypoints: str = "coco"
+    # the annotation categories read, by name; () for every category whose keypoints are the set's
+    # (all of AP-10K's species), else those named person
+    categories: tuple[str, ...] = ()
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 

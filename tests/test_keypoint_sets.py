@@ -218,3 +218,37 @@ def test_crowd_index_and_crowdpose_ap_easy_medium_hard(tmp_path):
     for img in bare.dataset["images"]:
         img.pop("crowdIndex")
     assert metrics.crowd_keypoint_eval(bare, results, sigmas) == {}
+
+
+def test_every_species_of_a_set_is_read_with_its_category_and_scored_in_it(tmp_path):
+    """AP-10K's files hold one category per species, each with the set's 17 points: all are read by default,
+    [data] categories chooses among them, and each result is scored in its instance's category."""
+    from odkd.eval import metrics
+
+    make_synthetic_dataset(tmp_path / "data", train_images=0, val_images=4, seed=0)
+    ann = tmp_path / "data" / "annotations" / "person_keypoints_val.json"
+    data = json.loads(ann.read_text())
+    names = list(keypoint_set("ap10k").names)
+    data["categories"] = [{"id": 1, "name": "cat", "supercategory": "animal", "keypoints": names},
+                          {"id": 2, "name": "dog", "supercategory": "animal", "keypoints": names}]
+    for a in data["annotations"]:
+        a["category_id"] = 1 + a["image_id"] % 2
+    ann.write_text(json.dumps(data))
+    images = tmp_path / "data" / "images" / "val"
+    ap10k = keypoint_set("ap10k")
+    both = PersonInstances(ann, images, keypoints=ap10k)
+    assert {i.category_id for i in both.instances} == {1, 2}
+    dogs = PersonInstances(ann, images, keypoints=ap10k, categories=("dog",))
+    assert {i.category_id for i in dogs.instances} == {2} and 0 < len(dogs) < len(both)
+    with pytest.raises(OdkdError, match=r"no category 'horse' \(\[data\] categories\); it has cat, dog"):
+        PersonInstances(ann, images, keypoints=ap10k, categories=("horse",))
+
+    sigmas = np.array(ap10k.sigmas)
+    joints = np.stack([i.joints for i in both.instances])
+    joints[:, :, 2] = 1.0
+    image_ids, scores = [i.image_id for i in both.instances], np.ones(len(both))
+    own = metrics.keypoint_results(image_ids, joints, scores, [i.category_id for i in both.instances])
+    assert metrics.coco_keypoint_eval(both.coco, own, sigmas=sigmas)["AP"] == pytest.approx(1.0)
+    as_one = metrics.keypoint_results(image_ids, joints, scores)  # every result in category 1: the dogs unmatched
+    assert metrics.coco_keypoint_eval(both.coco, as_one, sigmas=sigmas)["AP"] < 0.9
+    assert parse_config('[data]\nkeypoints = "ap10k"\ncategories = ["dog"]\n').data.categories == ("dog",)

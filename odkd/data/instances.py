@@ -52,6 +52,7 @@ class Instance:
     joints: np.ndarray  # (K, 3) float32: x, y, COCO visibility flag (zeros for detections)
     area: float
     score: float = 1.0  # the detector's box score; 1 for ground-truth boxes
+    category_id: int = 1  # the annotation's category (an AP-10K species, say); a detector's boxes are 1
 
 
 def _load_coco(ann_file: Path) -> COCO:
@@ -158,9 +159,10 @@ class PersonInstances(_InstanceList):
     """Every usable person annotation of one COCO-format split, in a stable order."""
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 strict: bool = False, keypoints: KeypointSet = COCO_SET):
+                 strict: bool = False, keypoints: KeypointSet = COCO_SET, categories: tuple[str, ...] = ()):
         self.ann_file = Path(ann_file)
         self.keypoints = keypoints
+        self.categories = tuple(categories)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
@@ -178,9 +180,16 @@ class PersonInstances(_InstanceList):
     def _collect(self) -> list[Instance]:
         k = self.keypoints.num_keypoints
         categories = self.coco.dataset["categories"]
-        # the categories whose points are the set's (every AP-10K species, say), else those named person
-        person_ids = ({c["id"] for c in categories if len(c.get("keypoints") or []) == k}
-                      or {c["id"] for c in categories if c.get("name") == "person"})
+        if self.categories:  # [data] categories: these by name
+            named = {c.get("name"): c["id"] for c in categories}
+            unknown = [name for name in self.categories if name not in named]
+            if unknown:
+                raise OdkdError(f"{self.ann_file}: no category {unknown[0]!r} ([data] categories); it has "
+                                f"{', '.join(map(str, named))}")
+            person_ids = {named[name] for name in self.categories}
+        else:  # the categories whose points are the set's (every AP-10K species, say), else those named person
+            person_ids = ({c["id"] for c in categories if len(c.get("keypoints") or []) == k}
+                          or {c["id"] for c in categories if c.get("name") == "person"})
         if not person_ids:
             raise OdkdError(f"{self.ann_file}: no category with the {k} keypoints of the set "
                             f"{self.keypoints.name!r} ([data] keypoints), and none named 'person'")
@@ -219,7 +228,7 @@ class PersonInstances(_InstanceList):
                     index=len(out), image_id=int(image_id), ann_id=int(ann["id"]),
                     file_name=img["file_name"], image_width=int(img["width"]),
                     image_height=int(img["height"]), bbox=box, center=center, scale=scale,
-                    joints=joints, area=float(area),
+                    joints=joints, area=float(area), category_id=int(ann["category_id"]),
                 ))
         return out
 
@@ -454,7 +463,7 @@ def load_instances(data_cfg, split: str) -> PersonInstances | UnlabeledPersons:
     kset = keypoint_set(data_cfg.keypoints)
     if split != "unlabeled":
         return PersonInstances(data_cfg.ann_file(split), data_cfg.image_dir(split), aspect, strict=data_cfg.strict,
-                               keypoints=kset)
+                               keypoints=kset, categories=data_cfg.categories)
     unlabeled = data_cfg.unlabeled
     unset = [key for key in ("images", "image_info", "boxes") if not getattr(unlabeled, key)]
     if unset:

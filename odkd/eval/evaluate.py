@@ -92,7 +92,8 @@ class ModelEvaluator:
         insts = self.instances.instances
         box_scores = np.array([i.score for i in insts])
         areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
-        raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores)
+        raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores,
+                                       [i.category_id for i in insts])
         results = metrics.nms_per_image(raw, areas, thresh=cfg.oks_nms_thr, in_vis_thr=cfg.in_vis_thr,
                                         sigmas=self.oks_sigmas)
         stats = metrics.coco_keypoint_eval(self.gt_coco, results, sigmas=self.oks_sigmas)
@@ -127,7 +128,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str 
     aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
     if split == "unlabeled":
         gt = PersonInstances(ann, cfg.data.image_dir(split), aspect, strict=cfg.data.strict,
-                             keypoints=keypoint_set(cfg.data.keypoints))
+                             keypoints=keypoint_set(cfg.data.keypoints), categories=cfg.data.categories)
         instances = load_instances(cfg.data, split)
     else:
         gt = load_instances(cfg.data, split)

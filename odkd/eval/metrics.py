@@ -88,10 +88,12 @@ def rescore_instances(keypoints: np.ndarray, box_scores: np.ndarray, in_vis_thr:
 
 
 def keypoint_results(
-    image_ids: Sequence[int], keypoints: np.ndarray, scores: np.ndarray, category_id: int = 1
+    image_ids: Sequence[int], keypoints: np.ndarray, scores: np.ndarray, category_id: int | Sequence[int] = 1
 ) -> list[dict]:
-    """COCO keypoint results from per-instance image ids, (N, K, 3) [x, y, conf] in image pixels and scores."""
+    """COCO keypoint results from per-instance image ids, (N, K, 3) [x, y, conf] in image pixels and scores;
+    `category_id` one for all, or each instance's (AP-10K's species)."""
     keypoints = np.asarray(keypoints, dtype=np.float64)
+    categories = [category_id] * len(image_ids) if isinstance(category_id, int) else list(category_id)
     scores = np.asarray(scores, dtype=np.float64)
     if not len(image_ids) == len(keypoints) == len(scores):
         raise ValueError(
@@ -100,11 +102,11 @@ def keypoint_results(
     return [
         {
             "image_id": int(image_id),
-            "category_id": int(category_id),
+            "category_id": int(category),
             "keypoints": pose.reshape(-1).tolist(),
             "score": float(score),
         }
-        for image_id, pose, score in zip(image_ids, keypoints, scores)
+        for image_id, pose, score, category in zip(image_ids, keypoints, scores, categories)
     ]
 
 
