@@ -279,9 +279,16 @@ def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, mo
         if not ann or not (results or gt_as_results):
             raise click.UsageError("give --ann GT.json with --results RESULTS.json (or --gt-as-results), "
                                    "or --checkpoint CKPT")
-        gt = metrics.load_gt(ann)
-        dets = metrics.gt_as_results(gt) if gt_as_results else metrics.load_results(results)
-        stats = metrics.coco_keypoint_eval(gt, dets)
+        from odkd.data.keypoints import keypoint_set, oks_sigmas
+
+        # with --config, the files are scored as its [data] keypoints set: its K and its sigmas
+        kset = keypoint_set(load_config(config_path, overrides).data.keypoints if config_path else "coco")
+        sigmas = oks_sigmas(kset)
+        if sigmas is None:
+            raise OdkdError(f"data.keypoints: the set {kset.name!r} has no OKS sigmas to score by")
+        gt = metrics.load_gt(ann, kset.num_keypoints)
+        dets = metrics.gt_as_results(gt) if gt_as_results else metrics.load_results(results, kset.num_keypoints)
+        stats = metrics.coco_keypoint_eval(gt, dets, sigmas=sigmas)
         click.echo(metrics.format_stats_table(stats))
     if stats_json:
         metrics.write_stats_json(stats, stats_json)

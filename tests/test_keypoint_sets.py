@@ -252,3 +252,14 @@ def test_every_species_of_a_set_is_read_with_its_category_and_scored_in_it(tmp_p
     as_one = metrics.keypoint_results(image_ids, joints, scores)  # every result in category 1: the dogs unmatched
     assert metrics.coco_keypoint_eval(both.coco, as_one, sigmas=sigmas)["AP"] < 0.9
     assert parse_config('[data]\nkeypoints = "ap10k"\ncategories = ["dog"]\n').data.categories == ("dog",)
+
+
+def test_evaluate_scores_files_as_the_configs_set(crowd_world):
+    """`odkd evaluate --ann --results` (here --gt-as-results) with --config: the set's K and sigmas."""
+    ann = crowd_world / "data" / "annotations" / "person_keypoints_val.json"
+    res = CliRunner().invoke(main, ["evaluate", "--ann", str(ann), "--gt-as-results", "--config",
+                                    str(crowd_world / "p.toml")])
+    assert res.exit_code == 0 and "| 1.000 |" in res.output, res.output
+    res = CliRunner().invoke(main, ["evaluate", "--ann", str(ann), "--gt-as-results"])  # read as COCO's 17
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "keypoint values, expected 51" in res.output
