@@ -78,6 +78,16 @@ def _load_coco(ann_file: Path) -> COCO:
     return coco
 
 
+def fill_box_areas(dataset: dict) -> None:
+    """Give every annotation without 'area' its box's, in place: CrowdPose and AIC files have none, and
+    their evaluators take the box's; loading and COCOeval then read one value."""
+    for ann in dataset.get("annotations", []):
+        box = ann.get("bbox")
+        if "area" not in ann and isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) for v in box):
+            ann["area"] = float(box[2]) * float(box[3])
+
+
 def _clean_box(bbox, width: int, height: int):
     """The official HRNet box cleaning: clip to the image; None when nothing is left."""
     x, y, w, h = bbox
@@ -168,6 +178,7 @@ class PersonInstances(_InstanceList):
             raise not_found(self.image_dir, "image folder")
         self.coco = _load_coco(self.ann_file)
         join_whole_body(self.coco, keypoints)
+        fill_box_areas(self.coco.dataset)
         self.aspect_ratio = aspect_ratio
         self.strict = strict
         self.skipped_ann_ids: list[int] = []
@@ -215,8 +226,7 @@ class PersonInstances(_InstanceList):
                 if not isinstance(bbox, list) or len(bbox) != 4:
                     raise OdkdError(f"{where}: 'bbox' must be [x, y, w, h]")
                 box = _clean_box(bbox, img["width"], img["height"])
-                # CrowdPose and AIC give no area: as their evaluators, take the box's
-                area = ann["area"] if "area" in ann else bbox[2] * bbox[3]
+                area = ann.get("area", 0)
                 problem = _box_problem(bbox, box, area, img)
                 if problem:
                     if self.strict:

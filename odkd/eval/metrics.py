@@ -14,6 +14,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from odkd.data.instances import fill_box_areas
 from odkd.data.keypoints import COCO_SIGMAS
 from odkd.errors import OdkdError
 
@@ -270,9 +271,7 @@ def coco_keypoint_eval(
         }
         for d in dets
     ]
-    for ann in coco_gt.dataset["annotations"]:
-        if "area" not in ann:
-            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    fill_box_areas(coco_gt.dataset)
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_dt = coco_gt.loadRes(clean)

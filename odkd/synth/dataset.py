@@ -14,20 +14,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from odkd.data.keypoints import KEYPOINT_NAMES, SKELETON
 from odkd.errors import OdkdError
 from odkd.synth.annotation import add_annotator_noise, unlabel_keypoints
 from odkd.synth.detections import imitate_person_detector
-from odkd.synth.keypoint_formats import FORMATS
+from odkd.synth.keypoint_formats import FORMATS, person_category
 from odkd.synth.scene import DIFFICULTY_LEVELS, Scene, difficulty_value, render_image, scene_for
 
-PERSON_CATEGORY = {
-    "supercategory": "person",
-    "id": 1,
-    "name": "person",
-    "keypoints": list(KEYPOINT_NAMES),
-    "skeleton": [list(pair) for pair in SKELETON],
-}
+PERSON_CATEGORY = person_category("coco")
 LICENSE = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}
 # also the seed stream of each: test and unlabeled never shift the splits before them
 SPLITS = ("train", "val", "test", "unlabeled")

@@ -9,7 +9,8 @@ import numpy as np
 from odkd.data.keypoints import COCO_SET, keypoint_set
 
 
-def _category(set_name: str) -> dict:
+def person_category(set_name: str) -> dict:
+    """The one category of a synthetic file labelled with the set `set_name`: its names and 1-based skeleton."""
     kset = keypoint_set(set_name)
     return {"supercategory": "person", "id": 1, "name": "person", "keypoints": list(kset.names),
             "skeleton": kset.skeleton_1based}
@@ -58,7 +59,7 @@ def as_crowdpose(images: list[dict], annotations: list[dict]) -> tuple[list[dict
         if not ann.get("iscrowd", 0):
             people.setdefault(ann["image_id"], []).append(ann)
     images = [{**img, "crowdIndex": round(crowd_index(people.get(img["id"], [])), 4)} for img in images]
-    return images, out, _category("crowdpose")
+    return images, out, person_category("crowdpose")
 
 
 # where each foot's big toe, small toe and heel sit from its ankle, in units of the person's box height
@@ -83,7 +84,7 @@ def as_coco_wholebody(images: list[dict], annotations: list[dict]) -> tuple[list
                    foot_valid=bool(feet[:, 2].any()), face_valid=False, lefthand_valid=False,
                    righthand_valid=False)
         out.append(new)
-    return images, out, _category("coco_wholebody")
+    return images, out, person_category("coco_wholebody")
 
 
 # the sets `odkd synth --keypoints` writes, and how
