@@ -195,11 +195,13 @@ def main():
                    "annotations/person_keypoints_unlabeled_true.json (their true labels, to score pseudo-labels "
                    "with odkd evaluate); train, val and test do not change with it.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--keypoints", type=click.Choice(["coco", "crowdpose", "coco_wholebody"]), default="coco",
-              show_default=True,
+@click.option("--keypoints", type=click.Choice(["coco", "crowdpose", "coco_wholebody", "ap10k", "hand21"]),
+              default="coco", show_default=True,
               help="The labels' keypoint set and format: COCO's 17, CrowdPose's 14 (head and neck added, no "
-                   "'area'), or COCO-WholeBody's own format (feet labelled, face and hands not); the images do not "
-                   "change. Read it with [data] keypoints = the same name.")
+                   "'area'), COCO-WholeBody's own format (feet labelled, face and hands not), AP-10K's 17 (the "
+                   "body's points re-labelled as an animal's, species dog and cat) or hand21 (one hand an image, "
+                   "21 points laid over the painted hand); the images do not change. Read it with [data] "
+                   "keypoints = the same name.")
 @click.option("--force", is_flag=True,
               help="Replace the dataset OUT_DIR already holds: remove what odkd synth wrote there (images/, "
                    "annotations/, the detections file) first. Without it such a folder is refused.")
@@ -239,12 +241,14 @@ def synth(out_dir, train_images, val_images, test_images, difficulty, label_nois
 @click.option("--decode", type=click.Choice(choices(EvalConfig, "decode")), default=None,
               help="Heatmap decoder (default: [eval] decode).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the keypoint results JSON here.")
-@click.option("--stats-json", type=click.Path(dir_okay=False), help="Write the 10 stats as JSON here.")
+@click.option("--stats-json", type=click.Path(dir_okay=False),
+              help="Write the stats as JSON here: COCO's 10, or PCK, AUC and EPE for a set without OKS sigmas.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's).")
 @user_errors
 def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, model_name, split, boxes, flip_test,
              decode, out, stats_json, device):
-    """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints').
+    """COCO OKS AP with pycocotools COCOeval (iouType 'keypoints'); for a keypoint set without OKS sigmas
+    (hands), PCK@0.2 of the box, AUC (0 to 30 px) and EPE (px), as mmpose scores hands.
 
     \b
     Score a results file:   odkd evaluate --ann GT.json --results RESULTS.json
@@ -281,14 +285,13 @@ def evaluate(ann, results, gt_as_results, config_path, overrides, checkpoint, mo
                                    "or --checkpoint CKPT")
         from odkd.data.keypoints import keypoint_set, oks_sigmas
 
-        # with --config, the files are scored as its [data] keypoints set: its K and its sigmas
+        # with --config, the files are scored as its [data] keypoints set: its K and sigmas (PCK without any)
         kset = keypoint_set(load_config(config_path, overrides).data.keypoints if config_path else "coco")
         sigmas = oks_sigmas(kset)
-        if sigmas is None:
-            raise OdkdError(f"data.keypoints: the set {kset.name!r} has no OKS sigmas to score by")
         gt = metrics.load_gt(ann, kset.num_keypoints)
         dets = metrics.gt_as_results(gt) if gt_as_results else metrics.load_results(results, kset.num_keypoints)
-        stats = metrics.coco_keypoint_eval(gt, dets, sigmas=sigmas)
+        stats = (metrics.coco_keypoint_eval(gt, dets, sigmas=sigmas) if sigmas is not None
+                 else metrics.pck_keypoint_eval(gt, dets, results or "results"))
         click.echo(metrics.format_stats_table(stats))
     if stats_json:
         metrics.write_stats_json(stats, stats_json)

@@ -281,3 +281,52 @@ def test_format_stats_table_and_json(tmp_path):
     out = tmp_path / "sub" / "stats.json"
     write_stats_json(stats, out)
     assert json.loads(out.read_text()) == stats
+
+
+def _hand_gt() -> dict:
+    """Two instances of three points on 200x200 images: A's box [0, 0, 100, 50] (PCK normaliser 100), B's
+    [150, 150, 80, 40], which the image clips to 49 x 40 (normaliser 49); A's third point unlabelled."""
+    def ann(ann_id, image_id, box, points):
+        return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "bbox": box,
+                "keypoints": [v for p in points for v in p], "num_keypoints": sum(p[2] > 0 for p in points)}
+
+    return {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 200} for i in (1, 2)],
+            "annotations": [ann(1, 1, [0, 0, 100, 50], [(10, 10, 2), (20, 20, 2), (30, 30, 0)]),
+                            ann(2, 2, [150, 150, 80, 40], [(160, 160, 1), (170, 170, 2), (180, 180, 2)])],
+            "categories": [{"id": 1, "name": "hand", "keypoints": ["a", "b", "c"], "skeleton": []}]}
+
+
+# A: 0 px and 15 px off (0.15 of 100: in); B: 5 px (0.10 of 49: in), 30 px and 12 px (0.61 and 0.24: out)
+HAND_PRED = {1: [(10, 10), (35, 20), (99, 99)], 2: [(163, 164), (200, 170), (180, 192)]}
+
+
+def test_pck_auc_and_epe_are_mmpose_s_on_hand_made_points(tmp_path):
+    """PCK: per point the share of its labelled instances within 0.2 of the box's longer side, then the mean
+    over points: (2/2 + 1/2 + 0/1) / 3. AUC: the mean PCK at 0, 1/20 .. 19/20 of 30 px: of the distances
+    0, 15, 5, 30, 12 px the points pass 35/2, 9/2 and 11 of the 20 thresholds, 33 / 3 / 20. EPE: 62 px / 5."""
+    from odkd.eval.metrics import (gt_points, keypoint_auc, keypoint_epe, pck_box_size, pck_keypoint_eval,
+                                   pck_stats)
+
+    gt = load_gt(_write(tmp_path / "hands.json", _hand_gt()), num_keypoints=3)
+    anns = [gt.anns[1], gt.anns[2]]
+    points, visible, sizes = gt_points(gt, anns)
+    assert sizes.tolist() == [100.0, 49.0] and pck_box_size([-5, 10, 20, 30], 100, 100) == 30.0
+    pred = np.array([HAND_PRED[1], HAND_PRED[2]], float)
+    assert pck_stats(pred, points, visible, sizes) == {"PCK": 0.5, "AUC": pytest.approx(0.55), "EPE": 12.4}
+    assert keypoint_auc(points, points, visible) == pytest.approx(19 / 20)  # threshold 0 counts nothing
+    assert keypoint_epe(pred, points, np.zeros_like(visible)) == 0.0
+
+    # a results file: each annotation takes the nearest result of its image, a stray one and the order aside
+    results = [{"image_id": image_id, "category_id": 1, "score": 1.0,
+                "keypoints": [v for x, y in HAND_PRED[image_id] for v in (x, y, 0.9)]} for image_id in (2, 1)]
+    stray = {**results[0], "keypoints": [v + 60.0 if i % 3 < 2 else v for i, v in enumerate(results[0]["keypoints"])]}
+    assert pck_keypoint_eval(gt, [stray, *results]) == {"PCK": 0.5, "AUC": pytest.approx(0.55), "EPE": 12.4}
+    assert pck_keypoint_eval(gt, gt_as_results(gt)) == {"PCK": 1.0, "AUC": pytest.approx(0.95), "EPE": 0.0}
+    with pytest.raises(OdkdError, match=r"^r.json: no result for annotation 1 \(image 1, category 1\)"):
+        pck_keypoint_eval(gt, results[:1], "r.json")
+
+
+def test_format_stats_table_of_hand_stats():
+    lines = format_stats_table({"PCK": 0.5, "AUC": 0.55, "EPE": 12.4}).splitlines()
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == ["PCK", "AUC", "EPE"]
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == ["0.500", "0.550", "12.400"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 from odkd.data.keypoints import FLIP_INDEX
-from odkd.data.transforms import CropFrame, affine_transform, invert_affine
+from odkd.data.transforms import CropFrame, affine_transform, cv_on_maps, invert_affine
 
 DECODERS = ("argmax", "centroid", "dark")
 
@@ -82,11 +82,9 @@ def gaussian_modulate(heatmaps: np.ndarray, sigma: float) -> np.ndarray:
     The kernel is 2 * ceil(2.5 * sigma) + 1 wide (11 for sigma 2, DarkPose's and mmpose's size),
     and outside the map is zero, as in their padded blur.
     """
-    n, k, h, w = heatmaps.shape
     size = 2 * math.ceil(2.5 * sigma) + 1
     blurred = np.stack([
-        cv2.GaussianBlur(np.ascontiguousarray(m.transpose(1, 2, 0)), (size, size), sigma,
-                         borderType=cv2.BORDER_CONSTANT).reshape(h, w, k).transpose(2, 0, 1)
+        cv_on_maps(lambda stack: cv2.GaussianBlur(stack, (size, size), sigma, borderType=cv2.BORDER_CONSTANT), m)
         for m in heatmaps
     ])
     old_peak = heatmaps.max(axis=(2, 3), keepdims=True)

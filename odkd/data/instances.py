@@ -55,7 +55,8 @@ class Instance:
     category_id: int = 1  # the annotation's category (an AP-10K species, say); a detector's boxes are 1
 
 
-def _load_coco(ann_file: Path) -> COCO:
+def load_coco(ann_file: Path) -> COCO:
+    """A COCO-format file's images, annotations and categories, indexed; its keypoints are not read here."""
     if not ann_file.is_file():
         raise not_found(ann_file, "annotation file")
     try:
@@ -176,7 +177,7 @@ class PersonInstances(_InstanceList):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
-        self.coco = _load_coco(self.ann_file)
+        self.coco = load_coco(self.ann_file)
         join_whole_body(self.coco, keypoints)
         fill_box_areas(self.coco.dataset)
         self.aspect_ratio = aspect_ratio

@@ -179,3 +179,8 @@ def oks_sigmas(kset: KeypointSet) -> np.ndarray | None:
     if kset.digest() == COCO_SET.digest():
         return COCO_SIGMAS
     return np.array(kset.sigmas) if kset.sigmas else None
+
+
+def val_stat(kset: KeypointSet) -> str:
+    """The val stat a training run keeps its best.pth by: OKS AP, or PCK for a set without OKS sigmas."""
+    return "AP" if oks_sigmas(kset) is not None else "PCK"

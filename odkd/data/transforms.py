@@ -21,6 +21,8 @@ PIXEL_STD = 200.0
 BOX_PADDING = 1.25
 IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# OpenCV 5 takes an image of at most 128 channels (4.x: 512): COCO-WholeBody's 133 maps go in two calls
+CV_MAX_CHANNELS = 128
 
 
 def box_to_center_scale(box, aspect_ratio: float, padding: float = BOX_PADDING):
@@ -126,6 +128,16 @@ def normalize_image(crop_bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((rgb - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB).transpose(2, 0, 1))
 
 
+def cv_on_maps(op, maps: np.ndarray) -> np.ndarray:
+    """`op`, an OpenCV call on one (h, w, c) image, over a stack of maps (C, h, w), at most CV_MAX_CHANNELS
+    at a time; (C, h', w')."""
+    parts = []
+    for start in range(0, len(maps), CV_MAX_CHANNELS):
+        out = op(np.ascontiguousarray(maps[start:start + CV_MAX_CHANNELS].transpose(1, 2, 0)))
+        parts.append(out.reshape(out.shape[0], out.shape[1], -1).transpose(2, 0, 1))
+    return np.concatenate(parts)
+
+
 def warp_maps(
     maps: np.ndarray,
     src: CropFrame,
@@ -144,9 +156,9 @@ def warp_maps(
     """
     m = compose_affine(dst.matrix(dst_size), invert_affine(src.matrix(src_size)))
     size = (int(dst_size[0]), int(dst_size[1]))
-    stack = np.ascontiguousarray(np.asarray(maps, dtype=np.float32).transpose(1, 2, 0))
-    out = cv2.warpAffine(stack, m, size, flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    out = out.reshape(size[1], size[0], -1).transpose(2, 0, 1)
+    out = cv_on_maps(lambda stack: cv2.warpAffine(stack, m, size, flags=interpolation,
+                                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0),
+                     np.asarray(maps, dtype=np.float32))
     if keypoint_channels and src.flip != dst.flip:
         out = out[flip_index]
     return np.ascontiguousarray(out)

@@ -1,1 +1,2 @@
-"""Evaluation: COCO keypoint metrics, model evaluation, decoding choices, prediction pictures and training curves."""
+"""Evaluation: COCO keypoint metrics (PCK, AUC and EPE for hands), model evaluation, decoding choices, prediction
+pictures and training curves."""

@@ -1,4 +1,5 @@
-"""Training curves from a run's log.jsonl: every loss and val AP against epoch, stage boundaries marked."""
+"""Training curves from a run's log.jsonl: every loss and val AP (or PCK, for a keypoint set without OKS
+sigmas) against epoch, stage boundaries marked."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def stage_spans(records: list[dict]) -> list[tuple[str, int, int]]:
 
 
 def _draw_run(ax, records: list[dict]):
-    """Losses (log scale) on `ax`, val AP on a twin axis, a dashed line where each stage ends, a legend;
-    returns the AP axis (None without AP records)."""
+    """Losses (log scale) on `ax`, val AP (or PCK) on a twin axis, a dashed line where each stage ends, a
+    legend; returns the val axis (None without val records)."""
     loss_keys = sorted({k for r in records for k in r if k == "loss" or k.endswith("_loss")})
     for key in loss_keys:
         points = [(r["epoch"], r[key]) for r in records if key in r and r[key] > 0]
@@ -40,14 +41,15 @@ def _draw_run(ax, records: list[dict]):
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    ap = [(r["epoch"], r["AP"]) for r in records if "AP" in r]
+    stat = "AP" if any("AP" in r for r in records) else "PCK"  # a set without OKS sigmas logs PCK
+    val = [(r["epoch"], r[stat]) for r in records if stat in r]
     handles, labels = ax.get_legend_handles_labels()
     ax2 = None
-    if ap:
+    if val:
         ax2 = ax.twinx()
-        (line,) = ax2.plot(*zip(*ap), "k-o", ms=3, label="val AP")
-        ax2.set_ylabel("val AP")
-        handles, labels = handles + [line], labels + ["val AP"]
+        (line,) = ax2.plot(*zip(*val), "k-o", ms=3, label=f"val {stat}")
+        ax2.set_ylabel(f"val {stat}")
+        handles, labels = handles + [line], labels + [f"val {stat}"]
     for name, first, last in stage_spans(records):
         ax.axvline(last + 0.5, color="grey", ls="--", lw=0.8)
         ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
@@ -67,7 +69,7 @@ def _save(fig, png_path: str | Path, title: str | None) -> Path:
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
-    """Losses (log scale, left) and val AP (right) per epoch; a dashed line where each stage ends."""
+    """Losses (log scale, left) and val AP or PCK (right) per epoch; a dashed line where each stage ends."""
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     _draw_run(ax, read_log(log_path))
     return _save(fig, png_path, title)

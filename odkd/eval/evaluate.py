@@ -1,5 +1,6 @@
 """Model evaluation the official HRNet way: crops from GT or detected boxes, flip test, decoding,
-rescoring, OKS-NMS, COCOeval; plus mean mask IoU for a model with a segmentation head."""
+rescoring, OKS-NMS, COCOeval (PCK, AUC and EPE as mmpose's, for a set without OKS sigmas); plus mean mask
+IoU for a model with a segmentation head."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from odkd.models.inference import predict_batch
 
 @dataclass
 class EvalReport:
-    stats: dict[str, float]
+    stats: dict[str, float]  # COCO's ten (STATS_NAMES), or PCK, AUC and EPE for a set without OKS sigmas
     mask_iou: float | None
     results: list[dict]
     parts: dict[str, dict[str, float]] = field(default_factory=dict)  # a set with parts: each part's stats
     crowd: dict[str, dict[str, float]] = field(default_factory=dict)  # images with a crowdIndex: easy, medium, hard
 
     def record(self) -> dict[str, float]:
-        """The stats as a training log records them: COCO's ten, plus mask_iou for a seg-head model."""
+        """The stats as a training log records them, plus mask_iou for a seg-head model."""
         return self.stats if self.mask_iou is None else {**self.stats, "mask_iou": self.mask_iou}
 
 
@@ -67,18 +68,19 @@ def predict_instances(model, loader, *, device, flip_test: bool = True, shift_he
 
 
 class ModelEvaluator:
-    """COCO keypoint AP on a fixed set of instances (PersonInstances or DetectedPersons), with one
-    loader whose workers live across calls: a training run evaluates every few epochs without
-    starting workers again."""
+    """COCO keypoint AP on a fixed set of instances (PersonInstances or DetectedPersons), or PCK, AUC and
+    EPE for a set without OKS sigmas (PersonInstances only), with one loader whose workers live across
+    calls: a training run evaluates every few epochs without starting workers again."""
 
     def __init__(self, instances, data_cfg, eval_cfg, gt_coco, *, device, with_mask: bool, workers: int = 0):
         self.instances, self.eval_cfg, self.gt_coco, self.device = instances, eval_cfg, gt_coco, device
         self.sigma = data_cfg.sigma
         self.keypoints = keypoint_set(data_cfg.keypoints)
         self.oks_sigmas = oks_sigmas(self.keypoints)
-        if self.oks_sigmas is None:
-            raise OdkdError(f"data.keypoints: the set {self.keypoints.name!r} has no OKS sigmas, and odkd scores "
-                            f"keypoints by OKS AP only: give the set file its sigmas")
+        if self.oks_sigmas is None and not isinstance(instances, PersonInstances):
+            raise OdkdError(f"data.keypoints: the set {self.keypoints.name!r} has no OKS sigmas, so it is scored by "
+                            f"PCK, AUC and EPE of one prediction per labelled instance: evaluate it on GT boxes "
+                            f"(no --boxes, no --split unlabeled)")
         with_mask = with_mask and isinstance(instances, PersonInstances)  # a detected box has no mask
         dataset = TopDownDataset(instances, data_cfg, train=False, with_mask=with_mask)
         self.loader = make_loader(dataset, eval_cfg.batch_size, workers)
@@ -91,21 +93,25 @@ class ModelEvaluator:
                                        flip_index=self.keypoints.flip_index)
         insts = self.instances.instances
         box_scores = np.array([i.score for i in insts])
-        areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
         raw = metrics.keypoint_results([i.image_id for i in insts], kpts, box_scores,
                                        [i.category_id for i in insts])
+        mean_iou = None if ious is None else float(ious.mean())
+        if self.oks_sigmas is None:  # each labelled instance against its own prediction, as mmpose pairs them
+            points, visible, sizes = metrics.gt_points(self.gt_coco, [self.gt_coco.anns[i.ann_id] for i in insts])
+            return EvalReport(stats=metrics.pck_stats(kpts, points, visible, sizes), mask_iou=mean_iou, results=raw)
+        areas = np.array([float(np.prod(i.scale)) * PIXEL_STD ** 2 for i in insts])
         results = metrics.nms_per_image(raw, areas, thresh=cfg.oks_nms_thr, in_vis_thr=cfg.in_vis_thr,
                                         sigmas=self.oks_sigmas)
         stats = metrics.coco_keypoint_eval(self.gt_coco, results, sigmas=self.oks_sigmas)
         parts = (metrics.part_keypoint_eval(self.gt_coco, results, self.oks_sigmas, self.keypoints.parts)
                  if self.keypoints.parts else {})
-        return EvalReport(stats=stats, mask_iou=None if ious is None else float(ious.mean()), results=results,
+        return EvalReport(stats=stats, mask_iou=mean_iou, results=results,
                           parts=parts, crowd=metrics.crowd_keypoint_eval(self.gt_coco, results, self.oks_sigmas))
 
 
 def evaluate_model(model, instances, data_cfg, eval_cfg, gt_coco, *, device, flip_test: bool | None = None,
                    workers: int = 0) -> EvalReport:
-    """COCO keypoint AP of `model` on `instances` (PersonInstances or DetectedPersons)."""
+    """COCO keypoint AP (or PCK, AUC and EPE) of `model` on `instances` (PersonInstances or DetectedPersons)."""
     with_mask = bool(getattr(model, "has_seg_head", False))
     evaluator = ModelEvaluator(instances, data_cfg, eval_cfg, gt_coco, device=device, with_mask=with_mask,
                                workers=workers)

@@ -1,4 +1,5 @@
-"""COCO keypoint evaluation: results format, rescoring, OKS-NMS and COCOeval, as official HRNet does."""
+"""COCO keypoint evaluation: results format, rescoring, OKS-NMS and COCOeval, as official HRNet does; and
+PCK, AUC and EPE, as mmpose scores hands, for a keypoint set without OKS sigmas."""
 
 from __future__ import annotations
 
@@ -325,11 +326,129 @@ def crowd_keypoint_eval(gt: COCO, results: list[dict], sigmas: np.ndarray | None
     return out
 
 
+# Sets without OKS sigmas (hands) are scored as mmpose scores them: PCKAccuracy(thr=0.2, norm_item='bbox'),
+# AUC(norm_factor=30, num_thrs=20) and EPE, over one prediction per labelled instance
+PCK_STATS_NAMES = ("PCK", "AUC", "EPE")
+PCK_THRESHOLD = 0.2  # of the GT box's longer side
+AUC_NORM_PX = 30.0
+AUC_THRESHOLDS = 20
+
+
+def keypoint_distances(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """(N, K) distances from each predicted point to its GT point, divided by the instance's `norm` (N,);
+    NaN where the GT point is unlabelled (visibility 0) or the instance has no positive norm."""
+    pred, gt = np.asarray(pred, np.float64)[..., :2], np.asarray(gt, np.float64)[..., :2]
+    norm = np.asarray(norm, np.float64)
+    counted = (np.asarray(visible) > 0) & (norm > 0)[:, None]
+    distances = np.linalg.norm(pred - gt, axis=-1) / np.where(norm > 0, norm, 1.0)[:, None]
+    return np.where(counted, distances, np.nan)
+
+
+def keypoint_pck(distances: np.ndarray, threshold: float) -> float:
+    """mmpose's PCK: per point, the share of its counted distances below `threshold`; then the mean over
+    the points that have any (0 when none has)."""
+    counted = ~np.isnan(distances)
+    per_point = [(column[ok] < threshold).mean() for column, ok in zip(distances.T, counted.T) if ok.any()]
+    return float(np.mean(per_point)) if per_point else 0.0
+
+
+def keypoint_auc(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm_px: float = AUC_NORM_PX,
+                 thresholds: int = AUC_THRESHOLDS) -> float:
+    """mmpose's AUC: the mean PCK at thresholds i / `thresholds` (i = 0 .. thresholds - 1) of `norm_px`
+    pixels; threshold 0 counts nothing, so perfect points score (thresholds - 1) / thresholds."""
+    distances = keypoint_distances(pred, gt, visible, np.full(len(gt), norm_px))
+    return float(np.mean([keypoint_pck(distances, i / thresholds) for i in range(thresholds)]))
+
+
+def keypoint_epe(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray) -> float:
+    """The mean end-point error in pixels over every labelled point (0 when none is)."""
+    distances = keypoint_distances(pred, gt, visible, np.ones(len(gt)))
+    counted = distances[~np.isnan(distances)]
+    return float(counted.mean()) if counted.size else 0.0
+
+
+def pck_box_size(bbox, width: int, height: int) -> float:
+    """The PCK normaliser of a GT box [x, y, w, h]: its longer side once clipped to the image, as mmpose
+    clips it (to width - 1 and height - 1)."""
+    x, y, w, h = (float(v) for v in bbox)
+    x1, x2 = np.clip([x, x + w], 0, width - 1)
+    y1, y2 = np.clip([y, y + h], 0, height - 1)
+    return float(max(x2 - x1, y2 - y1))
+
+
+def pck_stats(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, box_sizes: np.ndarray) -> dict[str, float]:
+    """PCK@0.2 of the box size, AUC and EPE, named as PCK_STATS_NAMES, of predictions (N, K, 2+) against GT
+    points (N, K, 2+) with their visibility (N, K) and their boxes' pck_box_size (N,)."""
+    pck = keypoint_pck(keypoint_distances(pred, gt, visible, box_sizes), PCK_THRESHOLD)
+    values = (pck, keypoint_auc(pred, gt, visible), keypoint_epe(pred, gt, visible))
+    return dict(zip(PCK_STATS_NAMES, values))
+
+
+def _annotation_box_size(gt: COCO, ann: dict) -> float:
+    image = gt.imgs[ann["image_id"]]
+    return pck_box_size(ann["bbox"], image["width"], image["height"])
+
+
+def labelled_instances(gt: COCO) -> list[dict]:
+    """The annotations PCK scores: not crowd, a labelled point, a box with a side inside the image."""
+    return [ann for ann in gt.dataset["annotations"]
+            if not ann.get("iscrowd", 0) and any(v > 0 for v in ann["keypoints"][2::3])
+            and _annotation_box_size(gt, ann) > 0]
+
+
+def gt_points(gt: COCO, anns: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GT points (N, K, 2), their visibility (N, K) and pck_box_size (N,) of annotations of `gt`."""
+    points = np.array([ann["keypoints"] for ann in anns], np.float64).reshape(len(anns), -1, 3)
+    sizes = np.array([_annotation_box_size(gt, ann) for ann in anns])
+    return points[..., :2], points[..., 2], sizes
+
+
+def pair_results(gt: COCO, results: list[dict], label: str = "results") -> tuple[list[dict], np.ndarray]:
+    """Each labelled annotation with the result of its image and category nearest to it (mean distance over
+    its labelled points), a result paired at most once, nearest pairs first: the annotations and their
+    predicted points (N, K, 2). An annotation left without a result is one error naming it."""
+    anns = labelled_instances(gt)
+    if not anns:
+        raise OdkdError("ground truth: no labelled instance to score by PCK, AUC and EPE")
+    by_group = defaultdict(list)
+    for index, result in enumerate(results):
+        by_group[(result["image_id"], result["category_id"])].append(index)
+    poses = np.array([r["keypoints"] for r in results], np.float64).reshape(len(results), -1, 3)[..., :2]
+    candidates = []
+    for a, ann in enumerate(anns):
+        points = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
+        labelled = points[:, 2] > 0
+        for r in by_group.get((ann["image_id"], ann["category_id"]), []):
+            distance = np.linalg.norm(poses[r][labelled] - points[labelled, :2], axis=1).mean()
+            candidates.append((distance, a, r))
+    paired: dict[int, int] = {}
+    used = set()
+    for _, a, r in sorted(candidates):
+        if a not in paired and r not in used:
+            paired[a] = r
+            used.add(r)
+    for a, ann in enumerate(anns):
+        if a not in paired:
+            raise OdkdError(f"{label}: no result for annotation {ann['id']} (image {ann['image_id']}, category "
+                            f"{ann['category_id']}); PCK, AUC and EPE score one prediction per labelled instance")
+    return anns, poses[[paired[a] for a in range(len(anns))]]
+
+
+def pck_keypoint_eval(gt: COCO, results: list[dict], label: str = "results") -> dict[str, float]:
+    """PCK, AUC and EPE (pck_stats) of a results file against `gt`, each labelled annotation scored by the
+    result pair_results gives it."""
+    anns, pred = pair_results(gt, results, label)
+    points, visible, sizes = gt_points(gt, anns)
+    return pck_stats(pred, points, visible, sizes)
+
+
 def format_stats_table(stats: dict[str, float]) -> str:
-    """The 10 stats as a two-row markdown table, columns aligned, values to 3 decimals."""
-    values = [f"{stats[name]:.3f}" for name in STATS_NAMES]
-    widths = [max(len(name), len(value)) for name, value in zip(STATS_NAMES, values)]
-    header = "| " + " | ".join(name.ljust(w) for name, w in zip(STATS_NAMES, widths)) + " |"
+    """The stats (COCO's 10, or PCK, AUC and EPE) as a two-row markdown table in their order, columns
+    aligned, values to 3 decimals."""
+    names = list(stats)
+    values = [f"{stats[name]:.3f}" for name in names]
+    widths = [max(len(name), len(value)) for name, value in zip(names, values)]
+    header = "| " + " | ".join(name.ljust(w) for name, w in zip(names, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     row = "| " + " | ".join(value.rjust(w) for value, w in zip(values, widths)) + " |"
     return "\n".join((header, rule, row))

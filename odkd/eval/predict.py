@@ -11,12 +11,12 @@ import torch
 
 from odkd.data.decode import decode_heatmaps
 from odkd.data.image import read_image
+from odkd.data.instances import load_coco
 from odkd.data.transforms import CropFrame, box_to_center_scale, crop_image, invert_affine, normalize_image
 from odkd.data.keypoints import COCO_SET, KeypointSet
 from odkd.data.visualize import draw_pose, tint_mask
 from odkd.errors import OdkdError, not_found
 from odkd.models.inference import predict_batch
-from odkd.eval.metrics import load_gt
 
 
 def boxes_from_file(path: str | Path) -> list[list[float]]:
@@ -35,13 +35,17 @@ def boxes_from_file(path: str | Path) -> list[list[float]]:
 
 
 def boxes_from_annotations(ann_file: str | Path, image_path: str | Path) -> list[list[float]]:
-    """The non-crowd person boxes that a COCO-format file gives for the image with this file name."""
-    coco = load_gt(ann_file)
+    """The non-crowd boxes that a COCO-format file gives for the image with this file name; only the boxes
+    are read, so the file may label any keypoint set (COCO-WholeBody's own format too)."""
+    coco = load_coco(Path(ann_file))
     name = Path(image_path).name
     ids = [i for i, img in coco.imgs.items() if Path(img["file_name"]).name == name]
     if not ids:
         raise OdkdError(f"{ann_file}: no image named {name}")
     anns = coco.loadAnns(coco.getAnnIds(imgIds=ids, iscrowd=False))
+    for ann in anns:
+        if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
+            raise OdkdError(f"{ann_file}: annotation {ann.get('id')} has no 'bbox' [x, y, w, h]")
     boxes = [a["bbox"] for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
     if not boxes:
         raise OdkdError(f"{ann_file}: image {name} has no person boxes")

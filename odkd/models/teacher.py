@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from odkd.config import TeacherConfig
-from odkd.data.keypoints import keypoint_set
+from odkd.data.keypoints import keypoint_set, val_stat
 from odkd.errors import OdkdError, not_found
 from odkd.models.checkpoint import (CheckpointFile, apply_checkpoint, checkpoint_num_joints, model_fingerprint,
                                     read_checkpoint)
@@ -141,6 +141,8 @@ def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
     """Load both teachers once on the CPU, check they fit their models and the cache geometry, and
     describe them. Every problem is an OdkdError raised here, before any work starts."""
     specs = {}
+    kset = keypoint_set(cfg.data.keypoints)
+    by_ap = val_stat(kset) == "AP"  # a set without OKS sigmas keeps its teachers' best by PCK, which is no val AP
     for key, role in ROLES.items():
         tcfg = getattr(cfg.teachers, role)
         if key == "st" and not tcfg.seg_head:
@@ -148,8 +150,8 @@ def resolve_teachers(cfg, input_size, map_size) -> dict[str, TeacherSpec]:
         teacher = load_configured_teacher(cfg, role)
         path = teacher.path
         _check_outputs(teacher.net, role, path, input_size, map_size, with_mask=key == "st",
-                       num_joints=keypoint_set(cfg.data.keypoints).num_keypoints)
-        best_ap = None if teacher.checkpoint is None else teacher.checkpoint.extra.get("best_ap")
+                       num_joints=kset.num_keypoints)
+        best_ap = teacher.checkpoint.extra.get("best_ap") if teacher.checkpoint is not None and by_ap else None
         specs[key] = TeacherSpec(
             role=role, model=tcfg.model, model_args=dict(tcfg.model_args), seg_head=tcfg.seg_head,
             checkpoint=str(path), fingerprint=teacher.fingerprint,

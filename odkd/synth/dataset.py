@@ -17,10 +17,10 @@ from tqdm import tqdm
 from odkd.errors import OdkdError
 from odkd.synth.annotation import add_annotator_noise, unlabel_keypoints
 from odkd.synth.detections import imitate_person_detector
-from odkd.synth.keypoint_formats import FORMATS, person_category
+from odkd.synth.keypoint_formats import FORMATS, PERSON_FORMATS, set_category
 from odkd.synth.scene import DIFFICULTY_LEVELS, Scene, difficulty_value, render_image, scene_for
 
-PERSON_CATEGORY = person_category("coco")
+PERSON_CATEGORY = set_category("coco")
 LICENSE = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}
 # also the seed stream of each: test and unlabeled never shift the splits before them
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -94,6 +94,9 @@ def make_synthetic_dataset(
                              label_noise, missing_labels, image_size)
     if keypoints not in FORMATS:
         raise OdkdError(f"synth.keypoints: expected one of {', '.join(FORMATS)}, got {keypoints!r}")
+    if unlabeled_images and keypoints not in PERSON_FORMATS:
+        raise OdkdError(f"synth.unlabeled_images: the unlabelled split's detections box people, whom --keypoints "
+                        f"{keypoints} does not label; give it with {', '.join(PERSON_FORMATS)}")
     if existing not in EXISTING:
         raise OdkdError(f"synth.existing: expected one of {', '.join(EXISTING)}, got {existing!r}")
     found = previous_dataset(out_dir) if existing != "write_over" else []
@@ -108,18 +111,20 @@ def make_synthetic_dataset(
     first_ann_id = 1
     for plan in plan_splits(counts, label_noise, missing_labels):
         images, annotations = render_split(out_dir, plan, seed, image_size, scene, first_ann_id, progress)
-        first_ann_id += len(annotations)
+        first_ann_id += len(annotations)  # over the people rendered, whatever a format keeps of them
+        if plan.name == "unlabeled":  # a person format: every person kept
+            detections = write_unlabeled(out_dir, plan, seed, level, images, annotations, keypoints)
+            written = annotations
+        else:
+            written = write_annotations(out_dir / "annotations" / f"person_keypoints_{plan.name}.json",
+                                        dataset_info(seed, level, plan), images, annotations, keypoints)
         summary[plan.name] = {
             "images": len(images),
-            "annotations": len(annotations),
-            "crowd_annotations": sum(a["iscrowd"] for a in annotations),
+            "annotations": len(written),
+            "crowd_annotations": sum(a["iscrowd"] for a in written),
         }
         if plan.name == "unlabeled":
-            summary[plan.name]["detections"] = write_unlabeled(out_dir, plan, seed, level, images, annotations,
-                                                               keypoints)
-        else:
-            write_annotations(out_dir / "annotations" / f"person_keypoints_{plan.name}.json",
-                              dataset_info(seed, level, plan), images, annotations, keypoints)
+            summary[plan.name]["detections"] = detections
     return summary
 
 
@@ -288,20 +293,21 @@ def write_unlabeled(out_dir: Path, plan: SplitPlan, seed: int, level: float, ima
 
 
 def write_annotations(path: Path, info: dict, images: list[dict], annotations: list[dict],
-                      keypoints: str = "coco") -> None:
+                      keypoints: str = "coco") -> list[dict]:
     """One COCO person_keypoints file, written whole or not at all; with another keypoint set, in its format
-    (odkd.synth.keypoint_formats), its name recorded as info.keypoints."""
-    category = PERSON_CATEGORY
+    (odkd.synth.keypoint_formats), its name recorded as info.keypoints. Returns the annotations written."""
+    categories = [PERSON_CATEGORY]
     if FORMATS[keypoints] is not None:
-        images, annotations, category = FORMATS[keypoints](images, annotations)
+        images, annotations, categories = FORMATS[keypoints](images, annotations)
         info = {**info, "keypoints": keypoints}
     _write_json(path, {
         "info": info,
         "licenses": [LICENSE],
         "images": images,
         "annotations": annotations,
-        "categories": [category],
+        "categories": categories,
     })
+    return annotations
 
 
 def _write_json(path: Path, content) -> None:

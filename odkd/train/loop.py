@@ -4,10 +4,10 @@ Adam, a step or cosine schedule with linear warmup (stepped per optimizer step),
 bf16) and channels-last on CUDA, optional gradient clipping, gradient accumulation, EMA weights
 and torch.compile, a tqdm bar with loss and images/s, a JSONL log, `last.pth` after every epoch
 (weights, EMA weights, optimizer, scheduler, scaler, RNG states, epoch and the run's schedule) and
-`best.pth` by val AP (weights and metadata only: it is what every later command reads). Data order
-and augmentation are functions of (seed, epoch, index), so `--resume` from `last.pth` continues
-exactly where an uninterrupted run would be (bit for bit on CPU; CUDA kernels are not
-bit-deterministic).
+`best.pth` by val AP, or PCK for a keypoint set without OKS sigmas (weights and metadata only: it is
+what every later command reads). Data order and augmentation are functions of (seed, epoch, index),
+so `--resume` from `last.pth` continues exactly where an uninterrupted run would be (bit for bit on
+CPU; CUDA kernels are not bit-deterministic).
 
 `fit` reads as: build or restore the state, then per epoch: train one epoch, evaluate, save.
 What is learned is the objective's business: a callable (model output, batch) -> (loss, parts),
@@ -168,7 +168,7 @@ class TrainState:
     ema: WeightEMA | None = None
     provenance: dict | None = None  # where the run's targets came from; a resume must find the same
     epoch: int = 0  # epochs finished
-    best_ap: float = -1.0
+    best_ap: float = -1.0  # the best val stat best.pth is kept by: AP, or PCK (fit's best_by); best_ap in files
     best_epoch: int | None = None  # the epoch best.pth holds; None before there is one (or in a run from before)
     best_stage: str | None = None
 
@@ -329,7 +329,7 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
         signature: dict | None = None, milestones: dict[int, str] | None = None,
         after_epoch: Callable[[Path], None] | None = None, on_start: Callable[[Path], None] | None = None,
         best_from_epoch: int = 0, sampler: EpochSampler | None = None,
-        provenance: dict | None = None, ranks: Ranks = Ranks()) -> dict:
+        provenance: dict | None = None, ranks: Ranks = Ranks(), best_by: str = "AP") -> dict:
     """Train the model `make_model()` builds on `train_set` under `schedule` ([... .train] of the
     config); returns a summary.
 
@@ -338,10 +338,11 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
     unless `resume`, and refuses to resume a run of another model or schedule (`signature`, by
     default the schedule's keys) or of another `provenance` (recorded in every checkpoint).
     `milestones` maps an epoch to a name: that epoch is evaluated and its weights kept as
-    `NAME.pth` (the student's stage ends). best.pth is the best by val AP of the epochs from
-    `best_from_epoch` (0-based) on. `after_epoch(out_dir)` runs on rank 0 once an epoch is logged,
-    `on_start(out_dir)` once the run's checks pass and its folder exists. `sampler` orders each epoch
-    (default: every sample of `train_set` once, shuffled, split over the ranks).
+    `NAME.pth` (the student's stage ends). best.pth is the best by the val stat `best_by` (AP; PCK for a
+    set without OKS sigmas) of the epochs from `best_from_epoch` (0-based) on. `after_epoch(out_dir)`
+    runs on rank 0 once an epoch is logged, `on_start(out_dir)` once the run's checks pass and its
+    folder exists. `sampler` orders each epoch (default: every sample of `train_set` once, shuffled,
+    split over the ranks).
     """
     out_dir = Path(out_dir)
     last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / "log.jsonl"
@@ -401,8 +402,8 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
                 record.update(stats)
                 # a best kept before best_from_epoch (by a run resumed with another) gives way to any epoch after
                 stale = state.best_epoch is not None and state.best_epoch <= best_from_epoch
-                if state.epoch > best_from_epoch and (stats["AP"] > state.best_ap or stale):
-                    state.best_ap, state.best_epoch, state.best_stage = stats["AP"], state.epoch, record.get("stage")
+                if state.epoch > best_from_epoch and (stats[best_by] > state.best_ap or stale):
+                    state.best_ap, state.best_epoch, state.best_stage = stats[best_by], state.epoch, record.get("stage")
                     save_weights(best_path, state.product, state, spec, val=stats, stage=state.best_stage)
             if state.epoch in milestones:
                 save_weights(out_dir / f"{milestones[state.epoch]}.pth", state.product, state, spec,
@@ -414,6 +415,7 @@ def fit(make_model: Callable[[], torch.nn.Module], train_set: TopDownDataset | L
             if after_epoch is not None:
                 after_epoch(out_dir)
         barrier(ranks)
-    return {"out_dir": str(out_dir), "best_ap": state.best_ap, "best_epoch": state.best_epoch,
+    # best_ap, or best_pck for a run kept by PCK
+    return {"out_dir": str(out_dir), f"best_{best_by.lower()}": state.best_ap, "best_epoch": state.best_epoch,
             "best_stage": state.best_stage, "last": str(last_path),
             "best": str(best_path) if best_path.exists() else None}

@@ -17,7 +17,7 @@ import torch
 
 from odkd.config import resolve_device, teacher_data
 from odkd.data.instances import load_instances
-from odkd.data.keypoints import keypoint_set
+from odkd.data.keypoints import keypoint_set, val_stat
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_model
 from odkd.models import build_model
@@ -80,7 +80,9 @@ def release_teacher(cfg, role: str, source: str | os.PathLike, *, device: str | 
     data = teacher_data(cfg, role)
     train, val = load_instances(data, "train"), load_instances(data, "val")
     report = evaluate_model(net.to(dev).eval(), val, data, cfg.eval, val.coco, device=dev)
-    payload = {"format": ODKD_FORMAT, "model": half, "best_ap": report.stats["AP"],
+    # best_ap holds the stat train-teacher keeps best.pth by: AP, or PCK for a set without OKS sigmas
+    best = report.stats[val_stat(keypoint_set(cfg.data.keypoints))]
+    payload = {"format": ODKD_FORMAT, "model": half, "best_ap": best,
                "meta": {**src.meta, "fingerprint": _loaded_fingerprint(net),
                         "release": _release_record(cfg, data, source, src.meta, train, report)}}
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import torch
 from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
 from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.data.keypoints import keypoint_set, stored_record
+from odkd.data.keypoints import keypoint_set, stored_record, val_stat
 from odkd.distill.objective import StudentObjective, stored_arrays
 from odkd.distill.stages import StagePlan, required_arrays, stage_teachers, stage_uses_mask
 from odkd.errors import OdkdError, not_found
@@ -211,6 +211,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                    after_epoch=lambda d: plot_training_curves(d / "log.jsonl", d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
                    sampler=sampler, provenance=provenance, ranks=ranks,
+                   best_by=val_stat(keypoint_set(cfg.data.keypoints)),
                    on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
         return summary if ranks.is_main else None
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 from odkd.config import keep_resolved_config, resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
-from odkd.data.keypoints import keypoint_set
+from odkd.data.keypoints import keypoint_set, val_stat
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_model, load_checkpoint
@@ -66,6 +66,6 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
                      input_size=tuple(cfg.data.input_size))
     return fit(make_model, train_set, schedule=tcfg.train, spec=spec, out_dir=out or default_teacher_dir(cfg, role),
                loss_fn=teacher_loss(tcfg.seg_weight, tcfg.seg_loss), device=dev,
-               evaluate_fn=lambda m: evaluator(m).record(),
+               evaluate_fn=lambda m: evaluator(m).record(), best_by=val_stat(keypoint_set(cfg.data.keypoints)),
                resume=resume, max_steps_per_epoch=max_steps_per_epoch,
                on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
