@@ -447,9 +447,10 @@ def train_student_cmd(config_path, overrides, cache_url, variant, out, resume, d
 @click.option("--device", default=None, help="Evaluation device (default: the config's); speed is always CPU.")
 @user_errors
 def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
-    """Write RUNS/report.md: AP, size and CPU speed of PT, ST, the GT-only student (RUNS/student_gt)
-    and the ODKD student (RUNS/student) on --split, their training curves and predictions on crops of
-    that split. A model without a checkpoint is a note in the report."""
+    """Write RUNS/report.md: AP (PCK, AUC and EPE for a keypoint set without OKS sigmas), size and CPU
+    speed of PT, ST, the GT-only student (RUNS/student_gt) and the ODKD student (RUNS/student) on
+    --split, their training curves and predictions on crops of that split. A model without a checkpoint
+    is a note in the report."""
     from odkd.apps.report import parse_runs, write_report
 
     cfg = load_config(config_path, overrides)
@@ -474,9 +475,9 @@ def ablate(config_path, overrides, seeds, variants, split, out, device):
     """Train every variant of the student from the same teacher store, seeds and total epochs.
 
     Writes OUT/VARIANT/seedS (finished runs are reused, unfinished ones resumed), then
-    OUT/ablation.md and OUT/ablation.json: AP, AP .5 and AR as mean +- std over the seeds of
-    each run's last.pth, the method's hypotheses checked against that spread with the runs also
-    paired by seed, and AP per seed.
+    OUT/ablation.md and OUT/ablation.json: AP, AP .5 and AR (PCK, AUC and EPE for a keypoint set
+    without OKS sigmas) as mean +- std over the seeds of each run's last.pth, the method's hypotheses
+    checked against that spread with the runs also paired by seed, and AP (PCK) per seed.
     """
     from odkd.apps.ablate import ablation_table, run_ablation
 

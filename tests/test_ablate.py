@@ -100,15 +100,16 @@ def test_hypotheses_are_judged_against_twice_the_larger_std():
     orderly = variant_result([0.50, 0.52, 0.54])
     assert orderly["AP"] == pytest.approx({"mean": 0.52, "std": 0.02})
     others = {"far below": [0.44, 0.45, 0.46], "near": [0.48, 0.49, 0.50], "far above": [0.57, 0.60, 0.63]}
-    checked = {name: check_hypothesis(orderly, variant_result(aps)) for name, aps in others.items()}
+    checked = {name: check_hypothesis(orderly, variant_result(aps), "AP") for name, aps in others.items()}
     assert {name: h["verdict"].split(":")[0] for name, h in checked.items()} == {
         "far below": "holds", "near": "not shown", "far above": "reversed"}
     assert checked["far below"]["bar"] == pytest.approx(0.04)
-    assert check_hypothesis(variant_result([0.5]), variant_result([0.1]))["verdict"].startswith("not tested")
+    one_seed = check_hypothesis(variant_result([0.5]), variant_result([0.1]), "AP")
+    assert one_seed["verdict"].startswith("not tested")
     # beside the verdict: A - B paired by seed
     assert checked["near"]["per_seed"] == pytest.approx({"mean": 0.03, "std": 0.01, "n": 3, "ahead": 3})
     assert checked["far above"]["per_seed"]["ahead"] == 0
-    mixed = check_hypothesis(orderly, variant_result([0.51, 0.50, 0.55]))["per_seed"]
+    mixed = check_hypothesis(orderly, variant_result([0.51, 0.50, 0.55]), "AP")["per_seed"]
     assert mixed["ahead"] == 1 and mixed["mean"] == pytest.approx(0.0)
 
 
@@ -121,7 +122,8 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog)
     assert "warning: variant 'soft' skipped" in err and "store_soft = true" in err
     assert "reports on val" in err  # the tiny world has no test split
     saved = json.loads((out / "ablation.json").read_text())
-    assert saved["split"] == "val" and saved["weights"] == "last.pth" and saved["seeds"] == [0, 1]
+    assert saved["split"] == "val" and saved["stat"] == "AP" and saved["weights"] == "last.pth"
+    assert saved["seeds"] == [0, 1]
     assert list(saved["variants"]) == ["gt", "orderly"] and "soft" in saved["skipped"]
     md = (out / "ablation.md").read_text()
     for name in ("gt", "orderly"):

@@ -1,8 +1,8 @@
 """Every keypoint set other than COCO's end to end through the command line, as a user runs it: `odkd synth
 --keypoints`, both teachers trained, their store built and described, the student trained from it, evaluated
-and drawn, for COCO-WholeBody's 133 points, CrowdPose's 14, AP-10K's animals and a 21-point hand; what the
-synthetic animals and hands are; and COCO-WholeBody's 133 maps through OpenCV, which takes 128 channels at a
-time."""
+and drawn, for COCO-WholeBody's 133 points, CrowdPose's 14, AP-10K's animals and a 21-point hand (reported and
+ablated by PCK, AUC and EPE too); what the synthetic animals and hands are; and COCO-WholeBody's 133 maps
+through OpenCV, which takes 128 channels at a time."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from odkd.apps.ablate import mean_std
 from odkd.cli import main
 from odkd.data.decode import gaussian_modulate
 from odkd.data.keypoints import KEYPOINT_NAMES, keypoint_set
 from odkd.data.transforms import CropFrame, warp_maps
 from odkd.models import read_checkpoint
 from odkd.store.reader import TeacherTargets
+from test_report import table_rows
 from test_student import read_log, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SETS = {"coco_wholebody": 133, "crowdpose": 14, "ap10k": 17, "hand21": 21}
+HAND_STATS = ("PCK", "AUC", "EPE")  # a set without OKS sigmas is scored by these, in this order
 # the tiny teachers of student_toml, one epoch each
 TEACHERS_TRAIN = "".join(f"""
 [teachers.{role}.train]
@@ -97,8 +100,8 @@ def check_ap10k(tables: dict, base: Path, config: Path, trained: dict) -> None:
 
 def check_hand21(tables: dict, base: Path, config: Path, trained: dict) -> None:
     stats = json.loads((base / "stats.json").read_text())
-    assert tables == {"all": pytest.approx(stats, abs=5e-4)} and list(stats) == ["PCK", "AUC", "EPE"]
-    assert 0.0 <= stats["PCK"] <= 1.0 and 0.0 <= stats["AUC"] <= 0.95 and stats["EPE"] >= 0.0
+    assert tables == {"all": pytest.approx(stats, abs=5e-4)} and tuple(stats) == HAND_STATS
+    assert hand_stats_in_range(stats)
     # best.pth was kept by PCK, logged each epoch and drawn on the curves
     assert "best_ap" not in trained and trained["best_pck"] == read_log(base / "runs" / "student")[
         trained["best_epoch"] - 1]["PCK"]
@@ -109,6 +112,59 @@ def check_hand21(tables: dict, base: Path, config: Path, trained: dict) -> None:
     assert stats_tables(again) == tables
     assert stats_tables(run("evaluate", "--config", config, "--ann", ann, "--gt-as-results"))["all"] == {
         "PCK": 1.0, "AUC": 0.95, "EPE": 0.0}
+    check_hand_report(base, config, stats)
+    check_hand_ablation(base, config)
+
+
+def hand_stats_in_range(stats: dict) -> bool:
+    return 0.0 <= stats["PCK"] <= 1.0 and 0.0 <= stats["AUC"] <= 0.95 and stats["EPE"] >= 0.0
+
+
+def check_hand_report(base: Path, config: Path, student_stats: dict) -> None:
+    """`odkd report` on hands: PCK, AUC and EPE columns, the student's row as `odkd evaluate` scored its best.pth."""
+    run("report", "--config", config, "--out", base / "report")
+    text = (base / "report" / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert header == "| model | checkpoint | architecture | PCK | AUC | EPE | params (M) | GFLOPs | CPU images/s |"
+    rows = table_rows(text)
+    assert list(rows) == ["PT", "ST", "ODKD"]
+    assert rows["ODKD"][3:6] == [f"{student_stats[k]:.3f}" for k in HAND_STATS]
+    assert all(hand_stats_in_range(dict(zip(HAND_STATS, map(float, cells[3:6])))) for cells in rows.values())
+    assert "PCK@0.2 of the GT box's longer side, AUC (0 to 30 px) and EPE (px)" in text and "COCOeval" not in text
+    assert "Losses and val PCK per epoch" in text
+
+
+def check_hand_ablation(base: Path, config: Path) -> None:
+    """`odkd ablate` on hands compares PCK: each variant's mean is that of its runs' PCK as `odkd evaluate`
+    scores their last.pth."""
+    out = base / "ablation"
+    printed = run("ablate", "--config", config, "--variants", "gt,orderly", "--seeds", 2, "--out", out,
+                  "--set", "student.stages[0].epochs=1", "--set", "student.stages[1].epochs=1")
+    assert printed.startswith("| variant | PCK (mean ± std) | AUC | EPE | n seeds |\n|---|---|---|---|---|\n")
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["stat"] == "PCK" and list(saved["variants"]) == ["gt", "orderly"]
+    md = (out / "ablation.md").read_text()
+    pcks, scored = {}, set()
+    for name, result in saved["variants"].items():
+        evaluated = []
+        for seed in (0, 1):
+            stats_json = out / f"{name}{seed}.json"
+            run("evaluate", "--config", config, "--checkpoint", out / name / f"seed{seed}" / "last.pth",
+                "--stats-json", stats_json)
+            evaluated.append(json.loads(stats_json.read_text()))
+        assert all(hand_stats_in_range(stats) for stats in evaluated)
+        for row, stats in zip(result["runs"], evaluated, strict=True):
+            assert {k: row[k] for k in stats} == pytest.approx(stats)
+            scored.add(tuple(stats.values()))
+        pcks[name] = [stats["PCK"] for stats in evaluated]
+        assert result["PCK"] == pytest.approx({"mean": np.mean(pcks[name]), "std": np.std(pcks[name], ddof=1)})
+        assert f"| {name} | " + " | ".join(mean_std(result[k]) for k in HAND_STATS) + " | 2 |" in md
+        assert f"| {name} | {pcks[name][0]:.4f} | {pcks[name][1]:.4f} |" in md  # the per-seed table
+    assert len(scored) == 4  # no two runs alike: a row scored from another run's weights would not match above
+    [teachers_vs_gt] = saved["hypotheses"]
+    assert teachers_vs_gt["difference"] == pytest.approx(np.mean(pcks["orderly"]) - np.mean(pcks["gt"]))
+    assert teachers_vs_gt["per_seed"]["mean"] == pytest.approx(np.mean(np.subtract(pcks["orderly"], pcks["gt"])))
+    assert "## Hypotheses (PCK)" in md and "## Per seed (PCK)" in md and "chosen by val PCK" in md
 
 
 CHECKS = {"coco_wholebody": check_wholebody, "crowdpose": check_crowdpose, "ap10k": check_ap10k,

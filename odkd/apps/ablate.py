@@ -20,6 +20,7 @@ import numpy as np
 
 from odkd.config import PipelineConfig, StudentConfig, resolve_device
 from odkd.data.instances import load_instances
+from odkd.data.keypoints import keypoint_set, val_stat
 from odkd.dicts import first_difference
 from odkd.distill.stages import StagePlan, required_arrays
 from odkd.distill.variants import UNLABELED_VARIANTS, VARIANTS, variant_student
@@ -28,14 +29,16 @@ from odkd.eval.evaluate import ModelEvaluator
 from odkd.models import build_from_checkpoint, read_checkpoint
 from odkd.train.student import check_same_teachers, check_store_fits, open_teacher_store, train_student
 
-REPORTED = ("AP", "AP .5", "AR")
-# best.pth is chosen by val AP; scoring it would select on the reported split whenever that is val
+# the stats reported of every run, by the stat the variants are compared by (val_stat: AP, or PCK for a set
+# without OKS sigmas), which comes first and is higher for the better model
+REPORTED = {"AP": ("AP", "AP .5", "AR"), "PCK": ("PCK", "AUC", "EPE")}
+# best.pth is chosen by val AP (PCK); scoring it would select on the reported split whenever that is val
 SCORED_WEIGHTS = "last.pth"
 
 log = logging.getLogger(__name__)
 
 
-# (A, B, the claim that A's AP is above B's)
+# (A, B, the claim that A's compared stat is above B's)
 HYPOTHESES = (
     ("orderly", "joint", "orderly stages beat one joint stage"),
     ("orderly", "pt", "orderly beats PT alone"),
@@ -88,10 +91,10 @@ def spread(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def check_hypothesis(a: dict, b: dict) -> dict:
-    """Whether A's mean AP exceeds B's by more than twice the larger of their stds."""
-    diff = a["AP"]["mean"] - b["AP"]["mean"]
-    bar = 2 * max(a["AP"]["std"], b["AP"]["std"])
+def check_hypothesis(a: dict, b: dict, stat: str) -> dict:
+    """Whether A's mean `stat` exceeds B's by more than twice the larger of their stds."""
+    diff = a[stat]["mean"] - b[stat]["mean"]
+    bar = 2 * max(a[stat]["std"], b[stat]["std"])
     if min(a["n"], b["n"]) < 2:
         verdict = "not tested: one seed gives no spread"
     elif diff > bar:
@@ -100,14 +103,14 @@ def check_hypothesis(a: dict, b: dict) -> dict:
         verdict = "reversed: B beats A by more than 2x the larger std"
     else:
         verdict = "not shown: the difference is within 2x the larger std"
-    return {"difference": diff, "bar": bar, "verdict": verdict, "per_seed": per_seed_difference(a, b)}
+    return {"difference": diff, "bar": bar, "verdict": verdict, "per_seed": per_seed_difference(a, b, stat)}
 
 
-def per_seed_difference(a: dict, b: dict) -> dict:
+def per_seed_difference(a: dict, b: dict, stat: str) -> dict:
     """A - B seed by seed. A seed fixes the initial weights and the data order for every variant, so
     this pairs runs that differ only in the variant; it sits beside the verdict, which stays the
     unpaired rule above."""
-    diffs = [ra["AP"] - rb["AP"] for ra, rb in zip(a["runs"], b["runs"], strict=True)]
+    diffs = [ra[stat] - rb[stat] for ra, rb in zip(a["runs"], b["runs"], strict=True)]
     return {**spread(diffs), "n": len(diffs), "ahead": sum(d > 0 for d in diffs)}
 
 
@@ -148,6 +151,7 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
     if split not in ("val", "test"):
         raise OdkdError(f"--split: the ablation reports on val or test, got {split!r}")
     out = Path(out or Path(cfg.runs) / "ablation")
+    stat = val_stat(keypoint_set(cfg.data.keypoints))
     seed_list = [cfg.student.train.seed + i for i in range(seeds)]
 
     # everything every run needs is checked before the first one starts
@@ -185,18 +189,19 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
             net, _ = build_from_checkpoint(run_dir / SCORED_WEIGHTS, dev)
             stats = evaluator(net).stats
             runs[name].append({"seed": seed, "dir": str(run_dir), "status": status,
-                               **{key: stats[key] for key in REPORTED}})
-            log.info(f"ablate: {name} seed {seed}: {status}; {split} AP {stats['AP']:.4f}")
+                               **{key: stats[key] for key in REPORTED[stat]}})
+            log.info(f"ablate: {name} seed {seed}: {status}; {split} {stat} {stats[stat]:.4f}")
 
     results = {name: {"stages": [dataclasses.asdict(stage) for stage in students[name].stages], "n": len(rows),
-                      **{key: spread([row[key] for row in rows]) for key in REPORTED}, "runs": rows}
+                      **{key: spread([row[key] for row in rows]) for key in REPORTED[stat]}, "runs": rows}
                for name, rows in runs.items()}
     summary = {
         "command": command, "store": targets.url,
-        "unlabeled_store": unlabeled_targets.url if unlabeled_targets is not None else None, "split": split, "weights": SCORED_WEIGHTS,
+        "unlabeled_store": unlabeled_targets.url if unlabeled_targets is not None else None, "split": split,
+        "stat": stat, "weights": SCORED_WEIGHTS,
         "epochs": cfg.student.epochs, "seeds": seed_list, "out": str(out),
         "variants": results, "skipped": skipped,
-        "hypotheses": [{"a": a, "b": b, "claim": claim, **check_hypothesis(results[a], results[b])}
+        "hypotheses": [{"a": a, "b": b, "claim": claim, **check_hypothesis(results[a], results[b], stat)}
                        for a, b, claim in HYPOTHESES if a in results and b in results],
         "wall_s": time.perf_counter() - started,
     }
@@ -211,10 +216,12 @@ def mean_std(value: dict) -> str:
 
 
 def ablation_table(summary: dict) -> str:
-    """variant | AP | AP .5 | AR | n seeds, as a markdown table."""
-    lines = ["| variant | AP (mean ± std) | AP .5 | AR | n seeds |", "|---|---|---|---|---|"]
+    """variant | the reported stats (AP | AP .5 | AR, or PCK | AUC | EPE) | n seeds, as a markdown table."""
+    compared, *others = reported = REPORTED[summary["stat"]]
+    lines = [f"| variant | {compared} (mean ± std) | " + " | ".join(others) + " | n seeds |",
+             "|---" * (len(reported) + 2) + "|"]
     for name, result in summary["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(mean_std(result[key]) for key in REPORTED) + f" | {result['n']} |")
+        lines.append(f"| {name} | " + " | ".join(mean_std(result[key]) for key in reported) + f" | {result['n']} |")
     return "\n".join(lines)
 
 
@@ -227,7 +234,8 @@ def ablation_markdown(summary: dict) -> str:
         f"- store: `{summary['store']}`"
         + (f"; unlabelled store (the +unlabeled variants): `{summary['unlabeled_store']}`"
            if summary.get("unlabeled_store") else ""),
-        f"- scored: every run's {summary['weights']} on {summary['split']} (not best.pth, which is chosen by val AP)",
+        f"- scored: every run's {summary['weights']} on {summary['split']} "
+        f"(not best.pth, which is chosen by val {summary['stat']})",
         f"- {summary['epochs']} epochs per run; seeds {', '.join(map(str, summary['seeds']))}",
         f"- wall time: {summary['wall_s'] / 60:.1f} min ("
         + ", ".join(f"{counts.count(s)} {s}" for s in ("trained", "resumed", "reused")) + ")",
@@ -238,7 +246,7 @@ def ablation_markdown(summary: dict) -> str:
     for name, reason in summary["skipped"].items():
         lines += [f"Skipped {name}: {reason}.", ""]
     if summary["hypotheses"]:
-        lines += ["## Hypotheses (AP)", "",
+        lines += [f"## Hypotheses ({summary['stat']})", "",
                   "| claim | A | B | A - B | 2x larger std | verdict | A - B per seed (A ahead) |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {h['claim']} | {h['a']} | {h['b']} | {h['difference']:+.4f} | {h['bar']:.4f} | {h['verdict']} | "
@@ -246,7 +254,7 @@ def ablation_markdown(summary: dict) -> str:
         lines += ["", "A claim holds when A's mean exceeds B's by more than twice the larger of their stds. The last "
                   "column pairs the runs of each seed (the same initial weights and data order): mean ± std of "
                   "A - B, and at how many seeds A is ahead.", ""]
-    lines += ["## Per seed (AP)", "", per_seed_table(summary), ""]
+    lines += [f"## Per seed ({summary['stat']})", "", per_seed_table(summary), ""]
     return "\n".join(lines)
 
 
@@ -255,9 +263,9 @@ def paired_cell(per_seed: dict) -> str:
 
 
 def per_seed_table(summary: dict) -> str:
-    """variant | AP at each seed."""
+    """variant | the compared stat at each seed."""
     lines = ["| variant | " + " | ".join(f"seed {seed}" for seed in summary["seeds"]) + " |",
              "|---" * (len(summary["seeds"]) + 1) + "|"]
     for name, result in summary["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row['AP']:.4f}" for row in result["runs"]) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[summary['stat']]:.4f}" for row in result["runs"]) + " |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
-"""`odkd report`: one markdown page for a run folder. Every model's COCO AP, size and CPU speed in
-one table, the students' training curves, and their keypoints next to the teachers' on crops of the
-split it scores (val or test)."""
+"""`odkd report`: one markdown page for a run folder. Every model's COCO AP (PCK, AUC and EPE for a
+keypoint set without OKS sigmas), size and CPU speed in one table, the students' training curves, and
+their keypoints next to the teachers' on crops of the split it scores (val or test)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from odkd.config import DEMO_CONFIG, resolve_device
 from odkd.data.dataset import TopDownDataset, frame_from_batch
 from odkd.data.instances import load_instances
 from odkd.data.transforms import affine_transform
-from odkd.data.keypoints import COCO_SET, KeypointSet, keypoint_set
+from odkd.data.keypoints import COCO_SET, KeypointSet, keypoint_set, val_stat
 from odkd.data.visualize import denormalize_image, draw_pose
 from odkd.errors import OdkdError
 from odkd.eval.curves import plot_runs_side_by_side
@@ -34,7 +34,10 @@ from odkd.models.teacher import teacher_checkpoint
 # the released files' rows; the students' init where [student] init is [teachers.init]'s file
 TEACHER_ROWS = {"primary": "PT", "senior": "ST", "init": "init"}
 STUDENT_ROWS = {"GT-only": "student_gt", "ODKD": "student"}
-STAT_COLUMNS = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR")
+# the table's stat columns and what they are, by the stat the set is scored by (val_stat)
+STAT_COLUMNS = {"AP": ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)", "AR"), "PCK": ("PCK", "AUC", "EPE")}
+STAT_MEANINGS = {"AP": "AP and AR: COCOeval (OKS)",
+                 "PCK": "PCK@0.2 of the GT box's longer side, AUC (0 to 30 px) and EPE (px): mmpose's hand metrics"}
 CROP_ROWS = 4
 MIN_LABELLED_JOINTS = 8  # a crop with fewer labelled joints shows little to compare
 MIN_TIMED_BATCHES = 3
@@ -153,7 +156,7 @@ def crop_keypoints(net, batch: dict, cfg) -> np.ndarray:
 
 def measure(row: ReportRow, cfg, split: str, device: str | None, crop_batch: dict,
             speed_seconds: float) -> ModelResult:
-    """One table row: AP on `split`, size, CPU speed, and keypoints on the grid's crops."""
+    """One table row: the stats on `split`, size, CPU speed, and keypoints on the grid's crops."""
     stats = evaluate_checkpoint(cfg, str(row.checkpoint), split=split, device=device, model=row.model).stats
     net, meta = build_from_checkpoint(row.checkpoint, "cpu", model=row.model, model_args=row.model_args)
     args = ", ".join(f"{k}={v}" for k, v in meta["model_args"].items())
@@ -198,12 +201,12 @@ def report_command(cfg, out_dir, runs: dict[str, str], split: str, device: str |
     return shlex.join(args)
 
 
-def _table(results: list[ModelResult], out: Path) -> list[str]:
-    head = ["model", "checkpoint", "architecture", *STAT_COLUMNS, "params (M)", "GFLOPs", "CPU images/s"]
+def _table(results: list[ModelResult], out: Path, stat_columns: tuple[str, ...]) -> list[str]:
+    head = ["model", "checkpoint", "architecture", *stat_columns, "params (M)", "GFLOPs", "CPU images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in results:
         cells = [r.row.name, f"`{os.path.relpath(r.row.checkpoint, out)}`", r.architecture,
-                 *(f"{r.stats[k]:.3f}" for k in STAT_COLUMNS), f"{r.params / 1e6:.2f}", f"{r.gflops:.3f}",
+                 *(f"{r.stats[k]:.3f}" for k in stat_columns), f"{r.params / 1e6:.2f}", f"{r.gflops:.3f}",
                  f"{r.images_per_s:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -252,7 +255,9 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     crop_batch = default_collate([dataset[i] for i in pick_instances(instances, CROP_ROWS)])
     results = [measure(row, cfg, split, device, crop_batch, speed_seconds)
                for row in tqdm(rows, desc="report", unit="model")]
-    table = _table(results, out)
+    kset = keypoint_set(cfg.data.keypoints)
+    stat = val_stat(kset)
+    table = _table(results, out, STAT_COLUMNS[stat])
     logs = {r.name: r.log for r in rows if r.log is not None and r.log.is_file()}
     notes += [f"{r.name}: no training curves, {r.log} not found" for r in rows
               if r.log is not None and not r.log.is_file()]
@@ -262,23 +267,25 @@ def write_report(cfg, out_dir: str | Path | None = None, runs: dict[str, str] | 
     lines = [f"# odkd report: {cfg.runs}", "", "```sh", report_command(cfg, out_dir, runs, split, device), "```", "",
              f"Split `{split}` ({len(instances)} person instances, ground-truth boxes), flip test {flip}, "
              f"decode `{cfg.eval.decode}`, input {w}x{h}.", "", "## Models", "", *table, "",
-             "AP and AR: COCOeval (OKS) as `odkd evaluate --checkpoint` gives them. Params and GFLOPs at "
+             f"{STAT_MEANINGS[stat]} as `odkd evaluate --checkpoint` gives them. Params and GFLOPs at "
              f"{w}x{h}, a seg head included (`odkd export` drops it). CPU images/s: this machine, "
              f"{torch.get_num_threads()} torch threads, batches of {cfg.eval.batch_size} ([eval] batch_size), "
              f"flip test {flip}, forward passes only, after a warm-up batch; every model measured the same way "
              "in one process.", "", *(f"- {note}" for note in notes), "", *provenance_lines(results)]
     if logs:
         plot_runs_side_by_side(logs, out / "curves.png")
-        lines += ["## Training curves", "", "Losses and val AP per epoch; a dashed line ends each stage.", "",
+        lines += ["## Training curves", "", f"Losses and val {stat} per epoch; a dashed line ends each stage.", "",
                   "![training curves](curves.png)", ""]
     images = [denormalize_image(chw) for chw in crop_batch["image"].numpy()]
     columns = [("GT", crop_batch["joints"].numpy(), 0.0)]
     columns += [(r.row.name, r.crop_keypoints, cfg.eval.in_vis_thr) for r in results]
-    cv2.imwrite(str(out / "crops.png"), crop_grid(images, columns, keypoint_set(cfg.data.keypoints)))
+    cv2.imwrite(str(out / "crops.png"), crop_grid(images, columns, kset))
     lines += [f"## Predictions on {split} crops", "",
               f"Rows: {len(images)} {split} instances spread over the split; columns: the ground truth, then each "
-              f"model's keypoints (confidence above {cfg.eval.in_vis_thr}, decoded as `{cfg.eval.decode}`). "
-              "Left limbs orange, right limbs blue.", "", "![predictions](crops.png)", ""]
+              f"model's keypoints (confidence above {cfg.eval.in_vis_thr}, decoded as `{cfg.eval.decode}`)."
+              # a set without mirror pairs draws every point in one colour
+              + (" Left limbs orange, right limbs blue." if kset.flip_pairs else ""),
+              "", "![predictions](crops.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path, table
