@@ -212,9 +212,10 @@ class StudentConfig:
     best: Literal["last_stage", "run"] = "last_stage"
     # a store of `cache-teachers --split unlabeled`: its instances train with the teachers' targets alone
     unlabeled_cache: str = ""
-    # the share of each epoch's samples drawn from the unlabelled instances; the epoch still visits every
-    # labelled instance once, so the GT signal per epoch is what it is without them
-    unlabeled_share: float = 0.5
+    # unlabelled people added to each step per labelled one (FixMatch's mu): a step holds train.batch_size
+    # labelled people and round(batch_size * ratio) unlabelled ones on average, so an epoch has the steps
+    # and the GT signal of a labelled-only epoch, and the teachers' targets come on top
+    unlabeled_ratio: float = 1.0
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     stages: tuple[StageConfig, ...] = field(default_factory=_method_stages)
 
@@ -548,9 +549,9 @@ def _check_student(cfg: PipelineConfig, origin) -> None:
         if stage.seg_weight > 0 and not student.seg_head:
             raise OdkdError(f"{origin(f'{where}.seg_weight', 'student.seg_head')}: {where}.seg_weight is "
                             f"{stage.seg_weight} but student.seg_head is false")
-    if student.unlabeled_cache and not 0.0 < student.unlabeled_share < 1.0:
-        raise OdkdError(f"{origin('student.unlabeled_share', 'student.unlabeled_cache')}: "
-                        f"student.unlabeled_share must be above 0 and below 1, got {student.unlabeled_share}")
+    if student.unlabeled_cache and not student.unlabeled_ratio > 0.0:
+        raise OdkdError(f"{origin('student.unlabeled_ratio', 'student.unlabeled_cache')}: "
+                        f"student.unlabeled_ratio must be above 0, got {student.unlabeled_ratio}")
     if student.epochs <= 0:
         raise OdkdError(f"{origin('student.stages')}: student.stages: the stages' epochs sum to {student.epochs}; "
                         f"the run needs a positive number of epochs")

@@ -65,7 +65,7 @@ def test_every_key_with_choices_is_a_literal_and_the_cli_takes_the_same_decoders
      "p.toml: student.stages[1].teacher: 'seniour' is not one of primary, senior, both, none"),
     ("[student]\ntrian = {lr = 1}\n", "p.toml: unknown key 'student.trian' (allowed: best, cache, init, keep_blob_size, "
                                       "lr_span, model, model_args, seg_head, seg_loss, stages, train, unlabeled_cache, "
-                                      "unlabeled_share)"),
+                                      "unlabeled_ratio)"),
     ("extend = 'x.toml'\n", "p.toml: unknown key 'extend' (allowed: cache, data, device, eval, runs, student, teachers)"),
     ("[data]\ninput_size = [192, 'wide']\n", "p.toml: data.input_size[1]: expected an integer, got 'wide'"),
     ("[data]\ninput_size = [192, 256, 3]\n", "p.toml: data.input_size: expected 2 values, got 3"),

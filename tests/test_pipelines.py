@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_coco
 from odkd.cli import main
 from odkd.config import load_config, parse_config
+from odkd.data.dataset import MixedEpochSampler, mixed_batch_size
 from odkd.distill.variants import variant_student
 from odkd.models import MODELS, build_model, load_checkpoint, save_checkpoint
 from odkd.models.registry import override_keys
@@ -164,14 +165,17 @@ def test_the_released_demo_teachers_are_the_ones_the_teacher_data_regenerates_fo
 
 
 def test_the_demo_gt_only_student_trains_as_many_steps_as_the_odkd_one():
-    """The Makefile's GT_SAME_STEPS restates demo.toml's schedule: an ODKD epoch holds 1 / (1 - share)
-    labelled epochs' samples, so the GT-only student's epochs must be that many times the stages'."""
-    line = [line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("GT_SAME_STEPS :=")]
-    assert len(line) == 1, "the Makefile defines GT_SAME_STEPS once"
-    sets = [word for word in shlex.split(line[0].split(":=", 1)[1]) if word != "--set"]
-    odkd = load_config(ROOT / "pipeline" / "demo.toml").student
-    gt = variant_student(load_config(ROOT / "pipeline" / "demo.toml", sets).student, "gt")
-    assert gt.epochs == round(odkd.epochs / (1 - odkd.unlabeled_share))
+    """The Makefile runs both demo students at demo.toml's epochs; an ODKD epoch, its unlabelled people on
+    top of each labelled batch, has as many steps as a labelled-only one for any number of labelled people."""
+    make = (ROOT / "Makefile").read_text()
+    gt_rule = make[make.index("demo-student-gt:"):make.index("demo-student:")]
+    assert "epochs" not in gt_rule and "--variant gt" in gt_rule
+    student = load_config(ROOT / "pipeline" / "demo.toml").student
+    batch = student.train.batch_size
+    assert variant_student(student, "gt").epochs == student.epochs
+    for labeled in (batch, 271, 1000, 149_813):
+        sampler = MixedEpochSampler(labeled, 2_633, student.unlabeled_ratio)
+        assert len(sampler) // mixed_batch_size(batch, student.unlabeled_ratio) == labeled // batch
 
 
 def readme_first_run() -> list[list[str]]:

@@ -17,7 +17,7 @@ from conftest import ZOO, make_tiny_world, odkd_log
 from odkd.apps.ablate import run_ablation
 from odkd.cli import main
 from odkd.config import parse_config
-from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset
+from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset, mixed_batch_size
 from odkd.data.instances import UnlabeledPersons, load_instances
 from odkd.data.transforms import box_to_center_scale
 from odkd.distill.objective import StudentObjective, stored_arrays
@@ -35,7 +35,7 @@ from test_student import read_log, student_toml, torchrun
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 UNLABELED_IMAGES = 4  # 6 boxes scored 0.5 or more at seed 0
 # below 1/2, so an epoch takes fewer unlabelled instances than there are and the passes run across epochs
-SHARE = 0.25
+RATIO = 0.25
 UNLABELED_DATA = f"""
 [data.unlabeled]
 images = "images/unlabeled"
@@ -49,7 +49,7 @@ def unlabeled_toml(base: Path, stages: str = ONE_PLUS_ONE, unlabeled_cache: str 
     [student] unlabeled_cache (default: that store)."""
     own = f"{base}/unlabeled.zarr"
     return student_toml(base, stages=stages + UNLABELED_DATA, cache=f'unlabeled_store = "{own}"',
-                        student=f'unlabeled_cache = "{unlabeled_cache or own}"\nunlabeled_share = {SHARE}')
+                        student=f'unlabeled_cache = "{unlabeled_cache or own}"\nunlabeled_ratio = {RATIO}')
 
 
 def run_cli(*args) -> tuple[int, str]:
@@ -98,26 +98,27 @@ def test_end_to_end_from_synth_to_a_student_that_learned_from_both_stores(world,
     run = tmp_path / "student"
     code, out = run_cli("train-student", "--config", base / "unlabeled.toml", "--out", run)
     assert code == 0, out
-    # every labelled instance once an epoch and round(16 * share / (1 - share)) unlabelled ones, cut to
-    # whole batches: what the loop's sampler gives, epoch by epoch
+    # every labelled instance once an epoch and round(16 * ratio) unlabelled ones, in batches of 4 labelled
+    # and 1 unlabelled on average: what the loop's sampler gives, epoch by epoch, at a labelled-only epoch's steps
     labeled = len(load_instances(cfg.data, "train"))
-    sampler = MixedEpochSampler(labeled, len(unlabeled), SHARE, seed=cfg.student.train.seed)
-    assert sampler.per_epoch == 5 < len(unlabeled)
+    sampler = MixedEpochSampler(labeled, len(unlabeled), RATIO, seed=cfg.student.train.seed)
+    batch = mixed_batch_size(cfg.student.train.batch_size, RATIO)
+    assert sampler.per_epoch == 4 < len(unlabeled) and batch == 5
     expected = []
     for epoch in range(cfg.student.epochs):
         sampler.set_epoch(epoch)
-        taken = [i for _, i in sampler][: len(sampler) // cfg.student.train.batch_size * cfg.student.train.batch_size]
+        taken = [i for _, i in sampler][: len(sampler) // batch * batch]
         expected.append((sum(i < labeled for i in taken), sum(i >= labeled for i in taken)))
     log = read_log(run)
     assert [(r["n_labeled"], r["n_unlabeled"]) for r in log] == expected
-    assert [r["stage"] for r in log] == ["primary", "senior"] and sum(expected[0]) == 20  # 21 samples, batches of 4
+    assert [r["stage"] for r in log] == ["primary", "senior"] and sum(expected[0]) == 20  # 4 steps, as 16 labelled
     identity = TeacherTargets.open(str(store)).identity()
     for name in ("last.pth", "best.pth"):
         provenance = read_checkpoint(run / name).extra["provenance"]
         assert provenance["unlabeled_store"] == identity
         assert provenance["store"]["url"] == cfg.student.cache
     assert f"identity     content {identity['content_digest']}, settings {identity['settings_digest']}" in info
-    assert read_checkpoint(run / "last.pth").extra["signature"]["unlabeled_share"] == SHARE
+    assert read_checkpoint(run / "last.pth").extra["signature"]["unlabeled_ratio"] == RATIO
 
     code, out = run_cli("report", "--config", base / "unlabeled.toml", "--runs", f"mixed={run}",
                         "--out", tmp_path / "report", "--device", "cpu")
@@ -204,8 +205,8 @@ def test_unlabeled_fingerprint_follows_the_boxes_and_scores(boxes_on_world):
 
 def test_mixed_sampler_walks_every_unlabelled_instance_before_repeating_one():
     labeled, unlabeled, epochs = 10, 7, 7
-    sampler = MixedEpochSampler(labeled, unlabeled, 0.3, seed=5)
-    assert sampler.per_epoch == 4 and len(sampler) == 14  # round(10 * 0.3 / 0.7)
+    sampler = MixedEpochSampler(labeled, unlabeled, 0.4, seed=5)
+    assert sampler.per_epoch == 4 and len(sampler) == 14  # round(10 * 0.4)
     drawn = np.zeros(unlabeled, int)
     epoch_sets = []
     for epoch in range(epochs):
@@ -221,20 +222,22 @@ def test_mixed_sampler_walks_every_unlabelled_instance_before_repeating_one():
         epoch_sets.append(frozenset(taken))
     assert drawn.sum() == 4 * epochs and len(set(epoch_sets)) > 2  # seeded passes, not one fixed cycle
 
-    again = MixedEpochSampler(labeled, unlabeled, 0.3, seed=5)
-    other = MixedEpochSampler(labeled, unlabeled, 0.3, seed=6)
+    again = MixedEpochSampler(labeled, unlabeled, 0.4, seed=5)
+    other = MixedEpochSampler(labeled, unlabeled, 0.4, seed=6)
     for s in (sampler, again, other):
         s.set_epoch(3)
     assert list(again) == list(sampler) and list(other) != list(sampler)
-    ranks = [MixedEpochSampler(labeled, unlabeled, 0.3, seed=5, rank=r, world_size=3) for r in range(3)]
+    ranks = [MixedEpochSampler(labeled, unlabeled, 0.4, seed=5, rank=r, world_size=3) for r in range(3)]
     for r in ranks:
         r.set_epoch(3)
     seen = [i for r in ranks for _, i in r]
     assert all(len(list(r)) == 5 for r in ranks) and len(seen) == 15  # 14 padded to 3 x 5
     assert set(seen) == {i for _, i in sampler}
-    # more share than there are unlabelled instances takes each once; none gives a labelled epoch
-    assert MixedEpochSampler(labeled, unlabeled, 0.9).per_epoch == unlabeled
-    assert MixedEpochSampler(labeled, 0, 0.5).per_epoch == 0
+    # more than there are unlabelled instances walks on into the next pass; none gives a labelled epoch
+    more = MixedEpochSampler(labeled, unlabeled, 1.0, seed=5)
+    more.set_epoch(0)
+    assert more.per_epoch == 10 and sorted(more.unlabeled_indices()[:unlabeled]) == list(range(unlabeled))
+    assert MixedEpochSampler(labeled, 0, 1.0).per_epoch == 0
 
 
 def test_gt_loss_of_a_mixed_batch_is_the_labelled_samples_loss(world):
@@ -358,12 +361,12 @@ def test_under_torchrun_the_epoch_counts_are_the_whole_runs_summed_over_the_rank
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = parse_config(unlabeled_toml(base))
     labeled, unlabeled = len(load_instances(cfg.data, "train")), len(load_instances(cfg.data, "unlabeled"))
-    batch = cfg.student.train.batch_size
+    batch = mixed_batch_size(cfg.student.train.batch_size, RATIO)
     expected = []
     for epoch in range(cfg.student.epochs):
         counts = [0, 0]
         for rank in range(2):
-            sampler = MixedEpochSampler(labeled, unlabeled, SHARE, seed=cfg.student.train.seed, rank=rank,
+            sampler = MixedEpochSampler(labeled, unlabeled, RATIO, seed=cfg.student.train.seed, rank=rank,
                                         world_size=2)
             sampler.set_epoch(epoch)
             taken = [i for _, i in sampler][: len(sampler) // batch * batch]  # each rank's whole batches
@@ -373,6 +376,6 @@ def test_under_torchrun_the_epoch_counts_are_the_whole_runs_summed_over_the_rank
     log = read_log(run)
     assert [(r["n_labeled"], r["n_unlabeled"]) for r in log] == expected
     assert all(r["ranks_in_sync"] for r in log)
-    assert sum(expected[0]) == 16  # 21 samples an epoch: 11 and 10 a rank, two batches of 4 each
-    started = f"{labeled} labelled instances and 5 of the {unlabeled} unlabelled ones an epoch"
+    assert sum(expected[0]) == 20  # 20 samples an epoch: 10 a rank, two batches of 5 each
+    started = f"{labeled} labelled instances and 4 of the {unlabeled} unlabelled ones an epoch, in batches of 5"
     assert started in proc.stderr

@@ -169,19 +169,25 @@ class LabeledAndUnlabeled(Dataset):
         return {**sample, "labeled": index < first}
 
 
+def mixed_batch_size(labeled_batch: int, ratio: float) -> int:
+    """A MixedEpochSampler's loader batch: `labeled_batch` labelled samples and round(labeled_batch * ratio)
+    unlabelled ones, on average."""
+    return labeled_batch + round(labeled_batch * ratio)
+
+
 class MixedEpochSampler(EpochSampler):
-    """(epoch, index) over a LabeledAndUnlabeled set: every labelled instance once per epoch, and as many
-    unlabelled ones as make `share` of the epoch's samples, shuffled together, so each batch holds that
-    share on average.
+    """(epoch, index) over a LabeledAndUnlabeled set: every labelled instance once per epoch, and
+    round(labelled * `ratio`) unlabelled ones, shuffled together, so a batch of batch_size * (1 + ratio)
+    samples holds batch_size labelled ones on average and the epoch has a labelled-only epoch's steps.
 
     The unlabelled instances are walked through in seeded passes that run on across epochs: none comes
     twice before all have come once, however many an epoch takes. Ranks split the order as EpochSampler's.
     """
 
-    def __init__(self, labeled: int, unlabeled: int, share: float, *, seed: int = 0, rank: int = 0,
+    def __init__(self, labeled: int, unlabeled: int, ratio: float, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.labeled, self.unlabeled = labeled, unlabeled
-        self.per_epoch = min(round(labeled * share / (1.0 - share)), unlabeled) if unlabeled else 0
+        self.per_epoch = round(labeled * ratio) if unlabeled else 0
         super().__init__(labeled + self.per_epoch, shuffle=True, seed=seed, rank=rank, world_size=world_size)
 
     def _permutation(self, size: int, *key: int) -> list[int]:

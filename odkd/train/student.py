@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from odkd.config import PipelineConfig, keep_resolved_config, resolve_device
-from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset
+from odkd.data.dataset import LabeledAndUnlabeled, MixedEpochSampler, TopDownDataset, mixed_batch_size
 from odkd.data.instances import load_instances
 from odkd.data.keypoints import keypoint_set, stored_record, val_stat
 from odkd.distill.objective import StudentObjective, stored_arrays
@@ -163,7 +163,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
         signature = {**schedule_signature(schedule), "lr_span": scfg.lr_span, "stages": plan.signature()}
         provenance = {"store": targets.identity(), "stages": plan.signature()}
         if unlabeled_targets is not None:
-            signature["unlabeled_share"] = scfg.unlabeled_share
+            signature["unlabeled_ratio"] = scfg.unlabeled_ratio
             provenance["unlabeled_store"] = unlabeled_targets.identity()
         if resume:
             refuse_another_run(out_dir / "last.pth", spec, signature, provenance)  # before the copy below
@@ -192,11 +192,15 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             train_set = LabeledAndUnlabeled(train_set, TopDownDataset(
                 unlabeled, cfg.data, train=True, with_mask=False, seed=scfg.train.seed, stream=1,
                 stored_rows=LocalRows.fetch(unlabeled_targets, stored_arrays(plan))))
-            sampler = MixedEpochSampler(len(instances), len(unlabeled), scfg.unlabeled_share, seed=scfg.train.seed,
+            sampler = MixedEpochSampler(len(instances), len(unlabeled), scfg.unlabeled_ratio, seed=scfg.train.seed,
                                         rank=ranks.rank, world_size=ranks.world_size)
+            # the unlabelled people come on top of each step's labelled ones: a labelled-only epoch's steps
+            schedule = dataclasses.replace(schedule, batch_size=mixed_batch_size(schedule.batch_size,
+                                                                                 scfg.unlabeled_ratio))
             if ranks.is_main:
                 log.info(f"{len(instances)} labelled instances and {sampler.per_epoch} of the {len(unlabeled)} "
-                         f"unlabelled ones an epoch (student.unlabeled_share {scfg.unlabeled_share})")
+                         f"unlabelled ones an epoch, in batches of {schedule.batch_size} "
+                         f"(student.unlabeled_ratio {scfg.unlabeled_ratio})")
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma,
                                      seg_loss=scfg.seg_loss, keep_blob_size=scfg.keep_blob_size,
                                      flip_index=keypoint_set(cfg.data.keypoints).flip_index)
