@@ -178,6 +178,19 @@ def test_the_demo_gt_only_student_trains_as_many_steps_as_the_odkd_one():
         assert len(sampler) // mixed_batch_size(batch, student.unlabeled_ratio) == labeled // batch
 
 
+def test_both_demo_students_start_from_the_released_init():
+    """The GT-only and the ODKD demo students start from the same weights, the released init that
+    check-teachers pins, and neither Makefile rule swaps it for another."""
+    cfg = load_config(ROOT / "pipeline" / "demo.toml")
+    assert cfg.student.init == cfg.teachers.init.checkpoint == "zoo/demo_student_init.pth"
+    assert "init" in cfg.teachers.released_roles() and cfg.teachers.init.fingerprint
+    assert variant_student(cfg.student, "gt").init == cfg.student.init
+    make = (ROOT / "Makefile").read_text()
+    for rule in ("demo-student-gt:", "demo-student:"):
+        body = make[make.index(rule):].split("\n\n", 1)[0]
+        assert "init" not in body, body
+
+
 def readme_first_run() -> list[list[str]]:
     """The odkd commands of the README's first run, as a user pastes them (continuations joined, comments cut)."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
