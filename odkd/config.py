@@ -78,6 +78,9 @@ class DataConfig:
     # the annotation categories read, by name; () for every category whose keypoints are the set's
     # (all of AP-10K's species), else those named person
     categories: tuple[str, ...] = ()
+    # true: each point's GT target weight is multiplied by the set's joint_weights (mmpose's
+    # use_dataset_keypoint_weights, HRNet's USE_DIFFERENT_JOINTS_WEIGHT), for teachers and students alike
+    joint_weights: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 

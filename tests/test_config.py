@@ -307,7 +307,7 @@ def test_set_on_the_command_line(tmp_path):
                                "--set", "data.sigmaa=1"])
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         "Error: --set data.sigmaa=1: unknown key 'data.sigmaa' (allowed: augment, categories, heatmap_size, "
-        "input_size, keypoints, root, sigma, strict, test_ann, test_images, train_ann, train_images, unlabeled, "
+        "input_size, joint_weights, keypoints, root, sigma, strict, test_ann, test_images, train_ann, train_images, unlabeled, "
         "val_ann, val_images)"]
     res = runner.invoke(main, ["cache", "verify", str(tmp_path / "s.zarr"), "--set", "data.sigma=1"])
     assert res.exit_code == 2 and "--set changes keys of --config; give --config too" in res.output

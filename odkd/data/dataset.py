@@ -62,6 +62,9 @@ class TopDownDataset(Dataset):
         self.instances = instances
         self.cfg = data_cfg
         self.keypoints = keypoint_set(data_cfg.keypoints)
+        # (K, 1), as target_weight; None leaves the weights 0/1, bit for bit as before the option existed
+        self.point_weights = (np.asarray(self.keypoints.joint_weights, np.float32).reshape(-1, 1)
+                              if data_cfg.joint_weights and self.keypoints.joint_weights else None)
         self.train = train
         self.with_mask = with_mask
         self.seed = seed
@@ -94,6 +97,8 @@ class TopDownDataset(Dataset):
         if frame.flip:
             xy, visible = xy[self.keypoints.flip_index], visible[self.keypoints.flip_index]
         heatmaps, weight = gaussian_heatmaps(xy, visible, self.cfg.input_size, self.cfg.heatmap_size, self.cfg.sigma)
+        if self.point_weights is not None:  # channel k after a flip is point k of the set, as its weight is
+            weight = weight * self.point_weights
 
         sample = {
             "image": torch.from_numpy(normalize_image(crop)),

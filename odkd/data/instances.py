@@ -17,12 +17,14 @@ list depends on, so a teacher cache can be keyed on it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,7 @@ class Instance:
     joints: np.ndarray  # (K, 3) float32: x, y, COCO visibility flag (zeros for detections)
     area: float
     score: float = 1.0  # the detector's box score; 1 for ground-truth boxes
-    category_id: int = 1  # the annotation's category (an AP-10K species, say); a detector's boxes are 1
+    category_id: int = 1  # the annotation's or the detection's category (an AP-10K species, say)
 
 
 def load_coco(ann_file: Path) -> COCO:
@@ -166,6 +168,26 @@ def join_whole_body(coco: COCO, keypoints: KeypointSet) -> None:
         ann["num_keypoints"] = sum(1 for v in joined[2::3] if v > 0)
 
 
+def chosen_categories(categories: list[dict], keypoints: KeypointSet, names: tuple[str, ...],
+                      source: Path) -> tuple[int, ...]:
+    """The ids of the categories a pipeline reads from a file's `categories`: those `names` names ([data]
+    categories), else those whose points are the set's (every AP-10K species, say), else those named person."""
+    if names:
+        named = {c.get("name"): c["id"] for c in categories}
+        unknown = [name for name in names if name not in named]
+        if unknown:
+            raise OdkdError(f"{source}: no category {unknown[0]!r} ([data] categories); it has "
+                            f"{', '.join(map(str, named))}")
+        return tuple(sorted({named[name] for name in names}))
+    k = keypoints.num_keypoints
+    ids = ({c["id"] for c in categories if len(c.get("keypoints") or []) == k}
+           or {c["id"] for c in categories if c.get("name") == "person"})
+    if not ids:
+        raise OdkdError(f"{source}: no category with the {k} keypoints of the set {keypoints.name!r} "
+                        f"([data] keypoints), and none named 'person'")
+    return tuple(sorted(ids))
+
+
 class PersonInstances(_InstanceList):
     """Every usable person annotation of one COCO-format split, in a stable order."""
 
@@ -183,6 +205,8 @@ class PersonInstances(_InstanceList):
         self.aspect_ratio = aspect_ratio
         self.strict = strict
         self.skipped_ann_ids: list[int] = []
+        self.category_ids = chosen_categories(self.coco.dataset["categories"], keypoints, self.categories,
+                                              self.ann_file)
         self.instances = self._collect()
         if self.skipped_ann_ids:
             log.warning(_skipped_warning(self.ann_file, self.skipped_ann_ids))
@@ -191,20 +215,6 @@ class PersonInstances(_InstanceList):
 
     def _collect(self) -> list[Instance]:
         k = self.keypoints.num_keypoints
-        categories = self.coco.dataset["categories"]
-        if self.categories:  # [data] categories: these by name
-            named = {c.get("name"): c["id"] for c in categories}
-            unknown = [name for name in self.categories if name not in named]
-            if unknown:
-                raise OdkdError(f"{self.ann_file}: no category {unknown[0]!r} ([data] categories); it has "
-                                f"{', '.join(map(str, named))}")
-            person_ids = {named[name] for name in self.categories}
-        else:  # the categories whose points are the set's (every AP-10K species, say), else those named person
-            person_ids = ({c["id"] for c in categories if len(c.get("keypoints") or []) == k}
-                          or {c["id"] for c in categories if c.get("name") == "person"})
-        if not person_ids:
-            raise OdkdError(f"{self.ann_file}: no category with the {k} keypoints of the set "
-                            f"{self.keypoints.name!r} ([data] keypoints), and none named 'person'")
         out: list[Instance] = []
         for image_id in sorted(self.coco.imgs):
             img = self.coco.imgs[image_id]
@@ -212,7 +222,7 @@ class PersonInstances(_InstanceList):
                 if key not in img:
                     raise OdkdError(f"{self.ann_file}: image {image_id} has no '{key}'")
             for ann in sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
-                if ann.get("iscrowd", 0) or ann.get("category_id") not in person_ids:
+                if ann.get("iscrowd", 0) or ann.get("category_id") not in self.category_ids:
                     continue
                 where = f"{self.ann_file}: annotation {ann.get('id')}"
                 kpts = ann.get("keypoints")
@@ -300,11 +310,17 @@ def _crop_of(bbox, aspect_ratio: float):
     return center, scale
 
 
-def read_detections(det_file: Path, min_score: float, strict: bool = False
+def detection_category(det: dict):
+    """A detection record's category; a record without one is a person (category 1), as HRNet's files are."""
+    return det.get("category_id", 1)
+
+
+def read_detections(det_file: Path, min_score: float, strict: bool = False, categories: Collection[int] = (1,)
                     ) -> tuple[list[tuple[int, dict]], dict[str, list[int]]]:
-    """The person boxes of a COCO detections JSON ([{image_id, category_id, bbox, score}]) as (position in
-    the file, record): category 1 only, score at least `min_score`, as the official HRNet code filters
-    them (image_thre). A person record whose score is not a finite number or whose image_id is not an
+    """The boxes of a COCO detections JSON ([{image_id, category_id, bbox, score}]) as (position in the file,
+    record): those of `categories` (the pipeline's; COCO's person, 1, as the official HRNet code keeps), score
+    at least `min_score`, as HRNet filters them (image_thre). The boxes of other categories are dropped and
+    counted in one logged line. A kept record whose score is not a finite number or whose image_id is not an
     integer is skipped; the second value lists the skipped positions by kind (BAD_SCORE, BAD_IMAGE_ID).
     With `strict` the first one is an error."""
     dets = _read_json(det_file, "detections file")
@@ -312,13 +328,15 @@ def read_detections(det_file: Path, min_score: float, strict: bool = False
         raise OdkdError(f"{det_file}: must be a list of detections")
     kept = []
     skipped: dict[str, list[int]] = {BAD_SCORE: [], BAD_IMAGE_ID: []}
+    other_categories: collections.Counter = collections.Counter()
     for i, det in enumerate(dets):
         if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
             raise OdkdError(f"{det_file}: detection [{i}] needs image_id, bbox and score")
         bbox = det["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise OdkdError(f"{det_file}: detection [{i}] 'bbox' must be [x, y, w, h]")
-        if det.get("category_id", 1) != 1:
+        if detection_category(det) not in categories:
+            other_categories[json.dumps(detection_category(det))] += 1
             continue
         kind, problem = _record_problem(det)
         if kind:
@@ -327,6 +345,10 @@ def read_detections(det_file: Path, min_score: float, strict: bool = False
             skipped[kind].append(i)
         elif det["score"] >= min_score:
             kept.append((i, det))
+    if other_categories:
+        log.info(f"{det_file}: dropped {other_categories.total()} box(es) of categories the pipeline does not "
+                 f"read (category_id {_first_ids(list(other_categories))}; it reads "
+                 f"{', '.join(map(str, categories))}, [data] categories)")
     return kept, skipped
 
 
@@ -344,27 +366,29 @@ def _detected_instance(index: int, det: dict, img: dict, crop, num_keypoints: in
     return Instance(index=index, image_id=int(det["image_id"]), ann_id=ann_id, file_name=img["file_name"],
                     image_width=int(img["width"]), image_height=int(img["height"]), bbox=bbox, center=center,
                     scale=scale, joints=np.zeros((num_keypoints, 3), np.float32), area=bbox[2] * bbox[3],
-                    score=float(det["score"]))
+                    score=float(det["score"]), category_id=int(detection_category(det)))
 
 
 class DetectedPersons(_InstanceList):
-    """Person crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
+    """Crops from a COCO detections JSON ([{image_id, category_id, bbox, score}]), for evaluation.
 
-    Follows the official HRNet detection path: only category 1, boxes scored at least `score_thr`, no
-    box cleaning, the same center/scale rule as ground-truth boxes. Records whose score is not a finite
-    number or whose image_id is not an integer, boxes too large or not finite for a crop, and boxes on
-    images the annotations do not have (a full val2017 detections file on a val subset) are skipped and
-    counted in one logged warning per kind; with `strict` the first is an error.
+    Follows the official HRNet detection path: the boxes of `categories` (the ids the ground truth's
+    PersonInstances reads; COCO's person, 1, the one HRNet keeps), each keeping its category, boxes scored
+    at least `score_thr`, no box cleaning, the same center/scale rule as ground-truth boxes. Records whose
+    score is not a finite number or whose image_id is not an integer, boxes too large or not finite for a
+    crop, and boxes on images the annotations do not have (a full val2017 detections file on a val subset)
+    are skipped and counted in one logged warning per kind; with `strict` the first is an error.
     """
 
     def __init__(self, det_file: str | Path, coco: COCO, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 score_thr: float = 0.0, strict: bool = False, num_keypoints: int = COCO_SET.num_keypoints):
+                 score_thr: float = 0.0, strict: bool = False, num_keypoints: int = COCO_SET.num_keypoints,
+                 categories: Collection[int] = (1,)):
         self.det_file = Path(det_file)
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.instances: list[Instance] = []
         unknown_image_ids: list[int] = []
-        kept, skipped = read_detections(self.det_file, score_thr, strict)
+        kept, skipped = read_detections(self.det_file, score_thr, strict, categories)
         skipped[BAD_BOX] = []
         for i, det in kept:
             img = coco.imgs.get(det["image_id"])
@@ -391,8 +415,9 @@ class DetectedPersons(_InstanceList):
                         f"makes this an error")
 
 
-def read_image_info(info_file: Path) -> dict[int, dict]:
-    """Image id -> image record of a COCO image-info JSON (images, no annotations: image_info_unlabeled2017)."""
+def read_image_info(info_file: Path) -> tuple[dict[int, dict], list[dict] | None]:
+    """Image id -> image record of a COCO image-info JSON (images, no annotations: image_info_unlabeled2017),
+    and its `categories` (None when it has none)."""
     info = _read_json(info_file, "image-info file")
     if not isinstance(info, dict) or not isinstance(info.get("images"), list):
         raise OdkdError(f"{info_file}: expected a JSON object with an 'images' list (COCO's image-info format)")
@@ -401,14 +426,31 @@ def read_image_info(info_file: Path) -> dict[int, dict]:
         if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
             raise OdkdError(f"{info_file}: images[{i}] needs id, file_name, width and height")
         images[int(img["id"])] = img
-    return images
+    categories = info.get("categories")
+    if categories is not None and not (isinstance(categories, list)
+                                       and all(isinstance(c, dict) and "id" in c for c in categories)):
+        raise OdkdError(f"{info_file}: 'categories' must be a list of categories with an id, as COCO's files have")
+    return images, categories
+
+
+def unlabeled_categories(info_file: Path, categories: list[dict] | None, keypoints: KeypointSet,
+                         names: tuple[str, ...]) -> tuple[int, ...]:
+    """The category ids the unlabelled boxes are kept for, chosen from the image-info file's categories as a
+    labelled file's are; a file without categories names none, and its boxes of category 1 (HRNet's person)
+    are kept."""
+    if categories is not None:
+        return chosen_categories(categories, keypoints, names, info_file)
+    if names:
+        raise OdkdError(f"{info_file}: no 'categories' to find [data] categories {names[0]!r} in")
+    return (1,)
 
 
 class UnlabeledPersons(_InstanceList):
     """The people of images nobody labelled, as a detector boxed them: what the teachers label for the student.
 
     Each box of the detections file scored at least `min_score` becomes a crop the way the official
-    val protocol turns detections into crops (category 1, HRNet's _box2cs, no cleaning). A record whose
+    val protocol turns detections into crops (HRNet's _box2cs, no cleaning), keeping its category: the boxes
+    of the categories `unlabeled_categories` chooses (COCO's person, 1, as HRNet keeps). A record whose
     score is not a finite number or whose image_id is not an integer, a box on an image id the
     image-info file lacks, a box with no area or wholly outside its image, a box too large or not finite
     for a crop (inf, NaN, 1e300), and a box on an image whose file is missing are skipped and counted in
@@ -418,13 +460,15 @@ class UnlabeledPersons(_InstanceList):
     """
 
     def __init__(self, image_info: str | Path, boxes: str | Path, image_dir: str | Path, aspect_ratio: float = 0.75,
-                 min_score: float = 0.5, strict: bool = False, num_keypoints: int = COCO_SET.num_keypoints):
+                 min_score: float = 0.5, strict: bool = False, keypoints: KeypointSet = COCO_SET,
+                 categories: tuple[str, ...] = ()):
         self.image_info, self.boxes, self.image_dir = Path(image_info), Path(boxes), Path(image_dir)
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
         self.aspect_ratio, self.min_score = aspect_ratio, min_score
-        images = read_image_info(self.image_info)
-        records, skipped = read_detections(self.boxes, min_score, strict)
+        images, info_categories = read_image_info(self.image_info)
+        self.category_ids = unlabeled_categories(self.image_info, info_categories, keypoints, tuple(categories))
+        records, skipped = read_detections(self.boxes, min_score, strict, self.category_ids)
         skipped.update({"not in the image-info file": [], "with no area or outside the image": [],
                         BAD_BOX: [], "on a missing image file": []})
         present: dict[int, bool] = {}
@@ -451,9 +495,9 @@ class UnlabeledPersons(_InstanceList):
         for line in _skipped_lines(self.boxes, "box(es)", self.skipped):
             log.warning(line)
         kept.sort(key=lambda item: item[:2])
-        self.instances = [_detected_instance(n, det, img, crop, num_keypoints, ann_id=i)
+        self.instances = [_detected_instance(n, det, img, crop, keypoints.num_keypoints, ann_id=i)
                           for n, (_, i, det, img, crop) in enumerate(kept)]
-        log.debug(f"{self.boxes}: {len(self.instances)} person box(es) on {len(images)} unlabelled image(s)")
+        log.debug(f"{self.boxes}: {len(self.instances)} box(es) on {len(images)} unlabelled image(s)")
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> str:
@@ -461,8 +505,10 @@ class UnlabeledPersons(_InstanceList):
         h.update(f"odkd-unlabeled-v1 aspect={self.aspect_ratio:.6f} min_score={self.min_score!r} "
                  f"n={len(self.instances)}\n".encode())
         for inst in self.instances:
+            # category 1 adds nothing: stores of person boxes made before boxes kept their category resume
+            category = "" if inst.category_id == 1 else f" category={inst.category_id}"
             h.update(f"{inst.image_id} {inst.ann_id} {inst.file_name} {inst.image_width}x{inst.image_height} "
-                     f"{inst.score!r}\n".encode())
+                     f"{inst.score!r}{category}\n".encode())
             h.update(np.asarray(inst.bbox, np.float64).tobytes())
         return "sha256:" + h.hexdigest()[:32]
 
@@ -482,4 +528,4 @@ def load_instances(data_cfg, split: str) -> PersonInstances | UnlabeledPersons:
                         f"image-info file and a detections file (docs/config.md, [data.unlabeled])")
     return UnlabeledPersons(data_cfg.ann_file(split), Path(data_cfg.root) / unlabeled.boxes,
                             data_cfg.image_dir(split), aspect, unlabeled.min_score, strict=data_cfg.strict,
-                            num_keypoints=kset.num_keypoints)
+                            keypoints=kset, categories=data_cfg.categories)

@@ -124,23 +124,25 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, split: str = "val", boxes: str 
     """`odkd evaluate --checkpoint`: rebuild the model from its file (or as `model`, for official and
     mmpose files) and evaluate it on `split`. Split "unlabeled" runs it on the boxes of [data.unlabeled],
     the crops a pseudo-label store holds, and scores it against `ann`, those images' true annotations."""
-    from odkd.models import build_from_checkpoint
+    from odkd.models import build_from_checkpoint, check_keypoint_count
 
     if split == "unlabeled" and (not ann or boxes != "gt"):
         raise OdkdError("--split unlabeled scores the crops of [data.unlabeled] boxes against --ann TRUE.json, "
                         "those images' labels; give --ann and no --boxes")
     dev = resolve_device(device or cfg.device)
-    net, _ = build_from_checkpoint(checkpoint, dev, model=model)
+    kset = keypoint_set(cfg.data.keypoints)
+    net, meta = build_from_checkpoint(checkpoint, dev, model=model)
+    check_keypoint_count(checkpoint, meta["num_joints"], kset)
     aspect = cfg.data.input_size[0] / cfg.data.input_size[1]
     if split == "unlabeled":
         gt = PersonInstances(ann, cfg.data.image_dir(split), aspect, strict=cfg.data.strict,
-                             keypoints=keypoint_set(cfg.data.keypoints), categories=cfg.data.categories)
+                             keypoints=kset, categories=cfg.data.categories)
         instances = load_instances(cfg.data, split)
     else:
         gt = load_instances(cfg.data, split)
         instances = gt if boxes == "gt" else DetectedPersons(
             boxes, gt.coco, cfg.data.image_dir(split), aspect, cfg.eval.det_score_thr, strict=cfg.data.strict,
-            num_keypoints=keypoint_set(cfg.data.keypoints).num_keypoints)
+            num_keypoints=kset.num_keypoints, categories=gt.category_ids)
     report = evaluate_model(net, instances, cfg.data, cfg.eval, gt.coco, device=dev, flip_test=flip_test)
     if results_out:
         Path(results_out).parent.mkdir(parents=True, exist_ok=True)

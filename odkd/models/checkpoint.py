@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from odkd import __version__
+from odkd.data.keypoints import KeypointSet
 from odkd.errors import OdkdError, not_found
 from odkd.models.pretrained import IMAGENET_FORMATS, POSE_HEAD_PREFIXES, read_imagenet
 from odkd.models.registry import build_model
@@ -74,6 +75,13 @@ def checkpoint_num_joints(ckpt: CheckpointFile) -> int:
         return int(ckpt.meta["num_joints"])
     weight = ckpt.state_dict.get("final_layer.weight")
     return int(weight.shape[0]) if weight is not None else 17
+
+
+def check_keypoint_count(path: str | os.PathLike, num_joints: int, keypoints: KeypointSet) -> None:
+    """A model of another keypoint set than the pipeline's is one line naming its file, before any work."""
+    if num_joints != keypoints.num_keypoints:
+        raise OdkdError(f"{path}: its final layer outputs {num_joints} keypoints, but [data] keypoints "
+                        f"{keypoints.name!r} has {keypoints.num_keypoints}")
 
 
 @dataclass(frozen=True)
@@ -223,11 +231,15 @@ def apply_checkpoint(model: nn.Module, ckpt: CheckpointFile, *, allow_new_seg_he
             parts.append(f"unexpected keys: {_list_keys(unexpected)}")
         raise OdkdError(f"{ckpt.path}: {ckpt.format} checkpoint does not fit the model; {'; '.join(parts)}")
     for key, value in given.items():
-        if value.shape != expected[key].shape:
-            raise OdkdError(
-                f"{ckpt.path}: key {key!r} has shape {tuple(value.shape)} in the checkpoint "
-                f"but {tuple(expected[key].shape)} in the model (another architecture or width?)"
-            )
+        if value.shape == expected[key].shape:
+            continue
+        if key.startswith("final_layer.") and value.shape[1:] == expected[key].shape[1:]:
+            raise OdkdError(f"{ckpt.path}: its final layer outputs {value.shape[0]} keypoints, the model "
+                            f"{expected[key].shape[0]} (a file of another keypoint set than [data] keypoints?)")
+        raise OdkdError(
+            f"{ckpt.path}: key {key!r} has shape {tuple(value.shape)} in the checkpoint "
+            f"but {tuple(expected[key].shape)} in the model (another architecture or width?)"
+        )
     model.load_state_dict(given, strict=False)
     return LoadReport(ckpt.path, ckpt.format, new_keys, ckpt.meta, list(given), ckpt.dropped_keys)
 

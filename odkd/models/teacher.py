@@ -18,8 +18,8 @@ import torch
 from odkd.config import TeacherConfig
 from odkd.data.keypoints import keypoint_set, val_stat
 from odkd.errors import OdkdError, not_found
-from odkd.models.checkpoint import (CheckpointFile, apply_checkpoint, checkpoint_num_joints, model_fingerprint,
-                                    read_checkpoint)
+from odkd.models.checkpoint import (CheckpointFile, apply_checkpoint, check_keypoint_count, checkpoint_num_joints,
+                                    model_fingerprint, read_checkpoint)
 from odkd.models.external import EXTERNAL_KINDS, ExternalTeacher, file_sha256, load_external_teacher
 from odkd.models.registry import build_model
 
@@ -129,6 +129,11 @@ def load_configured_teacher(cfg, role: str) -> ConfiguredTeacher:
     path = teacher_checkpoint(cfg, role)
     contract = _teacher_contract(tcfg, role)
     checkpoint = None if tcfg.model in EXTERNAL_KINDS else read_checkpoint(path)
+    if checkpoint is not None:  # an official or mmpose file records no set: K is its final layer's
+        try:
+            check_keypoint_count(path, checkpoint_num_joints(checkpoint), keypoint_set(cfg.data.keypoints))
+        except OdkdError as exc:
+            raise OdkdError(f"teachers.{role}.checkpoint: {exc}") from None
     net = _build_teacher(tcfg.model, dict(tcfg.model_args), tcfg.seg_head, checkpoint or str(path), contract)
     fingerprint = _fingerprint(tcfg.model, str(path), net)
     if tcfg.fingerprint and fingerprint != tcfg.fingerprint:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from odkd.config import keep_resolved_config, resolve_device, teacher_data
 from odkd.data.dataset import TopDownDataset
 from odkd.data.instances import load_instances
@@ -37,6 +39,19 @@ def default_teacher_dir(cfg, role: str) -> Path:
     return Path(cfg.runs) / f"teacher_{role}"
 
 
+def new_teacher(cfg, role: str, init: str = "") -> torch.nn.Module:
+    """The `role` teacher as training starts: a model with the set's K outputs, filled from `init` when it
+    names a file (an official, mmpose or odkd file of the set, or an ImageNet backbone); a head the file
+    lacks (the seg head, an ImageNet file's pose head) stays initialised."""
+    tcfg = getattr(cfg.teachers, role)
+    model = build_model(tcfg.model, keypoint_set(cfg.data.keypoints).num_keypoints, seg_head=tcfg.seg_head,
+                        **tcfg.model_args)
+    if init:
+        report = load_checkpoint(model, init, allow_new_seg_head=True)
+        log.info(f"init from {report.summary()}")
+    return model
+
+
 def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = False, init: str | None = None,
                   device: str | None = None, max_steps_per_epoch: int | None = None) -> dict:
     """Train the `role` teacher of the pipeline config; returns the loop's summary."""
@@ -47,12 +62,7 @@ def train_teacher(cfg, role: str, *, out: str | None = None, resume: bool = Fals
     init = init if init is not None else tcfg.init
 
     def make_model():
-        model = build_model(tcfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
-                            seg_head=tcfg.seg_head, **tcfg.model_args)
-        if init and not resume:
-            report = load_checkpoint(model, init, allow_new_seg_head=True)
-            log.info(f"init from {report.summary()}")
-        return model
+        return new_teacher(cfg, role, "" if resume else init)
 
     data = teacher_data(cfg, role)
     train_set = TopDownDataset(load_instances(data, "train"), data, train=True, with_mask=tcfg.seg_head,
