@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from odkd.apps.ablate import mean_std
 from odkd.cli import main
 from odkd.data.decode import gaussian_modulate
-from odkd.data.keypoints import KEYPOINT_NAMES, keypoint_set
+from odkd.data.keypoints import KEYPOINT_NAMES, PRESETS_DIR, keypoint_set
 from odkd.data.transforms import CropFrame, warp_maps
 from odkd.models import read_checkpoint
 from odkd.store.reader import TeacherTargets
@@ -24,7 +24,8 @@ from test_report import table_rows
 from test_student import read_log, student_toml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-SETS = {"coco_wholebody": 133, "crowdpose": 14, "ap10k": 17, "hand21": 21}
+# "own": CrowdPose's data under a set file of one's own, named by its path
+SETS = {"coco_wholebody": 133, "crowdpose": 14, "ap10k": 17, "hand21": 21, "own": 14}
 HAND_STATS = ("PCK", "AUC", "EPE")  # a set without OKS sigmas is scored by these, in this order
 # the tiny teachers of student_toml, one epoch each
 TEACHERS_TRAIN = "".join(f"""
@@ -168,15 +169,19 @@ def check_hand_ablation(base: Path, config: Path) -> None:
 
 
 CHECKS = {"coco_wholebody": check_wholebody, "crowdpose": check_crowdpose, "ap10k": check_ap10k,
-          "hand21": check_hand21}
+          "hand21": check_hand21, "own": check_crowdpose}
 
 
 @pytest.mark.parametrize("keypoints", list(SETS))
 def test_a_keypoint_set_runs_from_synth_to_predict(tmp_path, keypoints):
-    k, kset = SETS[keypoints], keypoint_set(keypoints)
-    run("synth", tmp_path / "data", "--train-images", 6, "--val-images", 2, "--keypoints", keypoints)
+    k, spec, data_format = SETS[keypoints], keypoints, keypoints
+    if keypoints == "own":
+        spec, data_format = str(tmp_path / "my_set.toml"), "crowdpose"
+        Path(spec).write_text((PRESETS_DIR / "crowdpose.toml").read_text().replace('name = "crowdpose"', 'name = "my_crowd"'))
+    kset = keypoint_set(spec)
+    run("synth", tmp_path / "data", "--train-images", 6, "--val-images", 2, "--keypoints", data_format)
     config = tmp_path / "p.toml"
-    config.write_text(student_toml(tmp_path).replace("sigma = 2.0", f'sigma = 2.0\nkeypoints = "{keypoints}"')
+    config.write_text(student_toml(tmp_path).replace("sigma = 2.0", f'sigma = 2.0\nkeypoints = "{spec}"')
                       + TEACHERS_TRAIN)
     for role in ("primary", "senior"):
         assert final_layer_k(summary(run("train-teacher", "--config", config, "--role", role))["best"]) == k
@@ -184,7 +189,7 @@ def test_a_keypoint_set_runs_from_synth_to_predict(tmp_path, keypoints):
     run("cache-teachers", "--config", config, "--scheduler", "synchronous")
     assert TeacherTargets.open(str(tmp_path / "store.zarr")).layout.num_joints == k
     info = run("cache", "info", tmp_path / "store.zarr")
-    assert f"keypoints    {keypoints}, {k} points, digest {kset.digest()}" in info
+    assert f"keypoints    {kset.name}, {k} points, digest {kset.digest()}" in info
 
     trained = summary(run("train-student", "--config", config))
     best = trained["best"]
