@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,15 @@ def test_the_released_demo_teachers_are_the_ones_the_teacher_data_regenerates_fo
     assert total <= RELEASE_LIMIT_BYTES
     assert checks["senior"].val_ap >= 0.30, "the demo's goal for ST on val"
     assert checks["senior"].val_ap >= checks["primary"].val_ap + 0.05, "ST is clearly the stronger teacher"
+
+
+def test_no_shipped_pipeline_extends_a_file_that_extends_another():
+    """A reader of a shipped pipeline finds every key in it or in the one file it extends."""
+    for path in sorted((ROOT / "pipeline").glob("*.toml")):
+        table = tomllib.loads(path.read_text())
+        if "extends" in table:
+            base = tomllib.loads((path.parent / table["extends"]).read_text())
+            assert "extends" not in base, f"{path.name} extends {table['extends']}, which extends {base['extends']}"
 
 
 def test_the_demo_gt_only_student_trains_as_many_steps_as_the_odkd_one():
