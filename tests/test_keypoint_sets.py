@@ -185,6 +185,23 @@ def test_coco_wholebody_files_load_as_133_points_and_score_by_part(tmp_path):
     assert parts["body"]["AP"] == pytest.approx(1.0) and parts["foot"]["AP"] < 1.0
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda ann: ann.pop("face_kpts"), "'face_kpts' is missing"),
+    (lambda ann: ann.update(lefthand_kpts=ann["lefthand_kpts"][:-3]), "'lefthand_kpts' holds 60 numbers"),
+])
+def test_a_whole_body_file_with_a_part_missing_is_one_line_naming_file_annotation_and_field(tmp_path, change,
+                                                                                            message):
+    make_synthetic_dataset(tmp_path / "data", train_images=2, val_images=1, seed=0, keypoints="coco_wholebody")
+    ann = tmp_path / "data" / "annotations" / "person_keypoints_val.json"
+    raw = json.loads(ann.read_text())
+    change(raw["annotations"][0])
+    ann.write_text(json.dumps(raw))
+    with pytest.raises(OdkdError) as err:
+        PersonInstances(ann, tmp_path / "data" / "images" / "val", keypoints=keypoint_set("coco_wholebody"))
+    assert str(err.value).startswith(f"{ann}: annotation {raw['annotations'][0]['id']}: {message}; ")
+    assert "\n" not in str(err.value)
+
+
 def test_crowd_index_and_crowdpose_ap_easy_medium_hard(tmp_path):
     from odkd.eval import metrics
     from odkd.synth.keypoint_formats import crowd_index

@@ -150,20 +150,25 @@ WHOLE_BODY_FIELDS = (("keypoints", 17), ("foot_kpts", 6), ("face_kpts", 68), ("l
                      ("righthand_kpts", 21))
 
 
-def join_whole_body(coco: COCO, keypoints: KeypointSet) -> None:
+def join_whole_body(coco: COCO, keypoints: KeypointSet, source: Path) -> None:
     """COCO-WholeBody's own format (the body's 17 points in 'keypoints', the rest in foot_kpts, face_kpts,
     lefthand_kpts and righthand_kpts) rewritten in place as one 'keypoints' of the set's 133, with
-    num_keypoints counted over all of them, so that loading and COCOeval read one list; a part an
-    annotation lacks is unlabelled. Files already in the 133-point form are left as they are."""
+    num_keypoints counted over all of them, so that loading and COCOeval read one list. Files already in
+    the 133-point form are left as they are; an annotation of the own format that lacks a part's field,
+    or holds one of another length, is one error naming `source`, the annotation and the field."""
     if keypoints.num_keypoints != sum(n for _, n in WHOLE_BODY_FIELDS):
         return
     for ann in coco.dataset["annotations"]:
-        if "foot_kpts" not in ann or len(ann.get("keypoints") or []) != 3 * WHOLE_BODY_FIELDS[0][1]:
+        if not any(name in ann for name, _ in WHOLE_BODY_FIELDS[1:]):
             continue
         joined = []
         for name, count in WHOLE_BODY_FIELDS:
             part = ann.get(name)
-            joined += list(part) if isinstance(part, list) and len(part) == 3 * count else [0] * (3 * count)
+            if not isinstance(part, list) or len(part) != 3 * count:
+                got = f"holds {len(part)} numbers" if isinstance(part, list) else "is missing"
+                raise OdkdError(f"{source}: annotation {ann.get('id')}: '{name}' {got}; COCO-WholeBody's "
+                                f"format gives {count} points ({3 * count} numbers) there")
+            joined += list(part)
         ann["keypoints"] = joined
         ann["num_keypoints"] = sum(1 for v in joined[2::3] if v > 0)
 
@@ -200,7 +205,7 @@ class PersonInstances(_InstanceList):
         if not self.image_dir.is_dir():
             raise not_found(self.image_dir, "image folder")
         self.coco = load_coco(self.ann_file)
-        join_whole_body(self.coco, keypoints)
+        join_whole_body(self.coco, keypoints, self.ann_file)
         fill_box_areas(self.coco.dataset)
         self.aspect_ratio = aspect_ratio
         self.strict = strict
