@@ -151,6 +151,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
             unlabeled_targets = open_teacher_store(scfg.unlabeled_cache, unlabeled.fingerprint, cfg, split="unlabeled")
             check_store_fits(unlabeled_targets, cfg, plan, len(unlabeled), split="unlabeled")
             check_same_teachers(targets, unlabeled_targets)
+        kset = keypoint_set(cfg.data.keypoints)
         spec = ModelSpec(name=scfg.model, args=dict(scfg.model_args), seg_head=scfg.seg_head,
                          input_size=tuple(cfg.data.input_size))
         check_student_fits(cfg)
@@ -176,7 +177,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
     try:
 
         def make_model():
-            model = build_model(scfg.model, keypoint_set(cfg.data.keypoints).num_keypoints,
+            model = build_model(scfg.model, kset.num_keypoints,
                                 seg_head=scfg.seg_head, **scfg.model_args)
             if scfg.init and not resume:
                 report = load_checkpoint(model, scfg.init, allow_new_seg_head=True)
@@ -203,7 +204,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                          f"(student.unlabeled_ratio {scfg.unlabeled_ratio})")
         objective = StudentObjective(plan, targets, heatmap_size=cfg.data.heatmap_size, sigma=cfg.data.sigma,
                                      seg_loss=scfg.seg_loss, keep_blob_size=scfg.keep_blob_size,
-                                     flip_index=keypoint_set(cfg.data.keypoints).flip_index)
+                                     flip_index=kset.flip_index)
         evaluator = None
         if ranks.is_main:
             evaluator = ModelEvaluator(val, cfg.data, cfg.eval, val.coco, device=dev, with_mask=scfg.seg_head,
@@ -215,7 +216,7 @@ def train_student(cfg: PipelineConfig, *, cache: str | None = None, out: str | N
                    after_epoch=lambda d: plot_training_curves(d / "log.jsonl", d / "curves.png"),
                    best_from_epoch=plan.start(plan.index_at(plan.epochs - 1)) if scfg.best == "last_stage" else 0,
                    sampler=sampler, provenance=provenance, ranks=ranks,
-                   best_by=val_stat(keypoint_set(cfg.data.keypoints)),
+                   best_by=val_stat(kset),
                    on_start=lambda run_dir: keep_resolved_config(cfg, run_dir))
         return summary if ranks.is_main else None
     finally:
