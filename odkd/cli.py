@@ -641,6 +641,33 @@ def cache_verify_cmd(store, config_path, overrides, sample, no_replay, device):
         raise SystemExit(1)
 
 
+@cache.command("score")
+@click.argument("store")
+@click.option("--ann", "ann_file", required=True, type=click.Path(dir_okay=False),
+              help="COCO keypoint labels of the store's images: its split's file, or labels of some of the "
+                   "unlabelled images (a synthetic dataset writes person_keypoints_unlabeled_true.json).")
+@config_option
+@click.option("--floors", default=",".join(f"{f:g}" for f in (0.5, 0.6, 0.7, 0.8, 0.9)), show_default=True,
+              help="The conf_floor values to count at, comma-separated.")
+@user_errors
+def cache_score_cmd(store, ann_file, config_path, overrides, floors):
+    """How good each teacher's stored joints are, against labels of the same people: OKS AP as predictions,
+    and at each conf_floor the share of the labelled joints a stage would teach right, the share of what
+    it teaches that is right, and how many joints it teaches. The keypoint set and [cache]
+    storage_options come from --config."""
+    from odkd.apps.pseudo_labels import format_store_score, score_store
+    from odkd.data.keypoints import keypoint_set
+
+    try:
+        levels = tuple(float(f) for f in floors.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{floors!r}: give numbers, comma-separated", param_hint="--floors") from None
+    cfg = load_config(config_path, overrides)
+    score = score_store(store, ann_file, keypoint_set(cfg.data.keypoints), floors=levels,
+                        storage_options=cfg.cache.storage_options or None)
+    click.echo(format_store_score(score, store, ann_file))
+
+
 @cache.command("copies")
 @click.option("--prune", is_flag=True, help="Remove the copies that no running process holds.")
 @click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
