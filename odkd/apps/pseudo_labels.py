@@ -34,6 +34,7 @@ from odkd.store.reader import TeacherTargets
 MATCH_OKS = 0.1  # below it a stored instance and a labelled person are not the same person
 RIGHT_OKS = 0.5  # a taught joint within this per-joint OKS of its label is right
 DEFAULT_FLOORS = (0.5, 0.6, 0.7, 0.8, 0.9)
+ROWS_AT_ONCE = 2048
 TEACHERS = {"pt": "PT", "st": "ST"}
 
 
@@ -63,15 +64,19 @@ class TeacherScore:
 def stored_keypoints(targets: TeacherTargets, key: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Teacher `key`'s stored joints of `rows` in image pixels (N, K, 2) and their stored peaks (N, K), 0 where
     its map holds no blob or the row failed (meta/ok 0)."""
-    batch = targets.get_batch(rows, [f"{key}/heatmaps", f"{key}/conf", "meta/center", "meta/scale", "meta/ok"])
-    bits = unpack_bits(torch.from_numpy(batch[f"{key}/heatmaps"]), targets.layout.map_size[0]).float()
     radius = teacher_blob_radius(targets.attrs.get("settings", {}))
-    centroids, count = blob_centroids(bits, window=int(radius) + 2)
     map_size = targets.layout.map_size
-    points = np.stack([affine_transform(c, get_affine_transform(center, scale, 0, map_size, inv=True))
-                       for c, center, scale in zip(centroids.numpy(), batch["meta/center"], batch["meta/scale"])])
-    present = (count.numpy() > 0) & batch["meta/ok"].astype(bool)[:, None]
-    return points, np.where(present, batch[f"{key}/conf"].astype(np.float64), 0.0)
+    points, peaks = [], []
+    for start in range(0, len(rows), ROWS_AT_ONCE):  # unpacked, COCO's 150k people would take 30 GB
+        batch = targets.get_batch(rows[start:start + ROWS_AT_ONCE],
+                                  [f"{key}/heatmaps", f"{key}/conf", "meta/center", "meta/scale", "meta/ok"])
+        bits = unpack_bits(torch.from_numpy(batch[f"{key}/heatmaps"]), map_size[0]).float()
+        centroids, count = blob_centroids(bits, window=int(radius) + 2)
+        points += [affine_transform(c, get_affine_transform(center, scale, 0, map_size, inv=True))
+                   for c, center, scale in zip(centroids.numpy(), batch["meta/center"], batch["meta/scale"])]
+        present = (count.numpy() > 0) & batch["meta/ok"].astype(bool)[:, None]
+        peaks.append(np.where(present, batch[f"{key}/conf"].astype(np.float64), 0.0))
+    return np.stack(points), np.concatenate(peaks)
 
 
 def person_area(person: dict) -> float:
