@@ -647,19 +647,19 @@ def cache_verify_cmd(store, config_path, overrides, sample, no_replay, device):
               help="COCO keypoint labels of the store's images: its split's file, or labels of some of the "
                    "unlabelled images (a synthetic dataset writes person_keypoints_unlabeled_true.json).")
 @config_option
-@click.option("--floors", default=",".join(f"{f:g}" for f in (0.5, 0.6, 0.7, 0.8, 0.9)), show_default=True,
-              help="The conf_floor values to count at, comma-separated.")
+@click.option("--floors", default=None, help="The conf_floor values to count at, comma-separated "
+                                              "(default: 0.5, 0.6, 0.7, 0.8 and 0.9).")
 @user_errors
 def cache_score_cmd(store, ann_file, config_path, overrides, floors):
     """How good each teacher's stored joints are, against labels of the same people: OKS AP as predictions,
     and at each conf_floor the share of the labelled joints a stage would teach right, the share of what
     it teaches that is right, and how many joints it teaches. The keypoint set and [cache]
     storage_options come from --config."""
-    from odkd.apps.pseudo_labels import format_store_score, score_store
+    from odkd.apps.pseudo_labels import DEFAULT_FLOORS, format_store_score, score_store
     from odkd.data.keypoints import keypoint_set
 
     try:
-        levels = tuple(float(f) for f in floors.split(","))
+        levels = DEFAULT_FLOORS if floors is None else tuple(float(f) for f in floors.split(","))
     except ValueError:
         raise click.BadParameter(f"{floors!r}: give numbers, comma-separated", param_hint="--floors") from None
     cfg = load_config(config_path, overrides)

@@ -132,10 +132,26 @@ def test_labels_of_some_images_score_those_images_alone(scored_store, tmp_path):
         score_store(url, labels_of(ann, {7}, tmp_path / "none.json"), keypoint_set("coco"))
 
 
+def test_a_second_category_is_scored_with_its_own_people(scored_store, tmp_path):
+    """The store keeps no category (AP-10K has one per species): each row takes its matched person's."""
+    url, ann = scored_store
+    labels = json.loads(open(ann).read())
+    labels["categories"].append({**labels["categories"][0], "id": 2, "name": "other"})
+    labels["annotations"][2]["category_id"] = 2
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(labels))
+    pt, st = score_store(url, str(path), keypoint_set("coco"), floors=(0.5,)).teachers
+    assert pt.stats["AP"] == pytest.approx(1.0)
+    assert (st.floors[0].taught, st.floors[0].right) == (68, 41)
+
+
 def test_the_command_prints_both_teachers_at_each_floor(scored_store):
     url, ann = scored_store
     result = CliRunner().invoke(main, ["cache", "score", url, "--ann", ann, "--floors", "0.5,0.8"])
     assert result.exit_code == 0, result.output
+    every_floor = CliRunner().invoke(main, ["cache", "score", url, "--ann", ann])
+    assert [line.split("|")[4].strip() for line in every_floor.output.splitlines()[4:]] == ["0.5", "0.6", "0.7",
+                                                                                            "0.8", "0.9"] * 2
     lines = result.output.strip().splitlines()
     assert lines[0] == f"{url}: 4 stored people on the 2 images {ann} labels"
     assert lines[4].startswith("| PT | 1.000 |") and lines[6].startswith("| ST |")

@@ -148,17 +148,20 @@ def score_store(url: str, ann_file: str, kset: KeypointSet, *, floors=DEFAULT_FL
     labelled_joints = sum(int((np.asarray(person["keypoints"])[2::3] > 0).sum())
                           for image_id in images for person in gt.imgToAnns.get(image_id, [])
                           if not person.get("iscrowd", 0))
+    first_category = min(gt.getCatIds())
     scores = []
     for key, name in TEACHERS.items():
         points, conf = stored_keypoints(targets, key, rows)
         taught = conf > 0
         poses = np.concatenate([points, conf[..., None]], -1)
-        results = [{"image_id": int(image_ids[i]), "category_id": 1, "keypoints": poses[i].ravel().tolist(),
-                    "score": float(conf[i][taught[i]].mean())} for i in np.nonzero(taught.any(1))[0]]
+        matched = match_people(gt, image_ids, poses, sigmas)
+        # the store keeps no category: a row takes its person's (AP-10K's species), else the file's first
+        results = [{"image_id": int(image_ids[i]), "category_id": matched[i]["category_id"] if i in matched else
+                    first_category, "keypoints": poses[i].ravel().tolist(), "score": float(conf[i][taught[i]].mean())}
+                   for i in np.nonzero(taught.any(1))[0]]
         if not results:
             raise OdkdError(f"{url}: {name} teaches no joint on the {len(images)} labelled images")
         stats = coco_keypoint_eval(gt, results, sigmas=sigmas, image_ids=images)
-        matched = match_people(gt, image_ids, poses, sigmas)
         scores.append(TeacherScore(name, stats, floor_counts(points, conf, matched, sigmas, labelled_joints, floors)))
     return StoreScore(rows=len(rows), images=len(images), teachers=tuple(scores))
 
