@@ -22,13 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from odkd.data.instances import fill_box_areas
 from odkd.data.keypoints import KeypointSet, oks_sigmas, stored_record
 from odkd.data.transforms import affine_transform, get_affine_transform
 from odkd.distill.objective import teacher_blob_radius
 from odkd.distill.targets import blob_centroids
 from odkd.distill.warp import unpack_bits
 from odkd.errors import OdkdError
-from odkd.eval.metrics import coco_keypoint_eval, load_gt, oks_iou
+from odkd.eval.metrics import coco_keypoint_eval, joint_similarity, load_gt, oks_iou
 from odkd.store.reader import TeacherTargets
 
 MATCH_OKS = 0.1  # below it a stored instance and a labelled person are not the same person
@@ -79,11 +80,6 @@ def stored_keypoints(targets: TeacherTargets, key: str, rows: np.ndarray) -> tup
     return np.stack(points), np.concatenate(peaks)
 
 
-def person_area(person: dict) -> float:
-    """COCO's 'area', or the box's where a set gives none (CrowdPose), as coco_keypoint_eval scores it."""
-    return float(person.get("area") or person["bbox"][2] * person["bbox"][3])
-
-
 def match_people(gt, image_ids: np.ndarray, poses: np.ndarray, sigmas: np.ndarray) -> dict[int, dict]:
     """Stored instance -> its labelled person: per image, the pairs by OKS (over the joints both have),
     best first, each side at most once, none below MATCH_OKS."""
@@ -95,7 +91,7 @@ def match_people(gt, image_ids: np.ndarray, poses: np.ndarray, sigmas: np.ndarra
         people = [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         pairs = []
         for p, person in enumerate(people):
-            area = person_area(person)
+            area = float(person["area"])
             oks = oks_iou(np.asarray(person["keypoints"], np.float64), poses[indices], area, np.full(len(indices), area),
                           sigmas, in_vis_thr=0.0)
             pairs += [(value, p, i) for value, i in zip(oks, indices) if value >= MATCH_OKS]
@@ -114,11 +110,10 @@ def floor_counts(points: np.ndarray, conf: np.ndarray, matched: dict[int, dict],
     areas = np.ones(len(conf))
     for i, person in matched.items():
         labels[i] = np.asarray(person["keypoints"], np.float64).reshape(-1, 3)
-        areas[i] = person_area(person)
+        areas[i] = person["area"]
     labelled = labels[..., 2] > 0
     sq_dist = ((points - labels[..., :2]) ** 2).sum(-1)
-    similarity = np.exp(-sq_dist / ((2 * sigmas) ** 2) / areas[:, None] / 2)
-    close = labelled & (similarity >= RIGHT_OKS)
+    close = labelled & (joint_similarity(sq_dist, areas, sigmas) >= RIGHT_OKS)
     return tuple(FloorCounts(floor=float(f), labelled=labelled_joints, taught=int((conf >= f).sum()),
                              right=int((close & (conf >= f)).sum())) for f in floors)
 
@@ -139,6 +134,7 @@ def score_store(url: str, ann_file: str, kset: KeypointSet, *, floors=DEFAULT_FL
         raise OdkdError(f"keypoint set {kset.name!r} has no OKS sigmas; cache score needs them to match and score joints")
     targets = TeacherTargets.open(url, storage_options=storage_options, keypoints=stored_record(kset))
     gt = load_gt(ann_file, kset.num_keypoints)
+    fill_box_areas(gt.dataset)  # CrowdPose gives no 'area': the box's, as COCOeval scores it
     all_ids = targets.get_batch(np.arange(len(targets)), ["meta/image_id"])["meta/image_id"]
     images = sorted(set(map(int, all_ids)) & set(gt.getImgIds()))
     if not images:

@@ -28,6 +28,11 @@ _GT_LISTS = ("images", "annotations", "categories")
 _GT_ANN_KEYS = ("image_id", "category_id", "iscrowd", "bbox", "keypoints", "num_keypoints")
 
 
+def joint_similarity(sq_dist: np.ndarray, area: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """COCOeval's per-keypoint similarity of squared pixel distances (N, K) at each pose's area (N,)."""
+    return np.exp(-sq_dist / ((2 * sigmas) ** 2) / area[:, None] / 2)
+
+
 def oks_iou(
     g: np.ndarray,
     d: np.ndarray,
@@ -46,7 +51,7 @@ def oks_iou(
     d = np.asarray(d, dtype=np.float64).reshape(-1, g.shape[0], 3)
     scale = (a_g + np.asarray(a_d, dtype=np.float64)) / 2 + np.spacing(1)
     sq_dist = (d[..., 0] - g[:, 0]) ** 2 + (d[..., 1] - g[:, 1]) ** 2
-    similarity = np.exp(-sq_dist / ((2 * sigmas) ** 2) / scale[:, None] / 2)
+    similarity = joint_similarity(sq_dist, scale, sigmas)
     if in_vis_thr is None:
         return similarity.mean(axis=1)
     confident = (g[:, 2] > in_vis_thr) & (d[..., 2] > in_vis_thr)
