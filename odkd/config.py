@@ -180,11 +180,11 @@ class StageConfig:
     kd_weight: float = 1.0  # JointsMSE against the warped teacher heatmaps
     seg_weight: float = 0.0  # BCE (+dice) of the aux head against ST's stored mask
     conf_floor: float = 0.0  # a teacher keypoint whose stored peak is below this teaches nothing
-    # what the student learns from the stored maps (odkd.distill.targets): "gaussian_conf", a Gaussian of
-    # the GT's sigma at each blob's centroid peaked at the teacher's stored peak (chosen on val AP);
-    # "gaussian", the same at peak 1; "disc", the ODKD paper's warped blob; "soft", the raw maps (needs
-    # [cache] store_soft)
-    targets: Literal["disc", "gaussian", "gaussian_conf", "soft"] = "gaussian_conf"
+    # what the student learns from the stored maps (odkd.distill.targets): "disc", the ODKD paper's warped
+    # blob (chosen on val AP for a student with room to grow); "gaussian_conf", a Gaussian of the GT's sigma
+    # at each blob's centroid peaked at the teacher's stored peak (does a trained student the least harm);
+    # "gaussian", the same at peak 1; "soft", the raw maps (needs [cache] store_soft)
+    targets: Literal["disc", "gaussian", "gaussian_conf", "soft"] = "disc"
     # false: a teacher teaches only the joints no label gives (unlabelled images, unlabelled joints); true:
     # every joint, against the label where there is one
     kd_on_labels: bool = True

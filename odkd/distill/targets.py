@@ -2,14 +2,16 @@
 codecs. Each form reads one stored array and turns a batch of its rows into a target in every sample's
 augmented crop; a stage names its form in `targets`, and the objective calls it without a branch per form.
 
-- "disc": the ODKD paper's target, the warped binary blob itself (re-binarized, edges moved back to
-  the teacher's blob size). JointsMSE against a flat disc teaches a flat-topped response whose peak may
-  sit anywhere inside it, at full confidence.
+- "disc" (the default, chosen on val AP for a student with room to grow): the ODKD paper's target, the
+  warped binary blob itself (re-binarized, edges moved back to the teacher's blob size). JointsMSE
+  against a flat disc teaches a flat-topped response whose peak may sit anywhere inside it, at full
+  confidence.
 - "gaussian": each binarized blob's sub-pixel centroid, found in the stored crop, moved by
   the sample's exact affine and rendered as a unit-peak Gaussian of the GT's sigma. The student learns
   the same shape from the teachers as from the labels, and no warp interpolates the bits.
-- "gaussian_conf" (the default, chosen on val AP): the same Gaussian with its peak at the teacher's
-  stored peak value, so that the student learns how sure the teacher was, which the bits alone lose.
+- "gaussian_conf": the same Gaussian with its peak at the teacher's stored peak value, so that the
+  student learns how sure the teacher was, which the bits alone lose; it does a trained student the
+  least harm.
 - "soft": the raw maps, warped (needs [cache] store_soft); the reference of what the teachers know.
 """
 
