@@ -160,10 +160,15 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog)
     assert f"{paired['mean']:+.4f} ± {paired['std']:.4f} ({paired['ahead']} of 2)" in md
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")}
-    again = run_ablation(cfg, seeds=2, variants=["gt", "orderly"], out=out, max_steps_per_epoch=1)
+    # the config's stages learn from the disc (the default), so the disc variant is orderly's runs, not a copy
+    again = run_ablation(cfg, seeds=2, variants=["gt", "orderly", "disc"], out=out, max_steps_per_epoch=1)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pth")} == mtimes and len(mtimes) == 4
-    assert {row["status"] for result in again["variants"].values() for row in result["runs"]} == {"reused"}
+    assert {row["status"] for name in ("gt", "orderly") for row in again["variants"][name]["runs"]} == {"reused"}
     assert again["variants"]["orderly"]["AP"] == saved["variants"]["orderly"]["AP"]
+    assert again["same_as"] == {"disc": "orderly"} and not (out / "disc").exists()
+    assert [(row["dir"], row["AP"], row["status"]) for row in again["variants"]["disc"]["runs"]] == [
+        (row["dir"], row["AP"], "shared") for row in again["variants"]["orderly"]["runs"]]
+    assert "disc is the same student as orderly" in (out / "ablation.md").read_text()
 
     # a run made under another configuration is refused, not reused or overwritten
     changed = parse_config(from_zoo_primary(student_toml(world, stages=ONE_PLUS_ONE.replace("0.01", "0.02"))))

@@ -181,8 +181,19 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
                                workers=cfg.student.train.workers)
 
     runs: dict[str, list[dict]] = {name: [] for name in students if name not in skipped}
+    # a variant whose student is an earlier one's (`disc` where the config's own stages learn from the disc)
+    # is that run, scored once
+    first: dict[str, str] = {}
+    same_as: dict[str, str] = {}
+    for name in runs:
+        other = first.setdefault(json.dumps(dataclasses.asdict(students[name]), sort_keys=True), name)
+        if other != name:
+            same_as[name] = other
     for seed in seed_list:  # seeds outermost: an interrupted ablation has every variant at the first seeds
         for name in runs:
+            if name in same_as:
+                runs[name].append({**runs[same_as[name]][-1], "status": "shared"})
+                continue
             run_dir = out / name / f"seed{seed}"
             status = train_or_reuse(variant_config(cfg, students[name], seed), run_dir, device=device,
                                     max_steps_per_epoch=max_steps_per_epoch)
@@ -200,7 +211,7 @@ def run_ablation(cfg: PipelineConfig, *, seeds: int = 3, variants: Sequence[str]
         "unlabeled_store": unlabeled_targets.url if unlabeled_targets is not None else None, "split": split,
         "stat": stat, "weights": SCORED_WEIGHTS,
         "epochs": cfg.student.epochs, "seeds": seed_list, "out": str(out),
-        "variants": results, "skipped": skipped,
+        "variants": results, "skipped": skipped, "same_as": same_as,
         "hypotheses": [{"a": a, "b": b, "claim": claim, **check_hypothesis(results[a], results[b], stat)}
                        for a, b, claim in HYPOTHESES if a in results and b in results],
         "wall_s": time.perf_counter() - started,
@@ -243,6 +254,9 @@ def ablation_markdown(summary: dict) -> str:
         ablation_table(summary),
         "",
     ]
+    for name, other in summary.get("same_as", {}).items():
+        lines += [f"{name} is the same student as {other} (the config's own stages), so its rows are {other}'s runs.",
+                  ""]
     for name, reason in summary["skipped"].items():
         lines += [f"Skipped {name}: {reason}.", ""]
     if summary["hypotheses"]:
