@@ -168,7 +168,7 @@ def test_tiny_ablation_reports_the_runs_and_reuses_them(world, tmp_path, caplog)
     assert again["same_as"] == {"disc": "orderly"} and not (out / "disc").exists()
     assert [(row["dir"], row["AP"], row["status"]) for row in again["variants"]["disc"]["runs"]] == [
         (row["dir"], row["AP"], "shared") for row in again["variants"]["orderly"]["runs"]]
-    assert "disc is the same student as orderly" in (out / "ablation.md").read_text()
+    assert "disc trains the same student as orderly" in (out / "ablation.md").read_text()
 
     # a run made under another configuration is refused, not reused or overwritten
     changed = parse_config(from_zoo_primary(student_toml(world, stages=ONE_PLUS_ONE.replace("0.01", "0.02"))))

@@ -255,8 +255,7 @@ def ablation_markdown(summary: dict) -> str:
         "",
     ]
     for name, other in summary.get("same_as", {}).items():
-        lines += [f"{name} is the same student as {other} (the config's own stages), so its rows are {other}'s runs.",
-                  ""]
+        lines += [f"{name} trains the same student as {other}, so its rows are {other}'s runs.", ""]
     for name, reason in summary["skipped"].items():
         lines += [f"Skipped {name}: {reason}.", ""]
     if summary["hypotheses"]:
