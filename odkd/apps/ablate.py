@@ -254,7 +254,7 @@ def ablation_markdown(summary: dict) -> str:
         ablation_table(summary),
         "",
     ]
-    for name, other in summary.get("same_as", {}).items():
+    for name, other in summary["same_as"].items():
         lines += [f"{name} trains the same student as {other}, so its rows are {other}'s runs.", ""]
     for name, reason in summary["skipped"].items():
         lines += [f"Skipped {name}: {reason}.", ""]
