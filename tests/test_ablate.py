@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,17 @@ seg_weight = 0.01
         "no_mask": (pt, dataclasses.replace(st, seg_weight=0.0)),
         "mask_gate": (pt, dataclasses.replace(st, mask_gate=True)),
         "orderly+unlabeled": (pt, st),
+        # PT's stage keeps its epochs and keys and learns from ST, without the mask loss
+        "st+unlabeled": (dataclasses.replace(pt, teacher="senior"), st),
     }
-    # only the +unlabeled variant reads the unlabelled store, and it refuses a config without one
+    # only the +unlabeled variants read the unlabelled store, and they refuse a config without one
     with_store = dataclasses.replace(student, unlabeled_cache="cache/u.zarr")
-    assert {name: variant_student(with_store, name).unlabeled_cache for name in ("gt", "orderly", "orderly+unlabeled")} \
-        == {"gt": "", "orderly": "", "orderly+unlabeled": "cache/u.zarr"}
-    with pytest.raises(OdkdError, match="variant 'orderly\\+unlabeled' needs \\[student\\] unlabeled_cache"):
-        variant_student(student, "orderly+unlabeled")
+    assert {name: variant_student(with_store, name).unlabeled_cache
+            for name in ("gt", "orderly", "orderly+unlabeled", "st+unlabeled")} \
+        == {"gt": "", "orderly": "", "orderly+unlabeled": "cache/u.zarr", "st+unlabeled": "cache/u.zarr"}
+    for name in ("orderly+unlabeled", "st+unlabeled"):
+        with pytest.raises(OdkdError, match=f"variant '{re.escape(name)}' needs \\[student\\] unlabeled_cache"):
+            variant_student(student, name)
     # a config without the method's PT-then-ST stages builds the variants that do not need them only
     st_first = parse_config(student_toml(tmp_path, stages="""
 [[student.stages]]
@@ -185,5 +190,5 @@ def test_unknown_variant_is_one_line_and_writes_nothing(world, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: --variants: unknown variant 'ordrly'; the variants are gt, pt, st, "
                                      "joint, orderly, reverse, disc, gaussian, gaussian_conf, soft, no_mask, mask_gate, "
-                                     "orderly+unlabeled")
+                                     "orderly+unlabeled, st+unlabeled")
     assert not (tmp_path / "ablation").exists()

@@ -331,25 +331,36 @@ def test_evaluate_scores_a_teacher_on_the_unlabelled_boxes_against_their_true_la
     assert code == 1 and len(out.strip().splitlines()) == 1 and "--split unlabeled" in out and "--ann" in out, out
 
 
-def test_ablation_runs_the_unlabeled_variant_beside_gt(world, tmp_path):
+def test_ablation_runs_the_unlabeled_variants_beside_gt(world, tmp_path):
     base, _ = world
     cfg = parse_config(unlabeled_toml(base))
     out = tmp_path / "ablation"
     store = f"{base}/unlabeled.zarr"
-    summary = run_ablation(cfg, seeds=1, variants=["gt", "orderly+unlabeled"], out=out, max_steps_per_epoch=1)
-    assert list(summary["variants"]) == ["gt", "orderly+unlabeled"] and summary["unlabeled_store"] == store
+    names = ["gt", "orderly+unlabeled", "st+unlabeled"]
+    summary = run_ablation(cfg, seeds=1, variants=names, out=out, max_steps_per_epoch=1)
+    assert list(summary["variants"]) == names and summary["unlabeled_store"] == store
     md = (out / "ablation.md").read_text()
-    assert "| orderly+unlabeled |" in md and "the teachers and the unlabelled images beat GT alone" in md
-    assert [h["claim"] for h in summary["hypotheses"]] == ["the teachers and the unlabelled images beat GT alone"]
+    assert "| orderly+unlabeled |" in md and "| st+unlabeled |" in md
+    assert [h["claim"] for h in summary["hypotheses"]] == [
+        "the teachers and the unlabelled images beat GT alone",
+        "with the unlabelled images, PT's stage before ST's beats ST's targets alone"]
     assert f"; unlabelled store (the +unlabeled variants): `{store}`" in md
-    records = {name: json.loads((out / name / "seed0" / "run.json").read_text())["student"]
-               for name in ("gt", "orderly+unlabeled")}
-    assert records["gt"]["unlabeled_cache"] == "" and records["orderly+unlabeled"]["unlabeled_cache"] == store
+    records = {name: json.loads((out / name / "seed0" / "run.json").read_text())["student"] for name in names}
+    assert {name: record["unlabeled_cache"] for name, record in records.items()} \
+        == {"gt": "", "orderly+unlabeled": store, "st+unlabeled": store}
+    assert {name: [stage["teacher"] for stage in records[name]["stages"]] for name in names[1:]} \
+        == {"orderly+unlabeled": ["primary", "senior"], "st+unlabeled": ["senior", "senior"]}
     provenance = {name: read_checkpoint(out / name / "seed0" / "last.pth").extra["provenance"] for name in records}
     assert "unlabeled_store" not in provenance["gt"]
     assert provenance["orderly+unlabeled"]["unlabeled_store"]["url"] == store
-    assert [json.loads(line)["stage"] for line in (out / "orderly+unlabeled" / "seed0" / "log.jsonl").open()] \
-        == ["primary", "senior"]
+    assert provenance["st+unlabeled"]["unlabeled_store"]["url"] == store
+    for name in names[1:]:
+        assert [json.loads(line)["stage"] for line in (out / name / "seed0" / "log.jsonl").open()] \
+            == ["primary", "senior"]
+    # the two +unlabeled runs share the seed, the data order and the labelled people: only PT's targets differ
+    weights = {name: read_checkpoint(out / name / "seed0" / "last.pth").state_dict for name in names[1:]}
+    assert any(not torch.equal(a, b) for a, b in zip(weights["orderly+unlabeled"].values(),
+                                                      weights["st+unlabeled"].values()))
 
 
 def test_under_torchrun_the_epoch_counts_are_the_whole_runs_summed_over_the_ranks(world, tmp_path):

@@ -52,6 +52,7 @@ HYPOTHESES = (
     ("mask_gate", "orderly", "mask gating helps"),
     ("orderly+unlabeled", "orderly", "the unlabelled images help"),
     ("orderly+unlabeled", "gt", "the teachers and the unlabelled images beat GT alone"),
+    ("orderly+unlabeled", "st+unlabeled", "with the unlabelled images, PT's stage before ST's beats ST's targets alone"),
 )
 
 

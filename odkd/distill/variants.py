@@ -50,9 +50,10 @@ def with_targets(student: StudentConfig, form: str) -> tuple[StageConfig, ...]:
     return tuple(dataclasses.replace(stage, targets=form) for stage in orderly(student))
 
 
-def st_stage_changed(student: StudentConfig, **changes) -> tuple[StageConfig, ...]:
-    st = only_stage(student, "senior")
-    return tuple(dataclasses.replace(stage, **changes) if stage == st else stage for stage in orderly(student))
+def stage_changed(student: StudentConfig, of_teacher: str, **changes) -> tuple[StageConfig, ...]:
+    """The orderly stages with the one that learns from `of_teacher` changed."""
+    changed = only_stage(student, of_teacher)
+    return tuple(dataclasses.replace(stage, **changes) if stage == changed else stage for stage in orderly(student))
 
 
 VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
@@ -64,12 +65,14 @@ VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
     "reverse": lambda student: orderly(student)[::-1],
     # one variant per target form: the orderly stages learning from it (odkd.distill.targets)
     **{form: partial(with_targets, form=form) for form in TARGET_FORMS},
-    "no_mask": lambda student: st_stage_changed(student, seg_weight=0.0),
-    "mask_gate": lambda student: st_stage_changed(student, mask_gate=True),
+    "no_mask": lambda student: stage_changed(student, "senior", seg_weight=0.0),
+    "mask_gate": lambda student: stage_changed(student, "senior", mask_gate=True),
     "orderly+unlabeled": orderly,
+    # ST's targets in PT's stage too: on a long schedule the student outgrows PT (docs/results.md)
+    "st+unlabeled": lambda student: stage_changed(student, "primary", teacher="senior"),
 }
 # the variants that also learn from [student] unlabeled_cache; every other one trains on the labelled store alone
-UNLABELED_VARIANTS = ("orderly+unlabeled",)
+UNLABELED_VARIANTS = ("orderly+unlabeled", "st+unlabeled")
 
 
 def variant_student(student: StudentConfig, name: str) -> StudentConfig:
