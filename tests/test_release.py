@@ -14,7 +14,7 @@ import torch
 
 from odkd.config import parse_config
 from odkd.data.instances import load_instances
-from odkd.distill.variants import VARIANTS
+from odkd.distill.variants import UNLABELED_VARIANTS, VARIANTS
 from odkd.errors import OdkdError
 from odkd.eval.evaluate import evaluate_checkpoint
 from odkd.models import build_from_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
@@ -425,4 +425,4 @@ def test_the_students_init_is_trained_released_checked_and_reported_like_a_teach
     assert "init" not in [row.name for row in report_rows(cfg, {})[0]]
     cfg = parse_config(toml.replace("[student]\n", f'[student]\ninit = "{dst}"\n', 1))
     assert [row.name for row in report_rows(cfg, {})[0]][:3] == ["PT", "ST", "init"]
-    assert {variant_student(cfg.student, name).init for name in VARIANTS if name != "orderly+unlabeled"} == {str(dst)}
+    assert {variant_student(cfg.student, name).init for name in VARIANTS if name not in UNLABELED_VARIANTS} == {str(dst)}
