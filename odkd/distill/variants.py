@@ -68,7 +68,7 @@ VARIANTS: dict[str, Callable[[StudentConfig], tuple[StageConfig, ...]]] = {
     "no_mask": lambda student: stage_changed(student, "senior", seg_weight=0.0),
     "mask_gate": lambda student: stage_changed(student, "senior", mask_gate=True),
     "orderly+unlabeled": orderly,
-    # ST's targets in PT's stage too: on a long schedule the student outgrows PT (docs/results.md)
+    # ST's targets in PT's stage too: with the unlabelled images PT's stage did not help (docs/results.md)
     "st+unlabeled": lambda student: stage_changed(student, "primary", teacher="senior"),
 }
 # the variants that also learn from [student] unlabeled_cache; every other one trains on the labelled store alone
