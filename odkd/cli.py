@@ -403,9 +403,10 @@ def check_teachers_cmd(config_path, overrides):
 @click.option("--cache", "cache_url", default=None,
               help="Teacher store: a path or an fsspec URL (http, s3, gs); default: [student] cache.")
 @click.option("--variant", default=None, metavar="NAME",
-              help="Train an ablation variant (gt, pt, st, joint, orderly, reverse, gaussian, gaussian_conf, disc, "
-                   "soft, no_mask, mask_gate, orderly+unlabeled, st+unlabeled) made from [[student.stages]] instead of the stages as "
-                   "written; gt is the GT-only baseline. Only the +unlabeled ones read [student] unlabeled_cache.")
+              help="Train an ablation variant (gt, pt, st, joint, orderly, reverse, disc, disc_conf, gaussian, "
+                   "gaussian_conf, soft, no_mask, mask_gate, orderly+unlabeled, st+unlabeled) made from "
+                   "[[student.stages]] instead of the stages as written; gt is the GT-only baseline. Only the "
+                   "+unlabeled ones read [student] unlabeled_cache.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder (default: RUNS/student, or RUNS/student_VARIANT).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.pth, mid-stage too.")
@@ -464,7 +465,7 @@ def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
 @click.option("--seeds", default=3, show_default=True,
               help="Runs per variant: seeds S, S+1, ... from [student.train] seed.")
 @click.option("--variants", default=None,
-              help="Comma-separated: gt, pt, st, joint, orderly, reverse, gaussian, gaussian_conf, disc, soft, "
+              help="Comma-separated: gt, pt, st, joint, orderly, reverse, disc, disc_conf, gaussian, gaussian_conf, soft, "
                    "no_mask, mask_gate, orderly+unlabeled, st+unlabeled (default: all; the +unlabeled ones when [student] "
                    "unlabeled_cache is set).")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,

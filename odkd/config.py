@@ -183,8 +183,9 @@ class StageConfig:
     # what the student learns from the stored maps (odkd.distill.targets): "disc", the ODKD paper's warped
     # blob (chosen on val AP for a student with room to grow); "gaussian_conf", a Gaussian of the GT's sigma
     # at each blob's centroid peaked at the teacher's stored peak (does a trained student the least harm);
-    # "gaussian", the same at peak 1; "soft", the raw maps (needs [cache] store_soft)
-    targets: Literal["disc", "gaussian", "gaussian_conf", "soft"] = "disc"
+    # "gaussian", the same at peak 1; "disc_conf", the disc at the stored peak; "soft", the raw maps (needs
+    # [cache] store_soft)
+    targets: Literal["disc", "disc_conf", "gaussian", "gaussian_conf", "soft"] = "disc"
     # false: a teacher teaches only the joints no label gives (unlabelled images, unlabelled joints); true:
     # every joint, against the label where there is one
     kd_on_labels: bool = True

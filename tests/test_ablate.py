@@ -63,7 +63,7 @@ seg_weight = 0.01
         "orderly": (pt, st),
         "reverse": (st, pt),
         **{form: (dataclasses.replace(pt, targets=form), dataclasses.replace(st, targets=form))
-           for form in ("disc", "gaussian", "gaussian_conf", "soft")},
+           for form in ("disc", "disc_conf", "gaussian", "gaussian_conf", "soft")},
         "no_mask": (pt, dataclasses.replace(st, seg_weight=0.0)),
         "mask_gate": (pt, dataclasses.replace(st, mask_gate=True)),
         "orderly+unlabeled": (pt, st),
@@ -189,6 +189,7 @@ def test_unknown_variant_is_one_line_and_writes_nothing(world, tmp_path):
                                        "--out", str(tmp_path / "ablation")])
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: --variants: unknown variant 'ordrly'; the variants are gt, pt, st, "
-                                     "joint, orderly, reverse, disc, gaussian, gaussian_conf, soft, no_mask, mask_gate, "
+                                     "joint, orderly, reverse, disc, disc_conf, gaussian, gaussian_conf, soft, no_mask, "
+                                     "mask_gate, "
                                      "orderly+unlabeled, st+unlabeled")
     assert not (tmp_path / "ablation").exists()

@@ -107,7 +107,7 @@ def test_render_gaussians_exact_values_and_absent_points():
 def test_an_empty_stored_map_teaches_no_joint_in_every_binary_form():
     packed = torch.from_numpy(bitpack_maps(np.zeros((NUM_JOINTS, *STORED[::-1]), bool)))[None]
     warp = warp_inputs(np.eye(3), flip=False)
-    for name in ("gaussian", "gaussian_conf", "disc"):
+    for name in ("gaussian", "gaussian_conf", "disc", "disc_conf"):
         assert TARGET_FORMS[name].make(packed, torch.ones(1, NUM_JOINTS), warp).abs().max() == 0, name
 
 
@@ -121,7 +121,8 @@ def test_disc_and_soft_forms_keep_the_maps_under_an_identity_warp():
     soft = torch.from_numpy(maps.astype(np.float16))[None] * 0.8
     assert torch.allclose(TARGET_FORMS["soft"].make(soft, None, warp), soft.float(), atol=1e-4)
     assert {name: form.array for name, form in TARGET_FORMS.items()} == {
-        "disc": "heatmaps", "gaussian": "heatmaps", "gaussian_conf": "heatmaps", "soft": "soft_heatmaps"}
+        "disc": "heatmaps", "disc_conf": "heatmaps", "gaussian": "heatmaps", "gaussian_conf": "heatmaps",
+        "soft": "soft_heatmaps"}
 
 
 def test_gaussian_conf_peaks_at_the_teachers_stored_peak_in_the_samples_channel_order():
@@ -132,3 +133,23 @@ def test_gaussian_conf_peaks_at_the_teachers_stored_peak_in_the_samples_channel_
                       out_size=STORED, stored_width=STORED[0], blob_radius=RADIUS, keep_blob_size=True, sigma=2.0)
     peaks = TARGET_FORMS["gaussian_conf"].make(packed, conf, warp).amax((-2, -1))
     assert torch.allclose(peaks, conf, atol=1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_disc_conf_is_the_disc_at_the_teachers_stored_peak_in_the_samples_channel_order(flip):
+    """Each channel is the warped disc, flat at the stored peak of the joint it shows: a mirrored sample's
+    channel k is the stored joint FLIP_INDEX[k], and so is its confidence (the objective flips conf first)."""
+    truth = centres()
+    crop_to_stored = pixel_affine(15.0, 0.9, (2.0, 1.5))
+    packed = torch.from_numpy(bitpack_maps(disc_maps(truth)))[None]
+    stored_conf = torch.linspace(0.5, 0.98, NUM_JOINTS)[None]
+    conf = stored_conf[:, list(FLIP_INDEX)] if flip else stored_conf
+    warp = warp_inputs(crop_to_stored, flip)
+    disc = TARGET_FORMS["disc"].make(packed, conf, warp)[0]
+    target = TARGET_FORMS["disc_conf"].make(packed, conf, warp)[0]
+    assert torch.equal(target, disc * conf[0, :, None, None])
+    for k in range(NUM_JOINTS):
+        inside = disc[k] > 0
+        assert inside.sum() >= 9, k
+        assert torch.allclose(target[k][inside], conf[0, k].expand(int(inside.sum()))), k
+        assert target[k][~inside].abs().max() == 0, k

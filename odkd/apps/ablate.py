@@ -48,6 +48,7 @@ HYPOTHESES = (
     ("orderly", "soft", "binarized targets beat soft ones"),
     ("gaussian", "disc", "a Gaussian at the blob's centroid beats the paper's disc"),
     ("gaussian_conf", "disc", "that Gaussian at the teacher's peak beats the paper's disc"),
+    ("disc_conf", "disc", "the disc at the teacher's peak beats the paper's disc"),
     ("orderly", "no_mask", "the mask loss helps"),
     ("mask_gate", "orderly", "mask gating helps"),
     ("orderly+unlabeled", "orderly", "the unlabelled images help"),

@@ -6,6 +6,8 @@ augmented crop; a stage names its form in `targets`, and the objective calls it 
   warped binary blob itself (re-binarized, edges moved back to the teacher's blob size). JointsMSE
   against a flat disc teaches a flat-topped response whose peak may sit anywhere inside it, at full
   confidence.
+- "disc_conf": the same disc at the height of the teacher's stored peak, so that it keeps how sure the
+  teacher was; level with the disc from a student with room to grow, a little less harm from a trained one.
 - "gaussian": each binarized blob's sub-pixel centroid, found in the stored crop, moved by
   the sample's exact affine and rendered as a unit-peak Gaussian of the GT's sigma. The student learns
   the same shape from the teachers as from the labels, and no warp interpolates the bits.
@@ -48,6 +50,11 @@ def disc_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> t
     return warp_binary_batch(stored, warp.stored_width, warp.theta, warp.out_size, warp.flip,
                              keypoint_channels=True, blob_radius=warp.blob_radius if warp.keep_blob_size else 0.0,
                              zoom=warp.zoom, flip_index=warp.flip_index)
+
+
+def disc_conf_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
+    """The disc at the height of the teacher's stored peak (conf (B, K), in the sample's channel order)."""
+    return disc_target(stored, conf, warp) * conf.clamp(0.0, 1.0)[..., None, None]
 
 
 def soft_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
@@ -120,6 +127,7 @@ class TargetForm:
 
 TARGET_FORMS: dict[str, TargetForm] = {
     "disc": TargetForm("heatmaps", disc_target),
+    "disc_conf": TargetForm("heatmaps", disc_conf_target),
     "gaussian": TargetForm("heatmaps", gaussian_target),
     "gaussian_conf": TargetForm("heatmaps", gaussian_conf_target),
     "soft": TargetForm("soft_heatmaps", soft_target),
