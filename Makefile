@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: test demo demo-student-gt demo-student demo-teachers demo-student-init install clean
+.PHONY: test demo demo-student-gt demo-student demo-trained-student demo-teachers demo-student-init install clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -51,6 +51,17 @@ demo-student-gt:
 
 demo-student:
 	OMP_NUM_THREADS=1 $(ODKD) train-student $(call resume_if,runs/demo/student)
+
+# A student that is already trained (PT's own weights) with pipeline/demo_trained_student.toml's
+# recipe, beside GT fine-tuning for the same steps, from make demo's data and stores: a few minutes.
+TRAINED := --config pipeline/demo_trained_student.toml
+demo-trained-student: $(VENV_STAMP)
+	mkdir -p runs/trained
+	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(ODKD) train-student $(TRAINED) --variant gt > runs/trained/student_gt.log 2>&1 & \
+	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(ODKD) train-student $(TRAINED) > runs/trained/student.log 2>&1; \
+	status=$$?; wait $$! || { tail -n 20 runs/trained/student_gt.log; exit 1; }; \
+	[ $$status -eq 0 ] || { tail -n 20 runs/trained/student.log; exit 1; }
+	$(ODKD) report $(TRAINED) --split test
 
 # Train the two demo teachers from scratch with pipeline/demo.toml's recipe and release them into
 # zoo/ as float16 weights; paste the fingerprints it prints into pipeline/demo.toml. The released

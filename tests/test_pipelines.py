@@ -19,6 +19,7 @@ from odkd.config import load_config, parse_config
 from odkd.data.dataset import MixedEpochSampler, mixed_batch_size
 from odkd.distill.variants import variant_student
 from odkd.models import MODELS, build_model, load_checkpoint, save_checkpoint
+from odkd.apps.report import same_file as same_weights
 from odkd.models.registry import override_keys
 from odkd.train.release import check_teacher
 from test_pretrained import TIMM_HRNETS, timm_hrnet_state_dict
@@ -45,7 +46,10 @@ def test_pipeline_parses_and_names_real_models(path):
         student = cfg.student
         networks.append(student)
         assert student.cache == cfg.cache.store, "the student reads the store the [cache] section builds"
-        assert [s.teacher for s in student.stages if s.teacher != "none"][:2] == ["primary", "senior"]
+        # a student that starts from PT's own weights learns from ST alone: PT would teach it its own predictions
+        from_pt = same_weights(student.init, cfg.teachers.primary.checkpoint) if "teachers" in cfg.raw else False
+        order = ["senior", "senior"] if from_pt else ["primary", "senior"]
+        assert [s.teacher for s in student.stages if s.teacher != "none"][:2] == order
         if student.train.schedule == "step":
             assert all(0 < step < student.epochs for step in student.train.lr_steps), "every lr step fires"
     if "cache" in cfg.raw:
@@ -199,6 +203,27 @@ def test_both_demo_students_start_from_the_released_init():
     for rule in ("demo-student-gt:", "demo-student:"):
         body = make[make.index(rule):].split("\n\n", 1)[0]
         assert "init" not in body, body
+
+
+def test_the_trained_student_recipe_starts_both_students_from_pt_and_teaches_st_alone():
+    """make demo-trained-student: the recipe and GT fine-tuning from PT's released weights, the same steps,
+    into their own runs folder, where odkd report finds both and shows PT as the students' start."""
+    cfg = load_config(ROOT / "pipeline" / "demo_trained_student.toml")
+    demo = load_config(ROOT / "pipeline" / "demo.toml")
+    student, gt = cfg.student, variant_student(cfg.student, "gt")
+    assert student.init == gt.init == cfg.teachers.primary.checkpoint == "zoo/demo_primary.pth"
+    assert gt.epochs == student.epochs == 20 and student.train.lr == 2e-4
+    assert [(s.teacher, s.targets, s.kd_weight, s.conf_floor) for s in student.stages] == [
+        ("senior", "gaussian_conf", 0.5, 0.7)] * 2
+    assert [s.seg_weight for s in student.stages] == [0.0, 0.002]
+    assert (cfg.data, cfg.teachers, student.cache, student.unlabeled_cache) == (
+        demo.data, demo.teachers, demo.student.cache, demo.student.unlabeled_cache), "make demo's data and stores"
+    assert Path(cfg.runs) != Path(demo.runs)
+    make = (ROOT / "Makefile").read_text()
+    rule = make[make.index("demo-trained-student:"):].split("\n\n", 1)[0]
+    assert "TRAINED := --config pipeline/demo_trained_student.toml" in make
+    assert rule.count("train-student $(TRAINED)") == 2 and "--variant gt" in rule and "report $(TRAINED)" in rule
+    assert "init" not in rule and "--set" not in rule, "the recipe is the config's, not the rule's"
 
 
 def readme_first_run() -> list[list[str]]:

@@ -3,8 +3,9 @@
 
 Every key the user set (the loss weights, conf_floor, the ST stage's seg_weight) carries into every
 variant, and only what the variant is about changes; all keep the config's total epochs. The GT-only
-baseline is the exception: it keeps only the PT stage's gt_weight, so that tuning a teacher key
-(kd_weight, conf_floor, targets) leaves it the same run, which odkd ablate then reuses. Only the
+baseline is the exception: it keeps only the first stage's gt_weight, so that tuning a teacher key
+(kd_weight, conf_floor, targets) leaves it the same run, which odkd ablate then reuses; it is the one
+variant that any stage list has, the method's or not. Only the
 "+unlabeled" variants read [student] unlabeled_cache: the others are the labelled images' runs.
 """
 
@@ -37,7 +38,7 @@ def orderly(student: StudentConfig) -> tuple[StageConfig, ...]:
 
 
 def gt_only(student: StudentConfig) -> tuple[StageConfig, ...]:
-    gt_weight = only_stage(student, "primary").gt_weight
+    gt_weight = student.stages[0].gt_weight
     return (StageConfig(name="gt", epochs=student.epochs, teacher="none", gt_weight=gt_weight, kd_weight=0.0),)
 
 
