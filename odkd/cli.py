@@ -465,9 +465,9 @@ def report_cmd(config_path, overrides, out_dir, split, extra_runs, device):
 @click.option("--seeds", default=3, show_default=True,
               help="Runs per variant: seeds S, S+1, ... from [student.train] seed.")
 @click.option("--variants", default=None,
-              help="Comma-separated: gt, pt, st, joint, orderly, reverse, disc, disc_conf, gaussian, gaussian_conf, soft, "
-                   "no_mask, mask_gate, orderly+unlabeled, st+unlabeled (default: all; the +unlabeled ones when [student] "
-                   "unlabeled_cache is set).")
+              help="Comma-separated: gt, pt, st, joint, orderly, reverse, disc, disc_conf, gaussian, gaussian_conf, "
+                   "soft, no_mask, mask_gate, orderly+unlabeled, st+unlabeled (default: all; the +unlabeled ones "
+                   "when [student] unlabeled_cache is set).")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where the runs' last.pth are scored (default: test if [data] test_ann exists, else val).")
 @click.option("--out", type=click.Path(file_okay=False), help="Runs and report (default: RUNS/ablation).")
