@@ -190,6 +190,5 @@ def test_unknown_variant_is_one_line_and_writes_nothing(world, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: --variants: unknown variant 'ordrly'; the variants are gt, pt, st, "
                                      "joint, orderly, reverse, disc, disc_conf, gaussian, gaussian_conf, soft, no_mask, "
-                                     "mask_gate, "
-                                     "orderly+unlabeled, st+unlabeled")
+                                     "mask_gate, orderly+unlabeled, st+unlabeled")
     assert not (tmp_path / "ablation").exists()

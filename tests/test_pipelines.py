@@ -14,12 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_tiny_coco
+from odkd.apps.report import same_file
 from odkd.cli import main
 from odkd.config import load_config, parse_config
 from odkd.data.dataset import MixedEpochSampler, mixed_batch_size
 from odkd.distill.variants import variant_student
 from odkd.models import MODELS, build_model, load_checkpoint, save_checkpoint
-from odkd.apps.report import same_file as same_weights
 from odkd.models.registry import override_keys
 from odkd.train.release import check_teacher
 from test_pretrained import TIMM_HRNETS, timm_hrnet_state_dict
@@ -47,7 +47,7 @@ def test_pipeline_parses_and_names_real_models(path):
         networks.append(student)
         assert student.cache == cfg.cache.store, "the student reads the store the [cache] section builds"
         # a student that starts from PT's own weights learns from ST alone: PT would teach it its own predictions
-        from_pt = same_weights(student.init, cfg.teachers.primary.checkpoint) if "teachers" in cfg.raw else False
+        from_pt = same_file(student.init, cfg.teachers.primary.checkpoint) if "teachers" in cfg.raw else False
         order = ["senior", "senior"] if from_pt else ["primary", "senior"]
         assert [s.teacher for s in student.stages if s.teacher != "none"][:2] == order
         if student.train.schedule == "step":
