@@ -52,6 +52,16 @@ def warp_inputs(crop_to_stored: np.ndarray, flip: bool) -> WarpInputs:
                       blob_radius=RADIUS, keep_blob_size=True, sigma=2.0)
 
 
+def mirrored_if(crop_to_stored: np.ndarray, flip: bool, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The crop's affine (mirrored, as the loader's frames are, when `flip`) and where it puts each stored
+    joint `truth` in the crop, in the sample's channel order (a mirrored sample's channels swapped)."""
+    if flip:
+        crop_to_stored = crop_to_stored @ np.array([[-1, 0, CROP[0] - 1], [0, 1, 0], [0, 0, 1]])
+    stored_to_crop = np.linalg.inv(crop_to_stored)
+    expected = (stored_to_crop[:2, :2] @ truth.T).T + stored_to_crop[:2, 2]
+    return crop_to_stored, expected[FLIP_INDEX] if flip else expected
+
+
 def test_blob_centroids_are_exact_and_ignore_a_second_blob():
     truth = centres()
     maps = disc_maps(truth)
@@ -68,13 +78,7 @@ def test_gaussian_target_centres_the_teachers_blob_in_the_augmented_crop(flip):
     """Rotated, scaled, shifted and mirrored: each channel's Gaussian peaks within 0.05 px of where the
     crop's affine puts its disc's centre, a mirrored sample's channels swapped."""
     truth = centres()
-    crop_to_stored = pixel_affine(30.0, 1.1, (3.2, -1.7))
-    if flip:  # the sample crop is mirrored, as the loader's frames are
-        crop_to_stored = crop_to_stored @ np.array([[-1, 0, CROP[0] - 1], [0, 1, 0], [0, 0, 1]])
-    stored_to_crop = np.linalg.inv(crop_to_stored)
-    expected = (stored_to_crop[:2, :2] @ truth.T).T + stored_to_crop[:2, 2]
-    if flip:
-        expected = expected[FLIP_INDEX]
+    crop_to_stored, expected = mirrored_if(pixel_affine(30.0, 1.1, (3.2, -1.7)), flip, truth)
     packed = torch.from_numpy(bitpack_maps(disc_maps(truth)))[None]
     target = gaussian_target(packed, torch.ones(1, NUM_JOINTS), warp_inputs(crop_to_stored, flip))[0]
     assert target.shape == (NUM_JOINTS, CROP[1], CROP[0])
@@ -141,15 +145,9 @@ def test_disc_conf_is_the_disc_at_the_teachers_stored_peak_in_the_samples_channe
     peak: a mirrored sample's channel k shows the stored joint FLIP_INDEX[k], with that joint's peak (the
     objective hands the forms conf in the sample's channel order)."""
     truth = centres()
-    crop_to_stored = pixel_affine(15.0, 1.1, (1.0, 1.0))
-    if flip:
-        crop_to_stored = crop_to_stored @ np.array([[-1, 0, CROP[0] - 1], [0, 1, 0], [0, 0, 1]])
-    stored_to_crop = np.linalg.inv(crop_to_stored)
-    expected = (stored_to_crop[:2, :2] @ truth.T).T + stored_to_crop[:2, 2]
+    crop_to_stored, expected = mirrored_if(pixel_affine(15.0, 1.1, (1.0, 1.0)), flip, truth)
     stored_conf = torch.linspace(0.5, 0.98, NUM_JOINTS)[None]
     conf = stored_conf[:, list(FLIP_INDEX)] if flip else stored_conf
-    if flip:
-        expected = expected[FLIP_INDEX]
     packed = torch.from_numpy(bitpack_maps(disc_maps(truth)))[None]
     target = TARGET_FORMS["disc_conf"].make(packed, conf, warp_inputs(crop_to_stored, flip))[0]
     ys, xs = np.mgrid[0:CROP[1], 0:CROP[0]]

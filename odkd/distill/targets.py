@@ -52,11 +52,6 @@ def disc_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> t
                              zoom=warp.zoom, flip_index=warp.flip_index)
 
 
-def disc_conf_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
-    """The disc at the height of the teacher's stored peak (conf (B, K), in the sample's channel order)."""
-    return disc_target(stored, conf, warp) * conf.clamp(0.0, 1.0)[..., None, None]
-
-
 def soft_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
     return warp_batch(stored, warp.theta, warp.out_size, warp.flip, keypoint_channels=True, flip_index=warp.flip_index)
 
@@ -113,10 +108,12 @@ def gaussian_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) 
     return flip_keypoint_channels(rendered, warp.flip, warp.flip_index)
 
 
-def gaussian_conf_target(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
-    """The "gaussian" form with each peak at the teacher's stored peak value (conf (B, K), in the
+def at_stored_peak(unit_form: Callable[[torch.Tensor, torch.Tensor, WarpInputs], torch.Tensor]):
+    """A unit-height form with each joint's map scaled to the teacher's stored peak (conf (B, K), in the
     sample's channel order): a map as confident as the teacher's own."""
-    return gaussian_target(stored, conf, warp) * conf.clamp(0.0, 1.0)[..., None, None]
+    def scaled(stored: torch.Tensor, conf: torch.Tensor, warp: WarpInputs) -> torch.Tensor:
+        return unit_form(stored, conf, warp) * conf.clamp(0.0, 1.0)[..., None, None]
+    return scaled
 
 
 @dataclass(frozen=True)
@@ -127,8 +124,8 @@ class TargetForm:
 
 TARGET_FORMS: dict[str, TargetForm] = {
     "disc": TargetForm("heatmaps", disc_target),
-    "disc_conf": TargetForm("heatmaps", disc_conf_target),
+    "disc_conf": TargetForm("heatmaps", at_stored_peak(disc_target)),
     "gaussian": TargetForm("heatmaps", gaussian_target),
-    "gaussian_conf": TargetForm("heatmaps", gaussian_conf_target),
+    "gaussian_conf": TargetForm("heatmaps", at_stored_peak(gaussian_target)),
     "soft": TargetForm("soft_heatmaps", soft_target),
 }
